@@ -1,0 +1,292 @@
+"""The SegSR reverse process as one jitted program: one ``lax.scan`` carrying ``(Z_t, S_t)``.
+
+::
+
+    fn = make_sample_fn(graphdef, plan)            # jit with explicit shardings, compile once
+    out = fn(state, lq, context, uncond_context, guidance_scale, schedule, key)
+
+Inside one call: the LQ conditions (VAE encode of the LQ, SegFormer features), the start
+states (SeeSR's noised LR latent for ``Z``, Gaussian noise for ``S``), the scan over the
+schedule's per-step coefficient arrays, the VAE decode and the colour fix. Each step runs
+:meth:`SegSR.denoise` over the latent tiles of a static :class:`SamplingPlan` (one tile when
+the image fits), blends the tiles' outputs with Gaussian weights, and applies both samplers'
+updates to the whole latent — so a tiled run still takes one global step at a time and
+``S_t`` is tiled with exactly the same windows as ``Z_t``.
+
+:func:`sample_loop` drives the very same step body from a Python loop, for debugging; a test
+checks that both drivers agree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from segsr_jax import parallel
+from segsr_jax.diffusion import samplers, tiling
+from segsr_jax.diffusion.color_fix import color_fix
+from segsr_jax.diffusion.schedules import NoiseConfig, alphas_cumprod
+from segsr_jax.models import vae_tiling
+from segsr_jax.models.segsr import SegSR
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingPlan:
+    """Static shape decisions of one compiled sampler (hashable; part of the jit cache key).
+
+    Attributes:
+      image_shape: ``(H, W)`` of the (upscaled, padded) LQ input, multiples of the latent factor.
+      tiles: the latent tile plan (one window when the latent fits in a tile).
+      tiles_per_call: tiles denoised together in one model call (memory vs. speed).
+      guidance: whether classifier-free guidance (a doubled batch) is used.
+      color_fix: ``adain`` | ``wavelet`` | ``none``.
+      vae_tile: VAE encoder tile in pixels and decoder tile in latent pixels, or None to run
+        the VAE on the whole image.
+      vae_overlap: their overlaps (pixels, latent pixels).
+      t_start: the SR timestep the LQ latent is noised to (SeeSR: 999).
+    """
+
+    image_shape: tuple[int, int]
+    tiles: tiling.TilePlan
+    tiles_per_call: int = 1
+    guidance: bool = True
+    color_fix: str = "adain"
+    vae_tile: tuple[int, int] | None = None
+    vae_overlap: tuple[int, int] = (64, 8)
+    t_start: int = 999
+
+    @property
+    def latent_shape(self) -> tuple[int, int]:
+        """``(h, w)`` of the latent."""
+        return self.tiles.shape
+
+
+def make_plan(image_hw: tuple[int, int], latent_factor: int, *, tile: int = 96,
+              overlap: int = 32, tiles_per_call: int = 4, guidance: bool = True,
+              color_fix: str = "adain", vae_encode_tile: int = 1024,
+              vae_decode_tile: int = 224) -> SamplingPlan:
+    """A :class:`SamplingPlan` for an LQ input of ``image_hw`` (already upscaled and padded).
+
+    ``tile``/``overlap`` are in latent pixels (SeeSR: 96 / 4; OSEDiff overlap 32). The VAE
+    is tiled only when the image exceeds ``vae_encode_tile`` pixels or the latent exceeds
+    ``vae_decode_tile``.
+    """
+    h, w = image_hw
+    if h % latent_factor or w % latent_factor:
+        raise ValueError(f"image size {image_hw} must be a multiple of {latent_factor}")
+    if overlap >= tile:
+        raise ValueError(f"tile overlap {overlap} must be smaller than the tile {tile}")
+    lh, lw = h // latent_factor, w // latent_factor
+    plan = tiling.plan_tiles(lh, lw, tile, overlap)
+    big = max(h, w) > vae_encode_tile or max(lh, lw) > vae_decode_tile
+    vae_tile = (vae_encode_tile, vae_decode_tile) if big else None
+    enc_overlap = max(latent_factor, (vae_encode_tile // 16) // latent_factor * latent_factor)
+    return SamplingPlan(image_shape=(h, w), tiles=plan,
+                        tiles_per_call=max(1, min(tiles_per_call, len(plan))),
+                        guidance=guidance, color_fix=color_fix, vae_tile=vae_tile,
+                        vae_overlap=(enc_overlap, max(1, vae_decode_tile // 16)))
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Conditions:
+    """Per-image inputs that stay fixed during the scan (all float32, batch-leading)."""
+
+    z_lq: jax.Array
+    f_lq: jax.Array
+    context: jax.Array
+    uncond_context: jax.Array | None
+    guidance_scale: jax.Array
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Carry:
+    """The scan carry: the SR sampler state (``Z_t`` and its x0 history), ``S_t``, the key and
+    the latest segmentation logits."""
+
+    sr: samplers.SamplerState
+    s_t: jax.Array
+    key: jax.Array
+    seg_logits: jax.Array
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class SampleOutput:
+    """What a sampling run returns (device arrays, batch-leading).
+
+    Attributes:
+      image: ``[B, H, W, 3]`` SR image in ``[-1, 1]``.
+      labels: ``[B, h, w]`` int32 SegDM segmentation at latent resolution.
+      lq_labels: ``[B, h, w]`` int32 the fixed segmenter's labels on the LQ input.
+      latent: ``[B, h, w, 4]`` the final latent ``Z_0``.
+    """
+
+    image: jax.Array
+    labels: jax.Array
+    lq_labels: jax.Array
+    latent: jax.Array
+
+
+def _denoise_tiles(model: SegSR, plan: SamplingPlan, z_t, s_t, t, t_seg, cond: Conditions):
+    """:meth:`SegSR.denoise` over the plan's tiles, blended back to the full latent."""
+    tp = plan.tiles
+    uncond = cond.uncond_context if plan.guidance else None
+    if len(tp) == 1:
+        return model.denoise(z_t, s_t, t, t_seg, cond.z_lq, cond.f_lq, cond.context, uncond,
+                             cond.guidance_scale)
+    b = z_t.shape[0]
+    k = plan.tiles_per_call
+    n = len(tp)
+    calls = math.ceil(n / k)
+
+    def chunk(x):  # [B, h, w, C] -> [calls, k*B, th, tw, C] (repeating the last tile as padding)
+        tiles = tiling.extract_tiles(x, tp)
+        tiles = jnp.concatenate([tiles, jnp.repeat(tiles[-1:], calls * k - n, axis=0)])
+        return tiles.reshape(calls, k * b, *tiles.shape[2:])
+
+    def rep(c):  # per-image context repeated for the k tiles of one call
+        return None if c is None else jnp.tile(c, (k, 1, 1))
+
+    ctx, uctx = rep(cond.context), rep(uncond)
+
+    def one_call(args):
+        zt, st, zl, fl = args
+        return model.denoise(zt, st, t, t_seg, zl, fl, ctx, uctx, cond.guidance_scale)
+
+    out, logits = jax.lax.map(one_call, tuple(chunk(a) for a in (z_t, s_t, cond.z_lq,
+                                                                  cond.f_lq)))
+    weights = tiling.gaussian_weights(tp.tile)
+
+    def unchunk(y):
+        y = y.reshape(calls * k, b, *y.shape[2:])[:n]
+        return tiling.blend_tiles(y, tp, weights)
+
+    return unchunk(out), unchunk(logits)
+
+
+def reverse_step(model: SegSR, plan: SamplingPlan, cond: Conditions, carry: Carry,
+                 s: samplers.Schedule) -> Carry:
+    """One reverse step ``t -> t-1`` of both diffusions (the scan body; ``s`` holds this step's
+    scalar coefficients)."""
+    model_out, seg_logits = _denoise_tiles(model, plan, carry.sr.x, carry.s_t, s.timestep,
+                                           s.seg.time, cond)
+    key, k_noise = jax.random.split(carry.key)
+    noise = jax.random.normal(k_noise, carry.sr.x.shape, carry.sr.x.dtype)
+    sr = samplers.sr_step(s.sr, carry.sr, model_out, noise)
+    s0_hat = model.segdm.embed_probs(jax.nn.softmax(seg_logits, axis=-1))
+    s_next = samplers.seg_step(s.seg, carry.s_t, s0_hat)
+    return Carry(sr=sr, s_t=s_next, key=key, seg_logits=seg_logits)
+
+
+def _prepare(model: SegSR, plan: SamplingPlan, lq, context, uncond_context, guidance_scale,
+             key) -> tuple[Conditions, Carry, jax.Array]:
+    """LQ conditions and the start carry."""
+    if tuple(lq.shape[1:3]) != plan.image_shape:
+        raise ValueError(f"LQ batch {lq.shape} does not match the plan's {plan.image_shape}")
+    if plan.vae_tile is None:
+        z_lq = model.vae.encode_latent(lq)
+    else:
+        mean, _ = vae_tiling.tiled_encode(model.vae, lq, plan.vae_tile[0], plan.vae_overlap[0])
+        z_lq = model.vae.scale_latent(mean)
+    f_lq, lq_logits = model.lq_features(lq, z_lq.shape[1:3])
+    cond = Conditions(z_lq=z_lq, f_lq=f_lq, context=context,
+                      uncond_context=uncond_context if plan.guidance else None,
+                      guidance_scale=jnp.asarray(guidance_scale, jnp.float32))
+    k_z, k_s, k_loop = jax.random.split(key, 3)
+    ac = alphas_cumprod(NoiseConfig(prediction_type=model.config.prediction_type))
+    z_start = samplers.initial_latent(z_lq, jax.random.normal(k_z, z_lq.shape), ac,
+                                      plan.t_start)
+    b, h, w, _ = z_lq.shape
+    s_start = jax.random.normal(k_s, (b, h, w, model.config.segdm.embed_dim))
+    logits0 = jnp.zeros((b, h, w, model.config.segdm.num_classes), jnp.float32)
+    carry = Carry(sr=samplers.init_state(z_start), s_t=s_start, key=k_loop, seg_logits=logits0)
+    return cond, carry, jnp.argmax(lq_logits, axis=-1).astype(jnp.int32)
+
+
+def _finish(model: SegSR, plan: SamplingPlan, lq, carry: Carry, lq_labels) -> SampleOutput:
+    """Decode ``Z_0``, colour-fix against the LQ, and take the segmentation's argmax."""
+    z0 = carry.sr.x
+    if plan.vae_tile is None:
+        image = model.vae.decode_latent(z0)
+    else:
+        image = vae_tiling.tiled_decode(model.vae, model.vae.unscale_latent(z0),
+                                        plan.vae_tile[1], plan.vae_overlap[1])
+    image = jnp.clip(color_fix(plan.color_fix, image, lq), -1.0, 1.0)
+    labels = jnp.argmax(carry.seg_logits, axis=-1).astype(jnp.int32)
+    return SampleOutput(image=image, labels=labels, lq_labels=lq_labels, latent=z0)
+
+
+def sample(model: SegSR, plan: SamplingPlan, lq: jax.Array, context: jax.Array,
+           uncond_context: jax.Array | None, guidance_scale, schedule: samplers.Schedule,
+           key: jax.Array) -> SampleOutput:
+    """The whole reverse process for a batch (traceable; :func:`make_sample_fn` jits it).
+
+    Args:
+      model: the SegSR model.
+      plan: static shapes (see :func:`make_plan`).
+      lq: ``[B, H, W, 3]`` LQ images already upscaled to the output size, in ``[-1, 1]``.
+      context, uncond_context: ``[B, L, D]`` prompt and negative-prompt contexts.
+      guidance_scale: text CFG scale (scalar).
+      schedule: per-step coefficients from :func:`samplers.make_schedule`; its length is the
+        number of steps.
+      key: PRNG key for the start noise and stochastic samplers.
+    """
+    cond, carry, lq_labels = _prepare(model, plan, lq, context, uncond_context,
+                                      guidance_scale, key)
+    body = lambda c, s: (reverse_step(model, plan, cond, c, s), None)
+    carry, _ = jax.lax.scan(body, carry, schedule)
+    return _finish(model, plan, lq, carry, lq_labels)
+
+
+def make_sample_fn(graphdef: nnx.GraphDef, plan: SamplingPlan, mesh: jax.sharding.Mesh | None
+                   = None):
+    """``fn(state, lq, context, uncond_context, guidance_scale, schedule, key)`` jitted.
+
+    With a mesh, the batch axis of the images, contexts and outputs is sharded over
+    ``'data'`` and everything else (params, schedule, key) is replicated; the batch must be a
+    multiple of the mesh's ``data`` size. Compiles once per (plan, batch, step count).
+    """
+
+    def fn(state, lq, context, uncond_context, guidance_scale, schedule, key):
+        model = nnx.merge(graphdef, state)
+        return sample(model, plan, lq, context, uncond_context, guidance_scale, schedule, key)
+
+    if mesh is None:
+        return jax.jit(fn)
+    rep, batch = parallel.replicated(mesh), parallel.batch_sharding(mesh)
+    out = SampleOutput(image=batch, labels=batch, lq_labels=batch, latent=batch)
+    return jax.jit(fn, in_shardings=(rep, batch, batch, batch, rep, rep, rep),
+                   out_shardings=out)
+
+
+def sample_loop(model: SegSR, plan: SamplingPlan, lq, context, uncond_context, guidance_scale,
+                schedule: samplers.Schedule, key) -> SampleOutput:
+    """Debug driver: the same step body as :func:`sample`, one jitted step per Python
+    iteration (inspect or print the carry between steps)."""
+    graphdef, state = nnx.split(model)
+
+    @partial(jax.jit, static_argnums=0)
+    def prepare(plan, state, lq, context, uncond_context, guidance_scale, key):
+        return _prepare(nnx.merge(graphdef, state), plan, lq, context, uncond_context,
+                        guidance_scale, key)
+
+    @partial(jax.jit, static_argnums=0)
+    def step(plan, state, cond, carry, s):
+        return reverse_step(nnx.merge(graphdef, state), plan, cond, carry, s)
+
+    @partial(jax.jit, static_argnums=0)
+    def finish(plan, state, lq, carry, lq_labels):
+        return _finish(nnx.merge(graphdef, state), plan, lq, carry, lq_labels)
+
+    cond, carry, lq_labels = prepare(plan, state, lq, context, uncond_context, guidance_scale,
+                                     key)
+    for i in range(len(schedule)):
+        carry = step(plan, state, cond, carry, jax.tree.map(lambda a, i=i: a[i], schedule))
+    return finish(plan, state, lq, carry, lq_labels)

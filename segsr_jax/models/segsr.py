@@ -1,0 +1,198 @@
+"""SegSR: the two diffusion models, the bridge and their encoders in one NNX module.
+
+``SegSR.denoise`` is the one place where the coupling order of a reverse step is written
+(DESIGN §1)::
+
+    I_t, C_t   = DMB(Z_t, S_t, t)
+    eps_hat    = SRDM(Z_t, t, text, cond=(Z_lq, C_t))       # ControlNet + UNet
+    seg_logits = SegDM(S_t, t_seg, F_lq, I_t)               # x0-prediction
+
+The sampler updates that turn these into ``(Z_{t-1}, S_{t-1})`` live in
+:mod:`segsr_jax.diffusion.sampling`, which drives ``denoise`` from one ``lax.scan``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from segsr_jax.diffusion import guidance
+from segsr_jax.models.bridge import Bridge, BridgeConfig
+from segsr_jax.models.controlnet import ControlNet, ControlNetConfig
+from segsr_jax.models.seg_encoder import SegFormer, SegFormerConfig, normalize_images
+from segsr_jax.models.segdm import SegDM, SegDMConfig
+from segsr_jax.models.text_encoder import CLIPTextConfig, CLIPTextEncoder
+from segsr_jax.models.unet import UNet2DCondition, UNetConfig
+from segsr_jax.models.vae import AutoencoderKL, VAEConfig
+
+CONFIG_VERSION = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class SegSRConfig:
+    """Every part of the model; serialised into checkpoints with :meth:`to_dict`.
+
+    Attributes:
+      prediction_type: the SR UNet's parameterisation, ``epsilon`` or ``v_prediction``.
+      class_names: names of the K segmentation classes (for seg-tag prompts and legends).
+    """
+
+    vae: VAEConfig
+    text: CLIPTextConfig
+    unet: UNetConfig
+    controlnet: ControlNetConfig
+    segformer: SegFormerConfig
+    segdm: SegDMConfig
+    bridge: BridgeConfig
+    prediction_type: str = "epsilon"
+    class_names: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        lat = self.vae.latent_channels
+        problems = []
+        if self.unet.in_channels != lat or self.controlnet.in_channels != lat:
+            problems.append(f"unet/controlnet in_channels must equal latent_channels {lat}")
+        if self.controlnet.conditioning != "latent":
+            problems.append("SegSR's ControlNet uses conditioning='latent'")
+        if self.controlnet.conditioning_channels != lat + self.bridge.c_channels:
+            problems.append(f"controlnet.conditioning_channels must be latent_channels + "
+                            f"bridge.c_channels = {lat + self.bridge.c_channels}")
+        if self.bridge.latent_channels != lat:
+            problems.append(f"bridge.latent_channels must be {lat}")
+        if self.bridge.seg_channels != self.segdm.embed_dim:
+            problems.append("bridge.seg_channels must equal segdm.embed_dim")
+        if self.bridge.i_channels != self.segdm.cond_channels:
+            problems.append("bridge.i_channels must equal segdm.cond_channels")
+        if self.segdm.feat_channels != self.segformer.decoder_hidden_size:
+            problems.append("segdm.feat_channels must equal segformer.decoder_hidden_size")
+        if self.segdm.num_classes != self.segformer.num_labels:
+            problems.append("segdm.num_classes must equal segformer.num_labels")
+        if self.unet.cross_attention_dim != self.text.hidden_size:
+            problems.append("unet.cross_attention_dim must equal text.hidden_size")
+        if self.prediction_type not in ("epsilon", "v_prediction"):
+            problems.append(f"prediction_type {self.prediction_type!r}")
+        if self.class_names and len(self.class_names) != self.segdm.num_classes:
+            problems.append(f"{len(self.class_names)} class_names for "
+                            f"{self.segdm.num_classes} classes")
+        if problems:
+            raise ValueError("inconsistent SegSRConfig: " + "; ".join(problems))
+
+    @property
+    def latent_factor(self) -> int:
+        """Image pixels per latent pixel (8 for SD)."""
+        return self.vae.downscale_factor
+
+    def to_dict(self) -> dict:
+        """A JSON-able dict (tuples become lists)."""
+        return {"version": CONFIG_VERSION, **dataclasses.asdict(self)}
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> SegSRConfig:
+        """Inverse of :meth:`to_dict`; unknown keys are an error naming them."""
+        raw = dict(raw)
+        version = raw.pop("version", None)
+        if version != CONFIG_VERSION:
+            raise ValueError(f"model config version {version!r}; this code reads "
+                             f"version {CONFIG_VERSION}")
+        return _from_dict(cls, raw, "model")
+
+
+def _coerce(tp, value):
+    """Rebuild tuples and nested dataclasses from JSON values per a type annotation."""
+    if dataclasses.is_dataclass(tp) and isinstance(value, dict):
+        return _from_dict(tp, value, tp.__name__)
+    if isinstance(value, list):
+        return tuple(_coerce(typing.Any, v) for v in value)
+    return value
+
+
+def _from_dict(cls, raw: dict, where: str):
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        raise ValueError(f"{where} config has field(s) this code does not know: {unknown}")
+    kwargs = {}
+    for k, v in raw.items():
+        tp = hints[k]
+        if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+            tp = typing.Any
+        kwargs[k] = _coerce(tp, v)
+    return cls(**kwargs)
+
+
+class SegSR(nnx.Module):
+    """VAE, text encoder, UNet + ControlNet (SRDM), SegFormer, SegDM and the bridge."""
+
+    def __init__(self, config: SegSRConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
+        self.config = config
+        self.vae = AutoencoderKL(config.vae, dtype=dtype, rngs=rngs)
+        self.text_encoder = CLIPTextEncoder(config.text, dtype=dtype, rngs=rngs)
+        self.unet = UNet2DCondition(config.unet, dtype=dtype, rngs=rngs)
+        self.controlnet = ControlNet(config.controlnet, dtype=dtype, rngs=rngs)
+        self.segformer = SegFormer(config.segformer, dtype=dtype, rngs=rngs)
+        self.segdm = SegDM(config.segdm, dtype=dtype, rngs=rngs)
+        self.bridge = Bridge(config.bridge, dtype=dtype, rngs=rngs)
+
+    def encode_prompts(self, input_ids: jax.Array) -> jax.Array:
+        """Token ids ``[B, L]`` -> text context ``[B, L, D]`` float32."""
+        return self.text_encoder(input_ids).astype(jnp.float32)
+
+    def lq_features(self, lq: jax.Array, latent_hw: tuple[int, int]
+                    ) -> tuple[jax.Array, jax.Array]:
+        """SegFormer on the (upsampled) LQ image ``lq [B, H, W, 3]`` in ``[-1, 1]``.
+
+        Returns:
+          ``f_lq [B, h, w, F]`` (the fused decode-head features resized to the latent size
+          ``latent_hw``) and ``lq_logits [B, h, w, K]`` (the fixed segmenter's prediction),
+          float32.
+        """
+        logits, feats = self.segformer(normalize_images(lq))
+        b = lq.shape[0]
+        h, w = latent_hw
+        f_lq = jax.image.resize(feats.astype(jnp.float32), (b, h, w, feats.shape[-1]),
+                                "linear")
+        lq_logits = jax.image.resize(logits.astype(jnp.float32), (b, h, w, logits.shape[-1]),
+                                     "linear")
+        return f_lq, lq_logits
+
+    def denoise(self, z_t: jax.Array, s_t: jax.Array, t: jax.Array, t_seg: jax.Array,
+                z_lq: jax.Array, f_lq: jax.Array, context: jax.Array,
+                uncond_context: jax.Array | None = None,
+                guidance_scale: jax.Array | float = 1.0) -> tuple[jax.Array, jax.Array]:
+        """One coupled evaluation of both models (no sampler update).
+
+        Args:
+          z_t: ``[B, h, w, 4]`` image latent; s_t: ``[B, h, w, E]`` segmentation state.
+          t: SR timestep (scalar or ``[B]``); t_seg: SegDM continuous time (scalar or ``[B]``).
+          z_lq, f_lq: the LQ latent and :meth:`lq_features`.
+          context: ``[B, L, D]`` prompt context; uncond_context: the negative prompt's, or
+            None for no classifier-free guidance (then ``guidance_scale`` is unused).
+          guidance_scale: text CFG scale (text only: the LQ, bridge and SegDM are shared).
+
+        Returns:
+          ``(model_out [B, h, w, 4], seg_logits [B, h, w, K])`` float32; ``model_out`` is
+          epsilon or v as ``config.prediction_type`` says.
+        """
+        i_t, c_t = self.bridge(z_t, s_t, t)
+        cond = jnp.concatenate([z_lq, c_t], axis=-1)
+        b = z_t.shape[0]
+        t_b = jnp.broadcast_to(jnp.asarray(t), (b,))
+        if uncond_context is None:
+            down, mid = self.controlnet(z_t, t_b, context, cond)
+            out = self.unet(z_t, t_b, context, down_residuals=down, mid_residual=mid)
+        else:
+            # Batch-doubled CFG: [uncond; cond] through ControlNet and UNet together.
+            z2, t2, cond2 = guidance.double_batch((z_t, t_b, cond))
+            ctx2 = jnp.concatenate([uncond_context, context], axis=0)
+            down, mid = self.controlnet(z2, t2, ctx2, cond2)
+            out2 = self.unet(z2, t2, ctx2, down_residuals=down, mid_residual=mid)
+            out_u, out_c = guidance.split_batch(out2)
+            out = guidance.cfg_combine(out_u, out_c, guidance_scale)
+        seg_logits = self.segdm(s_t, t_seg, f_lq, i_t)
+        return out.astype(jnp.float32), seg_logits

@@ -1,0 +1,214 @@
+"""``python -m segsr_jax.sample``: super-resolve images with a SegSR checkpoint.
+
+With no flags it runs the bundled tiny model on the bundled demo images. Per input image
+``NAME`` it writes, into ``--output``:
+
+* ``NAME_sr.png``: the super-resolved image (``upscale`` x the input size),
+* ``NAME_seg.png`` / ``NAME_seg_labels.png``: the segmentation in colour / as raw labels,
+* ``NAME_sheet.png``: LQ | SR | segmentation side by side.
+
+Outputs are written atomically; an image whose outputs all exist is skipped unless
+``--overwrite`` (so a killed batch resumes where it stopped). A bad input is reported on one
+line naming the file, the others go on, and the exit status is 1 if any failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+DEFAULT_PROMPT = "clean, high-resolution, 8k"            # SeeSR's positive suffix
+DEFAULT_NEGATIVE = "dotted, noise, blur, lowres, smooth"  # SeeSR's negative prompt
+MIN_SHORT_SIDE = 128  # SeeSR: smaller LQ inputs are first resized to this short side
+OUTPUT_SUFFIXES = ("_sr.png", "_seg.png", "_seg_labels.png", "_sheet.png")
+
+
+def bundled_paths() -> tuple[Path, Path]:
+    """``(checkpoint, demo images)`` shipped inside the package."""
+    root = Path(__file__).parent / "assets"
+    return root / "tiny_checkpoint", root / "demo"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """The command-line flags (see ``--help``)."""
+    ckpt, demo = bundled_paths()
+    p = argparse.ArgumentParser(prog="python -m segsr_jax.sample", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", default=str(ckpt),
+                   help="SegSR checkpoint folder (from segsr_jax.convert or training); "
+                        "default: the bundled tiny model")
+    p.add_argument("--input", default=str(demo), help="an image file or a folder of images")
+    p.add_argument("--output", default="outputs/sample", help="output folder")
+    p.add_argument("--upscale", type=float, default=4.0, help="output size / input size")
+    p.add_argument("--steps", type=int, default=None,
+                   help="denoising steps (default: the checkpoint's, else 50)")
+    p.add_argument("--sampler", default=None, choices=("ddpm", "ddim", "dpmpp_2m"),
+                   help="default: the checkpoint's, else ddpm (SeeSR)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tile", type=int, default=96, help="latent tile size")
+    p.add_argument("--tile-overlap", type=int, default=32, help="latent tile overlap")
+    p.add_argument("--tiles-per-call", type=int, default=4,
+                   help="tiles denoised together (memory vs. speed)")
+    p.add_argument("--color-fix", default="adain", choices=("adain", "wavelet", "none"))
+    p.add_argument("--prompt", default=None, help=f"default: {DEFAULT_PROMPT!r}")
+    p.add_argument("--negative-prompt", default=None, help=f"default: {DEFAULT_NEGATIVE!r}")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="text guidance scale (default: the checkpoint's, else 5.5)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                   help="compute dtype (parameters stay float32)")
+    p.add_argument("--batch-size", type=int, default=1,
+                   help="images of the same size sampled together")
+    p.add_argument("--overwrite", action="store_true", help="redo images already done")
+    p.add_argument("--cache-dir", default=os.environ.get(
+        "SEGSR_JAX_CACHE", str(Path.home() / ".cache" / "segsr_jax" / "xla")),
+        help="persistent XLA compilation cache ('' to disable)")
+    args = p.parse_args(argv)
+    if args.upscale <= 0:
+        p.error("--upscale must be positive")
+    if args.steps is not None and args.steps < 1:
+        p.error("--steps must be >= 1")
+    if args.batch_size < 1 or args.tiles_per_call < 1:
+        p.error("--batch-size and --tiles-per-call must be >= 1")
+    if not 0 <= args.tile_overlap < args.tile:
+        p.error("--tile-overlap must be in [0, --tile)")
+    return args
+
+
+@dataclass
+class Job:
+    """One input image on its way through the sampler."""
+
+    path: Path
+    lq: np.ndarray          # uint8 [h, w, 3] as read
+    out_hw: tuple[int, int]  # final output size (upscale x input)
+    work_hw: tuple[int, int]  # size the model sees (before padding)
+
+
+def plan_job(path: Path, lq: np.ndarray, upscale: float) -> Job:
+    """Output and working sizes for one image (SeeSR's small-input rule included)."""
+    h, w = lq.shape[:2]
+    out_hw = (max(1, round(h * upscale)), max(1, round(w * upscale)))
+    grow = max(1.0, MIN_SHORT_SIDE / min(h, w))
+    work_hw = (round(h * grow * upscale), round(w * grow * upscale))
+    return Job(path, lq, out_hw, work_hw)
+
+
+def outputs_of(out_dir: Path, path: Path) -> list[Path]:
+    """The files written for input ``path``."""
+    return [out_dir / f"{path.stem}{s}" for s in OUTPUT_SUFFIXES]
+
+
+def main(argv=None) -> int:
+    """Run the command; returns the exit status."""
+    args = parse_args(argv)
+    from segsr_jax.inference import Restorer  # heavy imports after argument parsing
+
+    from segsr_jax import images
+
+    if args.cache_dir:
+        import jax
+
+        jax.config.update("jax_compilation_cache_dir", args.cache_dir)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    try:
+        files = images.list_images(args.input)
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if not files:
+        print(f"error: no images ({', '.join(images.IMAGE_SUFFIXES)}) in {args.input}",
+              file=sys.stderr)
+        return 2
+    out_dir = Path(args.output)
+    todo = [f for f in files
+            if args.overwrite or not all(p.exists() for p in outputs_of(out_dir, f))]
+    skipped = len(files) - len(todo)
+    if skipped:
+        print(f"skipping {skipped} image(s) already done in {out_dir} (--overwrite to redo)")
+    if not todo:
+        return 0
+    try:
+        restorer = Restorer.from_checkpoint(args.checkpoint, dtype=args.dtype)
+    except (OSError, ValueError) as e:
+        print(f"error: cannot load checkpoint {args.checkpoint}: {e}", file=sys.stderr)
+        return 2
+    options = restorer.options(steps=args.steps, sampler=args.sampler, guidance=args.guidance,
+                               prompt=args.prompt if args.prompt is not None else DEFAULT_PROMPT,
+                               negative_prompt=(args.negative_prompt
+                                                if args.negative_prompt is not None
+                                                else DEFAULT_NEGATIVE),
+                               tile=args.tile, tile_overlap=args.tile_overlap,
+                               tiles_per_call=args.tiles_per_call, color_fix=args.color_fix)
+    print(f"model: {args.checkpoint} | sampler {options.sampler}, {options.steps} steps, "
+          f"guidance {options.guidance}, {args.dtype}")
+
+    from tqdm import tqdm
+
+    failed = 0
+    jobs: list[Job] = []
+    for path in todo:
+        try:
+            jobs.append(plan_job(path, images.read_image(path), args.upscale))
+        except images.ImageError as e:
+            print(f"error: {e}", file=sys.stderr)
+            failed += 1
+    # Same-size images share a compiled program and may share a batch.
+    jobs.sort(key=lambda j: j.work_hw)
+    batches = [chunk[i:i + args.batch_size]
+               for _, group in itertools.groupby(jobs, key=lambda j: j.work_hw)
+               for chunk in [list(group)] for i in range(0, len(chunk), args.batch_size)]
+    bar = tqdm(total=len(jobs) * options.steps, unit="step", desc="sampling",
+               disable=None, dynamic_ncols=True)
+    for batch in batches:
+        t0 = time.perf_counter()
+        try:
+            results, compile_s = restorer.restore_batch([j.lq for j in batch],
+                                                        batch[0].work_hw, options,
+                                                        seed=args.seed)
+        except (ValueError, MemoryError) as e:
+            names = ", ".join(str(j.path) for j in batch)
+            print(f"error: {names}: {e}", file=sys.stderr)
+            failed += len(batch)
+            bar.update(len(batch) * options.steps)
+            continue
+        run_s = time.perf_counter() - t0 - compile_s
+        for job, result in zip(batch, results, strict=True):
+            write_outputs(out_dir, job, result, restorer.num_classes)
+        bar.update(len(batch) * options.steps)
+        msg = f"{', '.join(j.path.name for j in batch)}: {run_s:.2f} s"
+        if compile_s:
+            msg += f" (+ {compile_s:.1f} s compile)"
+        bar.write(msg)
+    bar.close()
+    done = len(jobs) - sum(1 for j in jobs if not all(p.exists()
+                                                      for p in outputs_of(out_dir, j.path)))
+    print(f"wrote {done} image(s) to {out_dir}" + (f"; {failed} failed" if failed else ""))
+    return 1 if failed else 0
+
+
+def write_outputs(out_dir: Path, job: Job, result, num_classes: int) -> None:
+    """Write the four files of one image (each atomically; the sheet last)."""
+    from segsr_jax import images
+
+    sr, labels = result
+    sr = images.resize(sr, job.out_hw)
+    labels_hr = images.resize(labels.astype(np.uint8), job.out_hw,
+                              resample=images.Image.NEAREST)
+    seg = images.colorize(labels_hr, num_classes)
+    lq_big = images.resize(job.lq, job.out_hw, resample=images.Image.NEAREST)
+    sr_p, seg_p, lab_p, sheet_p = outputs_of(out_dir, job.path)
+    images.write_png(sr_p, sr)
+    images.write_png(seg_p, seg)
+    images.write_png(lab_p, labels_hr)
+    images.write_png(sheet_p, images.side_by_side(lq_big, sr, seg))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""``python -m segsr_jax.sample`` end to end on a tiny random checkpoint."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+from skimage import data
+
+from segsr_jax import sample
+from tests.diffusion.test_sampling import perturb
+from tests.tiny_segsr import save_checkpoint, tiny_model
+
+SAMPLING = {"sampler": "ddim", "steps": 2, "guidance": 2.0}
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ck") / "tiny"
+    return save_checkpoint(path, perturb(tiny_model(0), seed=1), SAMPLING)
+
+
+@pytest.fixture
+def inputs(tmp_path):
+    """A folder mixing good images of several modes (all 24x32) and broken files."""
+    d = tmp_path / "in"
+    d.mkdir()
+    photo = data.astronaut()[::16, ::16][:24]           # 24 x 32 RGB
+    Image.fromarray(photo).save(d / "rgb.png")
+    Image.fromarray(photo.mean(-1).astype(np.uint8)).save(d / "gray.jpg")
+    rgba = np.dstack([photo, np.full(photo.shape[:2], 200, np.uint8)])
+    Image.fromarray(rgba, "RGBA").save(d / "rgba.webp")
+    (d / "empty.png").write_bytes(b"")
+    raw = (d / "rgb.png").read_bytes()
+    (d / "truncated.png").write_bytes(raw[:60])
+    (d / "notes.bmp").write_text("hello")
+    Image.fromarray(photo[:3, :3]).save(d / "tiny.png")
+    return d
+
+
+def _args(ckpt, inputs, out, tmp_path, *extra):
+    return ["--checkpoint", str(ckpt), "--input", str(inputs), "--output", str(out),
+            "--upscale", "1", "--cache-dir", str(tmp_path / "xla"), *extra]
+
+
+def test_folder_with_good_and_bad_files(ckpt, inputs, tmp_path, capsys):
+    out = tmp_path / "out"
+    rc = sample.main(_args(ckpt, inputs, out, tmp_path, "--batch-size", "2"))
+    err = capsys.readouterr().err
+    assert rc == 1
+    for bad in ("empty.png", "truncated.png", "notes.bmp", "tiny.png"):
+        assert bad in err
+    assert err.count("error:") == 4
+    written = sorted(p.name for p in out.iterdir())
+    assert written == sorted(f"{s}{suf}" for s in ("rgb", "gray", "rgba")
+                             for suf in sample.OUTPUT_SUFFIXES)   # nothing partial, no temps
+    sr = np.asarray(Image.open(out / "rgb_sr.png"))
+    assert sr.shape == (24, 32, 3)
+    labels = np.asarray(Image.open(out / "rgb_seg_labels.png"))
+    assert labels.shape == (24, 32) and labels.max() < 4
+    sheet = np.asarray(Image.open(out / "rgb_sheet.png"))
+    assert sheet.shape[0] == 24 and sheet.shape[1] > 3 * 32
+
+    # A rerun skips what is done and leaves the files untouched.
+    stamp = os.stat(out / "rgb_sr.png").st_mtime_ns
+    good = tmp_path / "good"
+    good.mkdir()
+    for n in ("rgb.png", "gray.jpg", "rgba.webp"):
+        (good / n).write_bytes((inputs / n).read_bytes())
+    rc = sample.main(_args(ckpt, good, out, tmp_path))
+    assert rc == 0
+    assert "skipping 3 image(s)" in capsys.readouterr().out
+    assert os.stat(out / "rgb_sr.png").st_mtime_ns == stamp
+
+
+def test_upscale_and_seed_determinism(ckpt, inputs, tmp_path):
+    one = tmp_path / "one.png"
+    one.write_bytes((inputs / "rgb.png").read_bytes())
+    for out in ("a", "b"):
+        assert sample.main(_args(ckpt, one, tmp_path / out, tmp_path, "--upscale", "2",
+                                 "--tile", "48", "--tile-overlap", "16")) == 0
+    a = np.asarray(Image.open(tmp_path / "a" / "one_sr.png"))
+    b = np.asarray(Image.open(tmp_path / "b" / "one_sr.png"))
+    assert a.shape == (48, 64, 3)
+    np.testing.assert_array_equal(a, b)
+
+
+def test_checkpoint_errors(ckpt, inputs, tmp_path, capsys):
+    rc = sample.main(_args(tmp_path / "missing", inputs / "rgb.png", tmp_path / "o", tmp_path))
+    assert rc == 2 and "cannot load checkpoint" in capsys.readouterr().err
+    # A checkpoint whose config names a field this code does not know.
+    cfg_file = ckpt / "0" / "config" / "metadata"
+    original = cfg_file.read_text()
+    try:
+        cfg = json.loads(original)
+        cfg["model"]["unet"]["frobnicate"] = 3
+        cfg_file.write_text(json.dumps(cfg))
+        rc = sample.main(_args(ckpt, inputs / "rgb.png", tmp_path / "o", tmp_path))
+        assert rc == 2 and "frobnicate" in capsys.readouterr().err
+    finally:
+        cfg_file.write_text(original)
