@@ -82,6 +82,32 @@ class SegSRConfig:
         if problems:
             raise ValueError("inconsistent SegSRConfig: " + "; ".join(problems))
 
+    @classmethod
+    def compose(cls, *, vae: VAEConfig, text: CLIPTextConfig, unet: UNetConfig,
+                segformer: SegFormerConfig, segdm: SegDMConfig | None = None,
+                bridge: BridgeConfig | None = None,
+                conditioning_embedding_out_channels: tuple[int, ...] = (64, 128, 256),
+                **kwargs) -> SegSRConfig:
+        """A consistent config from the pretrained parts: the ControlNet is the UNet's encoder
+        with latent conditioning ``concat(Z_lq, C_t)``; SegDM and the bridge are sized to fit
+        (their other fields from the given configs or the defaults)."""
+        lat = vae.latent_channels
+        segdm = dataclasses.replace(segdm or SegDMConfig(),
+                                    num_classes=segformer.num_labels,
+                                    feat_channels=segformer.decoder_hidden_size)
+        bridge = dataclasses.replace(bridge or BridgeConfig(), latent_channels=lat,
+                                     seg_channels=segdm.embed_dim,
+                                     i_channels=segdm.cond_channels)
+        shared = {f.name for f in dataclasses.fields(ControlNetConfig)}
+        base = {k: v for k, v in dataclasses.asdict(unet).items() if k in shared}
+        controlnet = ControlNetConfig(
+            **base, conditioning="latent", conditioning_channels=lat + bridge.c_channels,
+            conditioning_embedding_out_channels=conditioning_embedding_out_channels)
+        if not kwargs.get("class_names") and segformer.id2label:
+            kwargs["class_names"] = tuple(segformer.id2label)
+        return cls(vae=vae, text=text, unet=unet, controlnet=controlnet, segformer=segformer,
+                   segdm=segdm, bridge=bridge, **kwargs)
+
     @property
     def latent_factor(self) -> int:
         """Image pixels per latent pixel (8 for SD)."""
