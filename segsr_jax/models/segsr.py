@@ -155,15 +155,26 @@ def _from_dict(cls, raw: dict, where: str):
 class SegSR(nnx.Module):
     """VAE, text encoder, UNet + ControlNet (SRDM), SegFormer, SegDM and the bridge."""
 
-    def __init__(self, config: SegSRConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
+    PARTS = {"vae": (AutoencoderKL, "vae"), "text_encoder": (CLIPTextEncoder, "text"),
+             "unet": (UNet2DCondition, "unet"), "controlnet": (ControlNet, "controlnet"),
+             "segformer": (SegFormer, "segformer"), "segdm": (SegDM, "segdm"),
+             "bridge": (Bridge, "bridge")}
+
+    def __init__(self, config: SegSRConfig, *, dtype=jnp.float32, rngs: nnx.Rngs,
+                 parts: dict[str, nnx.Module] | None = None):
+        """Build every part from ``config``, except those given in ``parts`` (e.g. loaded
+        pretrained modules, ``{"unet": weights.load_unet(path), ...}``), which are used as
+        they are."""
         self.config = config
-        self.vae = AutoencoderKL(config.vae, dtype=dtype, rngs=rngs)
-        self.text_encoder = CLIPTextEncoder(config.text, dtype=dtype, rngs=rngs)
-        self.unet = UNet2DCondition(config.unet, dtype=dtype, rngs=rngs)
-        self.controlnet = ControlNet(config.controlnet, dtype=dtype, rngs=rngs)
-        self.segformer = SegFormer(config.segformer, dtype=dtype, rngs=rngs)
-        self.segdm = SegDM(config.segdm, dtype=dtype, rngs=rngs)
-        self.bridge = Bridge(config.bridge, dtype=dtype, rngs=rngs)
+        parts = dict(parts or {})
+        unknown = sorted(set(parts) - set(self.PARTS))
+        if unknown:
+            raise ValueError(f"unknown SegSR part(s) {unknown}; parts are {sorted(self.PARTS)}")
+        for name, (cls, field) in self.PARTS.items():
+            module = parts.get(name)
+            if module is None:
+                module = cls(getattr(config, field), dtype=dtype, rngs=rngs)
+            setattr(self, name, module)
 
     def encode_prompts(self, input_ids: jax.Array) -> jax.Array:
         """Token ids ``[B, L]`` -> text context ``[B, L, D]`` float32."""
