@@ -145,7 +145,8 @@ def state_dict_from_module(module: nnx.Module) -> dict[str, np.ndarray]:
                 value = value.transpose(3, 2, 0, 1)
             elif value.ndim == 2:
                 value = value.T
-        out[torch_key(path)] = value
+        # Transposes are views; safetensors' numpy writer needs C-contiguous data.
+        out[torch_key(path)] = np.ascontiguousarray(value)
     return out
 
 
