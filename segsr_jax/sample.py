@@ -105,6 +105,17 @@ def outputs_of(out_dir: Path, path: Path) -> list[Path]:
     return [out_dir / f"{path.stem}{s}" for s in OUTPUT_SUFFIXES]
 
 
+def enable_compilation_cache(cache_dir: str) -> None:
+    """Persist compiled XLA programs in ``cache_dir`` so the next run skips compilation."""
+    import jax
+    from jax.experimental.compilation_cache import compilation_cache
+
+    jax.config.update("jax_compilation_cache_dir", cache_dir)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    # JAX fixes the cache location at its first compile; re-point it if that already happened.
+    compilation_cache.reset_cache()
+
+
 def main(argv=None) -> int:
     """Run the command; returns the exit status."""
     args = parse_args(argv)
@@ -113,10 +124,7 @@ def main(argv=None) -> int:
     from segsr_jax import images
 
     if args.cache_dir:
-        import jax
-
-        jax.config.update("jax_compilation_cache_dir", args.cache_dir)
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+        enable_compilation_cache(args.cache_dir)
     try:
         files = images.list_images(args.input)
     except FileNotFoundError as e:

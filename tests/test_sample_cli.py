@@ -62,6 +62,9 @@ def test_folder_with_good_and_bad_files(ckpt, inputs, tmp_path, capsys):
     sheet = np.asarray(Image.open(out / "rgb_sheet.png"))
     assert sheet.shape[0] == 24 and sheet.shape[1] > 3 * 32
 
+    # The compiled sampler went to the persistent cache, for the next process to reuse.
+    assert any(p.is_file() for p in (tmp_path / "xla").rglob("*"))
+
     # A rerun skips what is done and leaves the files untouched.
     stamp = os.stat(out / "rgb_sr.png").st_mtime_ns
     good = tmp_path / "good"
