@@ -42,6 +42,7 @@ class SampleOptions:
     tile_overlap: int = 32
     tiles_per_call: int = 4
     color_fix: str = "adain"
+    min_side: int = 128
 
 
 class Restorer:

@@ -26,7 +26,6 @@ import numpy as np
 
 DEFAULT_PROMPT = "clean, high-resolution, 8k"            # SeeSR's positive suffix
 DEFAULT_NEGATIVE = "dotted, noise, blur, lowres, smooth"  # SeeSR's negative prompt
-MIN_SHORT_SIDE = 128  # SeeSR: smaller LQ inputs are first resized to this short side
 OUTPUT_SUFFIXES = ("_sr.png", "_seg.png", "_seg_labels.png", "_sheet.png")
 
 
@@ -56,7 +55,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tile-overlap", type=int, default=32, help="latent tile overlap")
     p.add_argument("--tiles-per-call", type=int, default=4,
                    help="tiles denoised together (memory vs. speed)")
-    p.add_argument("--color-fix", default="adain", choices=("adain", "wavelet", "none"))
+    p.add_argument("--color-fix", default=None, choices=("adain", "wavelet", "none"),
+                   help="default: the checkpoint's, else adain")
+    p.add_argument("--min-side", type=int, default=None,
+                   help="LQ inputs with a shorter side are enlarged to it first (default: the "
+                        "checkpoint's, else 128 as SeeSR)")
     p.add_argument("--prompt", default=None, help=f"default: {DEFAULT_PROMPT!r}")
     p.add_argument("--negative-prompt", default=None, help=f"default: {DEFAULT_NEGATIVE!r}")
     p.add_argument("--guidance", type=float, default=None,
@@ -91,11 +94,12 @@ class Job:
     work_hw: tuple[int, int]  # size the model sees (before padding)
 
 
-def plan_job(path: Path, lq: np.ndarray, upscale: float) -> Job:
-    """Output and working sizes for one image (SeeSR's small-input rule included)."""
+def plan_job(path: Path, lq: np.ndarray, upscale: float, min_side: int) -> Job:
+    """Output and working sizes for one image. SeeSR's small-input rule: an LQ whose short
+    side is below ``min_side`` is first enlarged to it, and the result resized back."""
     h, w = lq.shape[:2]
     out_hw = (max(1, round(h * upscale)), max(1, round(w * upscale)))
-    grow = max(1.0, MIN_SHORT_SIDE / min(h, w))
+    grow = max(1.0, min_side / min(h, w))
     work_hw = (round(h * grow * upscale), round(w * grow * upscale))
     return Job(path, lq, out_hw, work_hw)
 
@@ -153,7 +157,8 @@ def main(argv=None) -> int:
                                                 if args.negative_prompt is not None
                                                 else DEFAULT_NEGATIVE),
                                tile=args.tile, tile_overlap=args.tile_overlap,
-                               tiles_per_call=args.tiles_per_call, color_fix=args.color_fix)
+                               tiles_per_call=args.tiles_per_call, color_fix=args.color_fix,
+                               min_side=args.min_side)
     print(f"model: {args.checkpoint} | sampler {options.sampler}, {options.steps} steps, "
           f"guidance {options.guidance}, {args.dtype}")
 
@@ -163,7 +168,8 @@ def main(argv=None) -> int:
     jobs: list[Job] = []
     for path in todo:
         try:
-            jobs.append(plan_job(path, images.read_image(path), args.upscale))
+            jobs.append(plan_job(path, images.read_image(path), args.upscale,
+                                 options.min_side))
         except images.ImageError as e:
             print(f"error: {e}", file=sys.stderr)
             failed += 1

@@ -41,7 +41,7 @@ def inputs(tmp_path):
 
 def _args(ckpt, inputs, out, tmp_path, *extra):
     return ["--checkpoint", str(ckpt), "--input", str(inputs), "--output", str(out),
-            "--upscale", "1", "--cache-dir", str(tmp_path / "xla"), *extra]
+            "--upscale", "1", "--min-side", "16", "--cache-dir", str(tmp_path / "xla"), *extra]
 
 
 def test_folder_with_good_and_bad_files(ckpt, inputs, tmp_path, capsys):
@@ -103,3 +103,11 @@ def test_checkpoint_errors(ckpt, inputs, tmp_path, capsys):
         assert rc == 2 and "frobnicate" in capsys.readouterr().err
     finally:
         cfg_file.write_text(original)
+
+
+def test_small_inputs_are_enlarged_first_and_resized_back():
+    lq = np.zeros((24, 32, 3), np.uint8)
+    job = sample.plan_job(sample.Path("x.png"), lq, upscale=4, min_side=128)
+    assert job.out_hw == (96, 128)                   # exactly upscale x the input
+    assert job.work_hw == (512, 683)                 # short side 128 before the x4
+    assert sample.plan_job(sample.Path("x.png"), lq, 2, 16).work_hw == (48, 64)

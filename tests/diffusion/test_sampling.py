@@ -18,10 +18,12 @@ def perturb(model, seed=0, scale=0.05, only=None):
     its sub-module ``only``), in place."""
     target = getattr(model, only) if only else model
     state = nnx.state(target, nnx.Param)
-    leaves, tree = jax.tree.flatten(state)
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
-    leaves = [x + scale * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)]
-    nnx.update(target, jax.tree.unflatten(tree, leaves))
+    rng = np.random.default_rng(seed)
+    # Host-side noise: no per-shape XLA compiles (eager jax.random would compile each).
+    noisy = jax.tree.map(
+        lambda x: jnp.asarray(np.asarray(x) + scale * rng.standard_normal(x.shape), x.dtype),
+        state)
+    nnx.update(target, noisy)
     return model
 
 
