@@ -73,6 +73,7 @@ def test_write_png_is_atomic_and_leaves_no_temp(tmp_path, photo):
     with pytest.raises(TypeError):
         images.write_png(tmp_path / "o" / "bad.png", np.zeros((4, 4, 3), object))
     assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["x.png"]
+    assert (tmp_path / "o" / "x.png").stat().st_mode & 0o044  # readable by others (umask 022)
 
 
 def test_palette_is_distinct_and_colorize_maps_labels():
