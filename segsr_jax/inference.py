@@ -31,13 +31,13 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 @dataclasses.dataclass(frozen=True)
 class SampleOptions:
-    """How to sample (see ``python -m segsr_jax.sample --help``)."""
+    """How to sample (see ``python -m segsr_jax.sample --help``); the defaults are SeeSR's."""
 
     sampler: str = "ddpm"
     steps: int = 50
     guidance: float = 5.5
-    prompt: str = ""
-    negative_prompt: str = ""
+    prompt: str = "clean, high-resolution, 8k"            # SeeSR's positive suffix
+    negative_prompt: str = "dotted, noise, blur, lowres, smooth"  # SeeSR's negative prompt
     tile: int = 96
     tile_overlap: int = 32
     tiles_per_call: int = 4

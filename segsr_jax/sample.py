@@ -26,6 +26,8 @@ import numpy as np
 
 DEFAULT_PROMPT = "clean, high-resolution, 8k"            # SeeSR's positive suffix
 DEFAULT_NEGATIVE = "dotted, noise, blur, lowres, smooth"  # SeeSR's negative prompt
+# (segsr_jax.inference.SampleOptions holds the same defaults; this module avoids importing
+# JAX before the arguments are parsed, so --help is instant.)
 OUTPUT_SUFFIXES = ("_sr.png", "_seg.png", "_seg_labels.png", "_sheet.png")
 
 
@@ -60,8 +62,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--min-side", type=int, default=None,
                    help="LQ inputs with a shorter side are enlarged to it first (default: the "
                         "checkpoint's, else 128 as SeeSR)")
-    p.add_argument("--prompt", default=None, help=f"default: {DEFAULT_PROMPT!r}")
-    p.add_argument("--negative-prompt", default=None, help=f"default: {DEFAULT_NEGATIVE!r}")
+    p.add_argument("--prompt", default=None,
+                   help=f"default: the checkpoint's, else {DEFAULT_PROMPT!r} (SeeSR)")
+    p.add_argument("--negative-prompt", default=None,
+                   help=f"default: the checkpoint's, else {DEFAULT_NEGATIVE!r} (SeeSR)")
     p.add_argument("--guidance", type=float, default=None,
                    help="text guidance scale (default: the checkpoint's, else 5.5)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
@@ -152,10 +156,7 @@ def main(argv=None) -> int:
         print(f"error: cannot load checkpoint {args.checkpoint}: {e}", file=sys.stderr)
         return 2
     options = restorer.options(steps=args.steps, sampler=args.sampler, guidance=args.guidance,
-                               prompt=args.prompt if args.prompt is not None else DEFAULT_PROMPT,
-                               negative_prompt=(args.negative_prompt
-                                                if args.negative_prompt is not None
-                                                else DEFAULT_NEGATIVE),
+                               prompt=args.prompt, negative_prompt=args.negative_prompt,
                                tile=args.tile, tile_overlap=args.tile_overlap,
                                tiles_per_call=args.tiles_per_call, color_fix=args.color_fix,
                                min_side=args.min_side)

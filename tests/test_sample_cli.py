@@ -111,3 +111,10 @@ def test_small_inputs_are_enlarged_first_and_resized_back():
     assert job.out_hw == (96, 128)                   # exactly upscale x the input
     assert job.work_hw == (512, 683)                 # short side 128 before the x4
     assert sample.plan_job(sample.Path("x.png"), lq, 2, 16).work_hw == (48, 64)
+
+
+def test_cli_defaults_are_the_library_defaults():
+    from segsr_jax.inference import SampleOptions
+
+    assert sample.DEFAULT_PROMPT == SampleOptions().prompt
+    assert sample.DEFAULT_NEGATIVE == SampleOptions().negative_prompt

@@ -1,0 +1,51 @@
+"""Copy a trained checkpoint into the package as the bundled default model.
+
+    python scripts/bundle_checkpoint.py --source runs/tiny/joint/checkpoints \\
+        --output segsr_jax/assets/tiny_checkpoint --steps 20 --sampler ddim --guidance 1.0
+
+Keeps only what sampling needs (the EMA parameters when present, the config with the given
+sampling defaults, and the tokenizer), so the package stays small.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+from pathlib import Path
+
+from flax import nnx
+
+from segsr_jax import checkpoint
+from segsr_jax.models.segsr import SegSR, SegSRConfig
+
+
+def main(argv=None) -> None:
+    """Bundle the checkpoint."""
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--source", required=True)
+    p.add_argument("--output", default="segsr_jax/assets/tiny_checkpoint")
+    p.add_argument("--sampler", default="ddim")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--guidance", type=float, default=1.0)
+    p.add_argument("--min-side", type=int, default=32)
+    p.add_argument("--prompt", default="")
+    args = p.parse_args(argv)
+
+    def build(cfg):
+        return SegSR(SegSRConfig.from_dict(cfg["model"]), rngs=nnx.Rngs(0))
+
+    model, cfg = checkpoint.restore_model(args.source, build)
+    sampling = {"sampler": args.sampler, "steps": args.steps, "guidance": args.guidance,
+                "min_side": args.min_side, "prompt": args.prompt,
+                "negative_prompt": ""}
+    out = Path(args.output)
+    if out.exists():
+        shutil.rmtree(out)
+    checkpoint.save_model(out, model, {"model": cfg["model"], "sampling": sampling,
+                                       "source": str(args.source)})
+    shutil.copytree(Path(args.source) / "tokenizer", out / "tokenizer")
+    print(f"bundled {args.source} -> {out}")
+
+
+if __name__ == "__main__":
+    main()
