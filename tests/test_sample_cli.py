@@ -118,3 +118,18 @@ def test_cli_defaults_are_the_library_defaults():
 
     assert sample.DEFAULT_PROMPT == SampleOptions().prompt
     assert sample.DEFAULT_NEGATIVE == SampleOptions().negative_prompt
+
+
+def test_bundled_default_runs_and_leaves_the_package_untouched(tmp_path):
+    ckpt, demo = sample.bundled_paths()
+    before = sorted(p for p in ckpt.parent.rglob("*"))
+    rc = sample.main(["--output", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "x")])
+    assert rc == 0
+    names = sorted(p.name for p in (tmp_path / "out").iterdir())
+    stems = sorted(p.stem for p in demo.glob("*.png"))
+    assert names == sorted(f"{s}{suf}" for s in stems for suf in sample.OUTPUT_SUFFIXES)
+    sr = np.asarray(Image.open(tmp_path / "out" / f"{stems[0]}_sr.png"))
+    lq = np.asarray(Image.open(demo / f"{stems[0]}.png"))
+    assert sr.shape == (4 * lq.shape[0], 4 * lq.shape[1], 3)
+    assert sr.std() > 5  # an image, not a constant
+    assert sorted(p for p in ckpt.parent.rglob("*")) == before
