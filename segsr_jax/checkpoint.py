@@ -4,25 +4,40 @@ Layout of a checkpoint folder (a converted model, or a training workdir's ``chec
 
     DIR/<step>/config      JSON: {"format": ..., "model": <SegSRConfig.to_dict()>, ...}
     DIR/<step>/params      the model's NNX state as a pure dict (float32)
-    DIR/<step>/ema_params  (training) EMA of the trainable params, same tree as ``params``
+    DIR/<step>/ema_params  (training) EMA of the trainable params: a sub-tree of ``params``
+    DIR/<step>/opt_state   (training) optimizer state of the trainable params
+    DIR/<step>/train       (training) {"step", "rng"}
+    DIR/<step>/data        (training) grain iterator state, one JSON file per process
+    DIR/tokenizer/         the CLIP tokenizer the prompts are encoded with
 
-Sampling restores ``ema_params`` when present, else ``params``, straight into the abstract
-(optionally sharded) target built from the config that travels in the checkpoint, so a
-checkpoint always rebuilds the model it was made from, and one that does not match the code
-fails with a message naming the difference.
+Sampling restores ``params`` with ``ema_params`` put over them when present, straight into
+the abstract (optionally sharded) target built from the config that travels in the
+checkpoint, so a checkpoint always rebuilds the model it was made from, and one that does not
+match the code fails with a message naming the difference. Training runs save and resume
+through :class:`TrainCheckpointer`; paths may be local or ``gs://`` (Orbax handles both).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
+import grain
 import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
 FORMAT = "segsr_jax/1"
+# Orbax splits the write of every replicated array over its replicas, slicing each array
+# with an eager op per shape: on a model's hundreds of small biases and norms that costs
+# hundreds of one-off compiles at the first save and gains nothing. Only arrays whose
+# per-replica slice is at least 1 MiB are split.
+MIN_REPLICA_SLICE_BYTES = 2**20
+ocp.type_handlers.register_type_handler(
+    jax.Array, ocp.type_handlers.ArrayHandler(
+        min_slice_bytes_for_replica_parallel=MIN_REPLICA_SLICE_BYTES), override=True)
 
 
 class CheckpointMismatchError(ValueError):
@@ -38,11 +53,15 @@ def _manager(directory: str | os.PathLike, *, read_only: bool = False,
     return ocp.CheckpointManager(path, options=options, item_handlers=handlers)
 
 
-def _model_handlers() -> dict:
-    """Handlers of the model items, so their metadata can be read before restoring."""
+def _item_handlers() -> dict:
+    """Handlers of every item a checkpoint may hold, so metadata can be read before
+    restoring (and Orbax knows what the items it is not asked for are)."""
     return {"config": ocp.JsonCheckpointHandler(),
             "params": ocp.StandardCheckpointHandler(),
-            "ema_params": ocp.StandardCheckpointHandler()}
+            "ema_params": ocp.StandardCheckpointHandler(),
+            "opt_state": ocp.StandardCheckpointHandler(),
+            "train": ocp.StandardCheckpointHandler(),
+            "data": grain.checkpoint.CheckpointHandler()}
 
 
 def save_model(directory: str | os.PathLike, model: nnx.Module, config: Mapping, *,
@@ -102,6 +121,21 @@ def _check_tree_matches(saved, target, where: str) -> None:
             f"config: " + "; ".join(p for p in parts if p))
 
 
+def _subtree(tree, keep: dict):
+    """The leaves of ``tree`` whose paths are in the metadata tree ``keep`` (Orbax metadata
+    has string keys where the model's pure dict has ints: nnx.List indices)."""
+    by_name = {str(k): k for k in tree}
+    return {by_name[k]: (_subtree(tree[by_name[k]], v) if isinstance(v, Mapping)
+                         else tree[by_name[k]])
+            for k, v in keep.items() if k in by_name}
+
+
+def _overlay(base: dict, top: dict) -> dict:
+    """``base`` with the leaves of ``top`` (a sub-tree of it) put in their place."""
+    return {k: _overlay(v, top[k]) if k in top and isinstance(v, dict) else top.get(k, v)
+            for k, v in base.items()}
+
+
 def restore_model(directory: str | os.PathLike, build: Callable[[dict], nnx.Module], *,
                   step: int | None = None, prefer_ema: bool = True,
                   shardings: Callable[[nnx.State], object] | None = None,
@@ -112,7 +146,8 @@ def restore_model(directory: str | os.PathLike, build: Callable[[dict], nnx.Modu
       directory: the checkpoint folder (holding step sub-folders).
       build: ``config_dict -> nnx.Module``; called under ``nnx.eval_shape`` (no allocation).
       step: which step; default the latest finished one.
-      prefer_ema: restore ``ema_params`` if the checkpoint has them.
+      prefer_ema: put the checkpoint's ``ema_params`` (all params, or a training run's
+        trainable sub-tree) over its ``params``.
       shardings: optional ``abstract_state -> sharding pytree`` to restore straight into
         sharded arrays.
 
@@ -120,7 +155,7 @@ def restore_model(directory: str | os.PathLike, build: Callable[[dict], nnx.Modu
       ``(model, config_dict)``.
     """
     cfg = read_checkpoint_config(directory, step)
-    mgr = _manager(directory, read_only=True, handlers=_model_handlers())
+    mgr = _manager(directory, read_only=True, handlers=_item_handlers())
     step = mgr.latest_step() if step is None else step
     abstract = nnx.eval_shape(lambda: build(cfg))
     graphdef, state = nnx.split(abstract)
@@ -131,13 +166,145 @@ def restore_model(directory: str | os.PathLike, build: Callable[[dict], nnx.Modu
                               target, shard_tree)
     try:
         metadata = mgr.item_metadata(step)
-        name = ("ema_params" if prefer_ema and metadata.get("ema_params") is not None
-                else "params")
-        _check_tree_matches(getattr(metadata[name], "tree", metadata[name]), target,
-                            f"{directory}/{step}/{name}")
-        restored = mgr.restore(step, args=ocp.args.Composite(
-            **{name: ocp.args.StandardRestore(target)}))[name]
+        params_meta = _metadata_tree(metadata["params"])
+        _check_tree_matches(params_meta, target, f"{directory}/{step}/params")
+        items = {"params": ocp.args.StandardRestore(target)}
+        ema_meta = _metadata_tree(metadata.get("ema_params")) if prefer_ema else None
+        if ema_meta is not None:
+            ema_target = _subtree(target, ema_meta)
+            _check_tree_matches(ema_meta, ema_target, f"{directory}/{step}/ema_params")
+            items["ema_params"] = ocp.args.StandardRestore(ema_target)
+        restored = mgr.restore(step, args=ocp.args.Composite(**items))
     finally:
         mgr.close()
-    nnx.replace_by_pure_dict(state, restored)
+    params = restored["params"]
+    if ema_meta is not None:
+        params = _overlay(params, restored["ema_params"])
+    nnx.replace_by_pure_dict(state, params)
     return nnx.merge(graphdef, state), cfg
+
+
+def _metadata_tree(item_metadata):
+    """The tree of array metadata of one item (None if the checkpoint lacks the item)."""
+    return None if item_metadata is None else getattr(item_metadata, "tree", item_metadata)
+
+
+# --- Training runs ------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointOptions:
+    """When a training run saves and what it keeps.
+
+    Attributes:
+      every: save every this many steps (a run also saves at its last step and when
+        preempted).
+      keep_last: keep the latest K checkpoints...
+      keep_every: ...and, for good, every step that is a multiple of M (0: none).
+      async_save: write in a background thread (the step waits only for the device-to-host
+        copy); a failed write raises at the next save or at :meth:`TrainCheckpointer.wait`.
+    """
+
+    every: int = 1000
+    keep_last: int = 3
+    keep_every: int = 0
+    async_save: bool = True
+
+    def __post_init__(self):
+        if self.every < 1 or self.keep_last < 1 or self.keep_every < 0:
+            raise ValueError(f"bad checkpoint options {self}")
+
+
+class TrainCheckpointer:
+    """The checkpoints of one training run (``WORKDIR/checkpoints``).
+
+    Items of every step, all written together and committed atomically by Orbax:
+    ``config`` (JSON, as :func:`save_model`), ``params`` (the full model: trainable and frozen,
+    so every checkpoint samples on its own), ``ema_params`` (the EMA of the trainable
+    sub-tree; sampling puts it over ``params``), ``opt_state``, ``train`` (step and RNG key
+    data) and ``data`` (each process's grain iterator state, one JSON file per process).
+    """
+
+    def __init__(self, directory: str | os.PathLike, options: CheckpointOptions):
+        self.directory = directory
+        self.options = options
+        path = directory if str(directory).startswith("gs://") else Path(directory).absolute()
+        self._mgr = ocp.CheckpointManager(
+            path,
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=options.keep_last, keep_period=options.keep_every or None,
+                enable_async_checkpointing=options.async_save, create=True),
+            item_handlers=_item_handlers())
+
+    def all_steps(self) -> list[int]:
+        """Finished checkpoints, ascending (Orbax ignores unfinished temporary folders)."""
+        return sorted(self._mgr.all_steps())
+
+    def save(self, step: int, *, params: dict, ema_params: dict, opt_state, train: dict,
+             data_iterator, config: Mapping) -> bool:
+        """Save step ``step`` (asynchronously if so configured); False if it already exists."""
+        if step in self._mgr.all_steps():
+            return False
+        self._mgr.save(step, force=True, args=ocp.args.Composite(
+            config=ocp.args.JsonSave({"format": FORMAT, **dict(config)}),
+            params=ocp.args.StandardSave(params),
+            ema_params=ocp.args.StandardSave(ema_params),
+            opt_state=ocp.args.StandardSave(opt_state),
+            train=ocp.args.StandardSave(train),
+            data=grain.checkpoint.CheckpointSave(data_iterator)))
+        return True
+
+    def restore(self, targets: Mapping[str, object], data_iterator,
+                report: Callable[[str], None] = print) -> tuple[int, dict] | None:
+        """Restore the latest readable checkpoint into ``targets`` (abstract, sharded trees for
+        ``params``, ``ema_params``, ``opt_state`` and ``train``) and ``data_iterator``.
+
+        A checkpoint that cannot be read (a missing or damaged file) is reported through
+        ``report`` and the previous one is tried; once one restores, the unreadable newer
+        ones are deleted (reported too), so the run's next saves are not shadowed by them.
+        One whose trees do not match ``targets`` raises :class:`CheckpointMismatchError` (a
+        config change, not damage).
+
+        Returns:
+          ``(step, restored items)``, or None when the folder holds no checkpoint.
+        """
+        steps = self.all_steps()
+        errors = []
+        for step in reversed(steps):
+            where = f"{self.directory}/{step}"
+            try:
+                meta = self._mgr.item_metadata(step)
+                for name in ("params", "ema_params"):
+                    tree = _metadata_tree(meta.get(name))
+                    if tree is None:  # Orbax could not read the item's metadata file
+                        raise FileNotFoundError(f"{where}/{name} has no readable metadata")
+                    _check_tree_matches(tree, targets[name], f"{where}/{name}")
+                restored = self._mgr.restore(step, args=ocp.args.Composite(
+                    **{k: ocp.args.StandardRestore(v) for k, v in targets.items()},
+                    data=grain.checkpoint.CheckpointRestore(data_iterator)))
+            except CheckpointMismatchError:
+                raise
+            except (OSError, ValueError, KeyError) as e:
+                # Damage (a lost file, a truncated write): report it and use the previous one.
+                errors.append(f"{where}: {type(e).__name__}: {e}")
+                report(f"warning: checkpoint {where} is unreadable, trying the previous one "
+                       f"({type(e).__name__}: {str(e)[:300]})")
+                continue
+            for bad in (s for s in steps if s > step):
+                # A damaged step would shadow the run's next save of that step: remove it.
+                self._mgr.delete(bad)
+                report(f"warning: removed unreadable checkpoint {self.directory}/{bad}")
+            return step, {k: restored[k] for k in targets}
+        if errors:
+            raise CheckpointMismatchError(
+                f"no readable checkpoint in {self.directory}: " + " | ".join(errors))
+        return None
+
+    def wait(self) -> None:
+        """Block until every pending save is written (raises if one failed)."""
+        self._mgr.wait_until_finished()
+
+    def close(self) -> None:
+        """Finish pending saves and release the manager."""
+        self._mgr.wait_until_finished()
+        self._mgr.close()

@@ -24,7 +24,7 @@ from flax import nnx
 from segsr_jax import checkpoint, images, parallel
 from segsr_jax.diffusion import sampling, samplers
 from segsr_jax.diffusion.schedules import NoiseConfig
-from segsr_jax.models.segsr import SegSR, SegSRConfig
+from segsr_jax.models.segsr import SegSR, SegSRConfig, ShapeOnlyRngs
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -71,8 +71,9 @@ class Restorer:
             if "model" not in cfg:
                 raise checkpoint.CheckpointMismatchError(
                     f"{path}: the checkpoint config has no 'model' section")
+            # Built under eval_shape only: ShapeOnlyRngs keeps that linear in model size.
             return SegSR(SegSRConfig.from_dict(cfg["model"]), dtype=DTYPES[dtype],
-                         rngs=nnx.Rngs(0))
+                         rngs=ShapeOnlyRngs())
 
         model, cfg = checkpoint.restore_model(path, build)
         tokenizer = weights.load_tokenizer(Path(path) / "tokenizer")

@@ -1,10 +1,21 @@
-"""Device meshes and shardings (DESIGN §5): one mesh with axes ``('data', 'fsdp')``."""
+"""Device meshes and shardings (DESIGN §5): one mesh with axes ``('data', 'fsdp')``.
+
+Batches are split over ``'data'`` (and, when training with FSDP, over ``'fsdp'`` too); params,
+their EMA and optimizer state are laid out by :class:`ShardingRules`, a path -> logical-name ->
+mesh-axis table that lives in the config (FSDP: the big UNet / ControlNet kernels split their
+output channels over ``'fsdp'``).
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import math
+import re
+
 import jax
 import numpy as np
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 AXES = ("data", "fsdp")
 
@@ -28,11 +39,111 @@ def make_mesh(data: int = -1, fsdp: int = 1, devices=None) -> Mesh:
     return Mesh(grid, AXES, axis_types=(AxisType.Auto, AxisType.Auto))
 
 
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """Leading (batch) axis over ``'data'``, the rest replicated."""
-    return NamedSharding(mesh, P("data"))
+def batch_sharding(mesh: Mesh, axes: str | tuple[str, ...] = "data") -> NamedSharding:
+    """Leading (batch) axis over ``axes``, the rest replicated. Sampling splits the batch over
+    ``'data'``; training (FSDP) over ``('data', 'fsdp')``, i.e. over every device."""
+    return NamedSharding(mesh, P(axes))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
     """Every device holds the whole array."""
     return NamedSharding(mesh, P())
+
+
+# --- Params: logical axis names by path, mesh axes by logical name (DESIGN §5) -------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardingRules:
+    """How a pytree of arrays (params, EMA, optimizer state) is laid out on the mesh.
+
+    Two small tables, both from the config:
+
+    * ``param_axes``: ``((regex, names), ...)``. The first regex found (``re.search``) in a
+      leaf's path (``"unet/down_blocks/0/resnets/1/conv1/kernel"``; optimizer moments carry
+      the same path after a prefix such as ``"opt_state/1/0/mu/"``) gives the logical names
+      of the leaf's *trailing* dims; leading dims and unmatched leaves are not sharded.
+    * ``logical_rules``: ``((logical name, mesh axis | (mesh axes) | None), ...)``.
+
+    A dim is sharded only if its size divides by the mesh axes' size, and a leaf smaller than
+    ``min_size`` elements stays replicated (gathering it would cost more than it saves).
+
+    Attributes:
+      param_axes: the path table.
+      logical_rules: the logical-name table.
+      min_size: replicate leaves with fewer elements.
+    """
+
+    param_axes: tuple[tuple[str, tuple[str | None, ...]], ...] = ()
+    logical_rules: tuple[tuple[str, str | tuple[str, ...] | None], ...] = ()
+    min_size: int = 2**16
+
+    def __post_init__(self):
+        for pattern, _ in self.param_axes:
+            re.compile(pattern)  # a bad regex fails here, naming itself
+        rules = dict(self.logical_rules)
+        for _, names in self.param_axes:
+            missing = [n for n in names if n is not None and n not in rules]
+            if missing:
+                raise ValueError(f"logical axis name(s) {missing} have no logical_rules entry")
+
+
+def path_str(path) -> str:
+    """A jax key path as ``"a/b/0/c"`` (dict keys, attribute names and indices alike)."""
+    parts = []
+    for k in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(k, attr):
+                parts.append(str(getattr(k, attr)))
+                break
+        else:
+            parts.append(str(k))
+    return "/".join(parts)
+
+
+def logical_axes(path: str, ndim: int, rules: ShardingRules) -> tuple[str | None, ...]:
+    """The logical name of every dim of the leaf at ``path`` (None: not sharded)."""
+    for pattern, names in rules.param_axes:
+        if re.search(pattern, path):
+            names = tuple(names)[-ndim:] if ndim else ()
+            return (None,) * (ndim - len(names)) + names
+    return (None,) * ndim
+
+
+def partition_spec(path: str, shape: tuple[int, ...], mesh: Mesh,
+                   rules: ShardingRules) -> P:
+    """The PartitionSpec of one leaf under ``rules`` on ``mesh``."""
+    if math.prod(shape) < rules.min_size:
+        return P()
+    table = dict(rules.logical_rules)
+    spec, used = [], set()
+    for size, name in zip(shape, logical_axes(path, len(shape), rules), strict=True):
+        axes = table.get(name) if name is not None else None
+        group = (axes,) if isinstance(axes, str) else tuple(axes or ())
+        ways = math.prod(mesh.shape[a] for a in group)
+        if not group or used & set(group) or size % ways:
+            spec.append(None)
+        else:
+            spec.append(axes if isinstance(axes, str) else tuple(axes))
+            used.update(group)
+    while spec and spec[-1] is None:
+        spec.pop()
+    return P(*spec)
+
+
+def tree_shardings(tree, mesh: Mesh, rules: ShardingRules, prefix: str = ""):
+    """``NamedSharding`` of every leaf of ``tree`` (arrays or ShapeDtypeStructs) by its path;
+    ``prefix`` is prepended to the paths (e.g. ``"opt_state/"``)."""
+    return jax.tree_util.tree_map_with_path(
+        lambda p, x: NamedSharding(mesh, partition_spec(prefix + path_str(p), tuple(x.shape),
+                                                        mesh, rules)), tree)
+
+
+def place(tree, shardings):
+    """Global arrays with ``shardings`` from values every process holds in full (e.g. params
+    initialised from the same seed); each device receives only its own shard."""
+    def put(x, s):
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, s, lambda index: x[index])
+
+    return jax.tree.map(put, tree, shardings)

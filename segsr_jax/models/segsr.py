@@ -201,7 +201,8 @@ class SegSR(nnx.Module):
     def denoise(self, z_t: jax.Array, s_t: jax.Array, t: jax.Array, t_seg: jax.Array,
                 z_lq: jax.Array, f_lq: jax.Array, context: jax.Array,
                 uncond_context: jax.Array | None = None,
-                guidance_scale: jax.Array | float = 1.0) -> tuple[jax.Array, jax.Array]:
+                guidance_scale: jax.Array | float = 1.0, *,
+                use_bridge: tuple[bool, bool] = (True, True)) -> tuple[jax.Array, jax.Array]:
         """One coupled evaluation of both models (no sampler update).
 
         Args:
@@ -211,12 +212,17 @@ class SegSR(nnx.Module):
           context: ``[B, L, D]`` prompt context; uncond_context: the negative prompt's, or
             None for no classifier-free guidance (then ``guidance_scale`` is unused).
           guidance_scale: text CFG scale (text only: the LQ, bridge and SegDM are shared).
+          use_bridge: static ``(use C_t, use I_t)``. The training stages ``sr`` and ``seg``
+            switch one off (that condition becomes zeros, DESIGN §4); with both off XLA drops
+            the bridge from the program.
 
         Returns:
           ``(model_out [B, h, w, 4], seg_logits [B, h, w, K])`` float32; ``model_out`` is
           epsilon or v as ``config.prediction_type`` says.
         """
         i_t, c_t = self.bridge(z_t, s_t, t)
+        c_t = c_t if use_bridge[0] else jnp.zeros_like(c_t)
+        i_t = i_t if use_bridge[1] else jnp.zeros_like(i_t)
         cond = jnp.concatenate([z_lq, c_t], axis=-1)
         b = z_t.shape[0]
         t_b = jnp.broadcast_to(jnp.asarray(t), (b,))
@@ -233,3 +239,19 @@ class SegSR(nnx.Module):
             out = guidance.cfg_combine(out_u, out_c, guidance_scale)
         seg_logits = self.segdm(s_t, t_seg, f_lq, i_t)
         return out.astype(jnp.float32), seg_logits
+
+
+class ShapeOnlyRngs:
+    """Stands in for ``nnx.Rngs`` when a model is only built for its shapes (under
+    ``nnx.eval_shape``): every stream returns the same key and nothing is counted.
+
+    Why: a real ``Rngs`` bumps a traced counter on every draw, and with this jax/flax each bump
+    reads ``.sharding`` of a tracer, whose error message walks the whole trace -- quadratic in
+    the model size (minutes for SD-2; seconds for the tiny test model). The built graph and
+    the shapes are the same (SegSR keeps no RNG state).
+    """
+
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return lambda: jax.random.key(0)

@@ -1,0 +1,296 @@
+"""``python -m segsr_jax.train --config configs/NAME.py[:STAGE] --workdir DIR [--config.x=y]``
+
+Trains one stage of SegSR (``vae``, ``sr``, ``seg`` or ``joint``; DESIGN §4) and writes into
+``DIR``: ``checkpoints/`` (Orbax; sampleable with ``python -m segsr_jax.sample --checkpoint
+DIR/checkpoints``), ``metrics.jsonl``, ``tensorboard/`` and ``samples/``.
+
+Re-running the same command resumes from the latest readable checkpoint: same params, EMA,
+optimizer state, RNG and data position, so the result equals an uninterrupted run bit for
+bit. SIGTERM (preemption) saves a checkpoint at the next step boundary and exits with status
+143. A NaN/Inf loss, gradient or parameter stops the run with an error naming the step,
+before anything bad is saved.
+
+Multi-host: ``--distributed`` calls ``jax.distributed.initialize()`` (TPU pods, SLURM: the
+cluster is auto-detected); ``--coordinator_address/--num_processes/--process_id`` give it
+explicitly (a CPU run on localhost uses gloo collectives).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import signal
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+from absl import app, flags, logging
+from flax import nnx
+from jax.experimental import multihost_utils
+from ml_collections import ConfigDict, config_flags
+
+from segsr_jax import checkpoint, parallel
+from segsr_jax.data.degradations import DegradationConfig
+from segsr_jax.data.pipeline import PipelineConfig, make_dataset, to_global_arrays
+from segsr_jax.data.sources import ArrayRecordSource, ImageFolderSource
+from segsr_jax.data.synthetic import SceneConfig, SyntheticSource
+from segsr_jax.data.transforms import CropConfig
+from segsr_jax.models.segsr import SegSRConfig
+from segsr_jax.training import metrics_log, prompts
+from segsr_jax.training import state as state_lib
+from segsr_jax.training import step as step_lib
+from segsr_jax.training.losses import LossConfig
+from segsr_jax.training.validation import ValidationConfig, Validator
+
+PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM: "stopped by the scheduler, resume me"
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def make_source(cfg: ConfigDict, num_classes: int):
+    """The config's example source: ``synthetic``, ``folder`` or ``array_record``."""
+    if cfg.source == "synthetic":
+        scene = SceneConfig(cfg.scene_size, cfg.scene_size, num_classes=num_classes)
+        return SyntheticSource(cfg.num_examples, scene, seed=cfg.source_seed)
+    if cfg.source == "folder":
+        return ImageFolderSource(cfg.path, cfg.labels or None)
+    if cfg.source == "array_record":
+        return ArrayRecordSource(cfg.path)
+    raise ValueError(f"data.source {cfg.source!r}: choose synthetic, folder or array_record")
+
+
+def pipeline_config(cfg: ConfigDict, stage: str, **overrides) -> PipelineConfig:
+    """The grain pipeline settings of ``cfg.data`` (stage ``vae`` needs no degradation)."""
+    crop = CropConfig(size=cfg.crop_size, scale=cfg.scale, hflip=cfg.hflip)
+    deg = None if stage == "vae" else DegradationConfig(scale=cfg.scale)
+    fields = dict(global_batch_size=cfg.global_batch_size, seed=cfg.seed, crop=crop,
+                  degradation=deg, num_workers=cfg.num_workers,
+                  prefetch_batches=cfg.prefetch_batches)
+    return PipelineConfig(**{**fields, **overrides})
+
+
+def sharding_rules(cfg: ConfigDict) -> parallel.ShardingRules:
+    """``config.sharding`` as :class:`parallel.ShardingRules` (lists become tuples)."""
+    return parallel.ShardingRules(
+        param_axes=tuple((p, tuple(n)) for p, n in cfg.param_axes),
+        logical_rules=tuple((n, tuple(a) if isinstance(a, list) else a)
+                            for n, a in cfg.logical_rules),
+        min_size=cfg.min_size)
+
+
+def abstract_batch(cfg: ConfigDict, stage: str, max_length: int, sharding) -> dict:
+    """The global batch the step compiles for (ShapeDtypeStructs; pixels stay uint8)."""
+    b, size, lq = cfg.global_batch_size, cfg.crop_size, cfg.crop_size // cfg.scale
+    shapes = {"hr": ((b, size, size, 3), jnp.uint8)}
+    if stage != "vae":
+        shapes.update(lq=((b, lq, lq, 3), jnp.uint8), label=((b, size, size), jnp.uint8),
+                      input_ids=((b, max_length), jnp.int32))
+    return {k: jax.ShapeDtypeStruct(s, d, sharding=sharding) for k, (s, d) in shapes.items()}
+
+
+def setup_tokenizer(config: ConfigDict, ckpt_dir: Path, max_length: int):
+    """Put the run's tokenizer in ``ckpt_dir/tokenizer`` (the sampler reads it there)."""
+    from segsr_jax import weights
+
+    dest = ckpt_dir / "tokenizer"
+    if jax.process_index() == 0 and not dest.exists():
+        if config.tokenizer == "char":
+            prompts.write_char_tokenizer(dest, max_length)
+        else:
+            src = Path(config.init_from) if config.tokenizer == "from_init" else Path(
+                config.tokenizer)
+            src = src / "tokenizer" if (src / "tokenizer").is_dir() else src
+            shutil.copytree(src, dest)
+    multihost_utils.sync_global_devices("tokenizer written")
+    return weights.load_tokenizer(dest)
+
+
+def train_and_evaluate(config: ConfigDict, workdir: str) -> int:
+    """Run (or resume) the training described by ``config`` in ``workdir``.
+
+    Returns the exit status: 0 when ``config.num_steps`` are done, ``PREEMPTED_EXIT_CODE``
+    after a SIGTERM-triggered save. Raises :class:`step_lib.NonFiniteError` on NaN/Inf.
+    """
+    if str(workdir).startswith("gs://"):
+        # Checkpoints themselves go through Orbax, which writes gs:// natively; the logs,
+        # event files and the tokenizer copy are plain files.
+        raise ValueError("--workdir must be a local or mounted folder (e.g. gcsfuse on TPU VMs)")
+    workdir = Path(workdir)
+    if config.tokenizer == "from_init" and not config.init_from:
+        raise ValueError("this config starts from a converted checkpoint (tokenizer "
+                         "'from_init'): pass --config.init_from=CHECKPOINT_DIR")
+    log = metrics_log.MetricsLog(workdir, enabled=jax.process_index() == 0,
+                                 tensorboard=config.log.tensorboard)
+    model_cfg = SegSRConfig.from_dict(config.model.to_dict())
+    if config.init_from:
+        # A converted checkpoint knows its segmenter's class names (the prompts' tags).
+        names = checkpoint.read_checkpoint_config(config.init_from)["model"].get("class_names")
+        if names:
+            model_cfg = dataclasses.replace(model_cfg, class_names=tuple(names))
+    stage, also_train = config.train.stage, tuple(config.train.also_train)
+    step_cfg = step_lib.StepConfig(
+        loss=LossConfig(stage=stage, **config.loss),
+        optimizer=state_lib.OptimizerConfig(**config.optim),
+        accum_steps=config.train.accum_steps)
+    dtype = DTYPES[config.dtype]
+    mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp)
+    rules = sharding_rules(config.sharding)
+    log.text(f"devices: {jax.device_count()} ({jax.process_count()} processes), mesh "
+             f"{dict(mesh.shape)}; stage {stage}")
+
+    # The model, split into trainable params and frozen variables, and their shardings.
+    abstract = state_lib.abstract_model(model_cfg, dtype)
+    graphdef, abs_params, abs_frozen = state_lib.split_model(abstract, stage, also_train)
+    optimizer = state_lib.make_optimizer(step_cfg.optimizer)
+    abs_state = jax.eval_shape(lambda p: state_lib.init_train_state(p, optimizer, config.seed),
+                               abs_params)
+    shardings = step_lib.StepShardings(
+        state=parallel.tree_shardings(abs_state, mesh, rules),
+        frozen=parallel.tree_shardings(abs_frozen, mesh, rules),
+        batch=None, replicated=parallel.replicated(mesh))
+    log.text(f"trainable {state_lib.count_params(abs_params):,} params "
+             f"({', '.join(state_lib.trainable_modules(stage, also_train))}); frozen "
+             f"{state_lib.count_params(abs_frozen):,}")
+
+    # Data: this process's share of every global batch, and prompts for it.
+    ckpt_dir = workdir / "checkpoints"
+    ckpt = checkpoint.TrainCheckpointer(ckpt_dir, checkpoint.CheckpointOptions(
+        **config.checkpoint))
+    tokenizer = setup_tokenizer(config, ckpt_dir, model_cfg.text.max_position_embeddings)
+    source = make_source(config.data, model_cfg.segdm.num_classes)
+    data_iter = iter(make_dataset(source, pipeline_config(config.data, stage)))
+    prompt_maker = prompts.PromptMaker(
+        tokenizer, model_cfg.class_names,
+        prompts.PromptConfig(seed=config.seed, **config.train.prompt),
+        process_index=jax.process_index())
+
+    # The train state: resumed, else initialised (from a checkpoint or at random).
+    resumed = ckpt.restore(
+        state_lib.restore_targets(abs_state, abs_frozen, shardings.state, shardings.frozen),
+        data_iter, report=metrics_log.stderr)
+    if resumed is not None:
+        start, items = resumed
+        train_state, frozen = state_lib.from_checkpoint_items(items, abs_params, abs_frozen)
+        log.event("resume", start, checkpoint=str(ckpt_dir / str(start)))
+    else:
+        start = 0
+        params, frozen = state_lib.initial_params(
+            model_cfg, dtype, stage, also_train, config.seed, config.init_from or None,
+            (shardings.state.params, shardings.frozen))
+        train_state = jax.jit(lambda p: state_lib.init_train_state(p, optimizer, config.seed),
+                              out_shardings=shardings.state)(params)
+        if config.init_from:
+            log.text(f"initialised from {config.init_from}")
+
+    # Compile once, before the first step, and report what it costs.
+    batch_spec = jax.sharding.PartitionSpec(("data", "fsdp"))  # FSDP: batch over all devices
+    abs_batch = abstract_batch(config.data, stage, tokenizer.max_length,
+                               jax.sharding.NamedSharding(mesh, batch_spec))
+    shardings = dataclasses.replace(shardings, batch=jax.tree.map(lambda x: x.sharding,
+                                                                  abs_batch))
+    step_fn = step_lib.make_train_step(graphdef, step_cfg, shardings)
+    compiled, report = step_lib.compile_step(step_fn, train_state, frozen, abs_batch)
+    log.event("compile", start, seconds=round(report.seconds, 2),
+              argument_bytes=report.argument_bytes, output_bytes=report.output_bytes,
+              temp_bytes=report.temp_bytes, alias_bytes=report.alias_bytes)
+    log.text(report.summary())
+    validator = None
+    if config.sample.every:
+        val_batch = next(iter(make_dataset(source, pipeline_config(
+            config.data, "sr", global_batch_size=config.sample.num_images,
+            seed=config.data.seed + 1, shuffle=False, prefetch_batches=0))))
+        validator = Validator(nnx.graphdef(abstract), model_cfg, val_batch, tokenizer,
+                              ValidationConfig(**config.sample.options), mesh)
+        seconds = validator.compile(state_lib.merge_trees(train_state.ema_params, frozen))
+        log.event("compile_sampler", start, seconds=round(seconds, 2))
+
+    # SIGTERM (preemption): finish the current step, save, exit. Multi-host runs agree on
+    # the step through JAX's preemption sync (the coordination service watches SIGTERM).
+    sigterm = []
+    if jax.process_count() == 1:
+        signal.signal(signal.SIGTERM, lambda *_: sigterm.append(True))
+
+    def preempted(step: int) -> bool:
+        if jax.process_count() == 1:
+            return bool(sigterm)
+        return multihost_utils.reached_preemption_sync_point(step)
+
+    pending = step_lib.PendingMetrics()
+    last_checkpoint = lambda: max(ckpt.all_steps(), default=None)
+    step, stopped = start, False
+    while step < config.num_steps and not stopped:
+        batch = next(data_iter)
+        data_index = batch.pop("index")
+        if stage == "vae":
+            batch = {"hr": batch["hr"]}
+        else:
+            batch["input_ids"] = prompt_maker(batch["label"], step)
+        train_state, metrics = compiled(train_state, frozen,
+                                        to_global_arrays(batch, mesh, batch_spec))
+        step += 1
+        pending.add(step, metrics)
+        last = step == config.num_steps
+        if step % config.log.every == 0 or last:
+            means = pending.drain(last_checkpoint())   # the NaN/Inf guard
+            means["images_per_s"] = config.data.global_batch_size / means["step_time"]
+            log.scalars(step, means, extra={"data_index": data_index})
+        if validator is not None and step % config.sample.every == 0:
+            grid = validator(state_lib.merge_trees(train_state.ema_params, frozen))
+            log.image(step, "samples", grid)
+        stopped = preempted(step)
+        if stopped or step % ckpt.options.every == 0 or last:
+            # Never checkpoint a bad state: every step's metrics and the state are finite.
+            pending.drain(last_checkpoint())
+            step_lib.check_state_finite(train_state, step)
+            ckpt.save(step, **state_lib.checkpoint_items(train_state, frozen),
+                      data_iterator=data_iter,
+                      config={"model": model_cfg.to_dict(), "train": config.to_dict(),
+                              "sampling": config.sample.options.to_dict()})
+            log.event("checkpoint", step, path=str(ckpt_dir / str(step)))
+    if stopped:
+        log.event("preempted", step, message="checkpoint saved; run again to resume")
+    ckpt.close()
+    log.close()
+    if hasattr(data_iter, "close"):
+        data_iter.close()  # stop grain's prefetch threads before the interpreter does
+    return PREEMPTED_EXIT_CODE if stopped else 0
+
+
+FLAGS = flags.FLAGS
+
+
+def main(argv) -> None:
+    """The command: flags -> (distributed init) -> :func:`train_and_evaluate`."""
+    del argv
+    if not FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO
+    if FLAGS.cache_dir:
+        # Compiled programs persist across restarts (a resumed job skips most compiling);
+        # threshold 0 because a from-scratch init is hundreds of sub-second programs.
+        jax.config.update("jax_compilation_cache_dir", FLAGS.cache_dir)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    if FLAGS.coordinator_address or FLAGS.distributed:
+        # CPU hosts need a collectives backend for cross-process arrays (no effect on GPU/TPU).
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        kwargs = {}
+        if FLAGS.coordinator_address:
+            kwargs = dict(coordinator_address=FLAGS.coordinator_address,
+                          num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
+        jax.distributed.initialize(**kwargs)
+    sys.exit(train_and_evaluate(FLAGS.config, FLAGS.workdir))
+
+
+if __name__ == "__main__":
+    config_flags.DEFINE_config_file("config", None, "training config (configs/NAME.py[:ARG])",
+                                    lock_config=True)
+    flags.DEFINE_string("workdir", None, "output folder (checkpoints, logs, samples)")
+    flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize() (auto-detect)")
+    flags.DEFINE_string("coordinator_address", None, "host:port of process 0")
+    flags.DEFINE_integer("num_processes", None, "number of processes")
+    flags.DEFINE_integer("process_id", None, "this process's index")
+    flags.DEFINE_string("cache_dir", os.environ.get(
+        "SEGSR_JAX_CACHE", str(Path.home() / ".cache" / "segsr_jax" / "xla")),
+        "persistent XLA compilation cache ('' to disable)")
+    flags.mark_flags_as_required(["config", "workdir"])
+    app.run(main)

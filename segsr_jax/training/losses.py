@@ -1,0 +1,172 @@
+"""Training losses of every stage (DESIGN §4), as pure functions of a merged model and a batch.
+
+A batch (host-local numpy, made global by :func:`segsr_jax.data.pipeline.to_global_arrays`)::
+
+    hr         uint8 [B, S, S, 3]      HR crop
+    lq         uint8 [B, S/s, S/s, 3]  its degraded LQ (not needed by stage ``vae``)
+    label      uint8 [B, S, S]         class ids, 255 = ignore (not needed by stage ``vae``)
+    input_ids  int32 [B, L]            prompt tokens, text dropout already applied
+
+Pixels travel as uint8 (a quarter of the float32 bytes) and become ``[-1, 1]`` here.
+
+Stage ``vae`` trains the autoencoder from scratch: L1 reconstruction + ``kl_weight`` x KL.
+The diffusion stages draw one SR step ``t`` per example, noise ``Z_0 = VAE.enc(hr)`` with the SD
+schedule and ``S_0 = embed(y)`` with the seg schedule at ``t / T``, run
+:meth:`SegSR.denoise` once and score::
+
+    sr:    ||target - model_out||^2                       (C_t = 0; SegDM not run)
+    seg:   lambda_seg * CE(seg_logits, y)                 (I_t = 0; SRDM not run)
+    joint: ||target - model_out||^2 + lambda_seg * CE(seg_logits, y)
+
+Only the terms a stage scores are computed, so XLA drops the model a stage does not use (the
+UNet and ControlNet in stage ``seg``) instead of running it for nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from segsr_jax.diffusion.schedules import (
+    SEG_T_MAX,
+    NoiseConfig,
+    alphas_cumprod,
+    seg_alpha_sigma,
+)
+from segsr_jax.models.segdm import IGNORE_INDEX
+from segsr_jax.models.segsr import SegSR
+
+STAGES = ("vae", "sr", "seg", "joint")
+# (score the SR loss, score the seg loss) per diffusion stage.
+_TERMS = {"sr": (True, False), "seg": (False, True), "joint": (True, True)}
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    """What a training step optimises.
+
+    Attributes:
+      stage: ``vae`` | ``sr`` | ``seg`` | ``joint``.
+      lambda_seg: weight of SegDM's cross-entropy.
+      lambda_lq_seg: weight of a cross-entropy on SegFormer's own logits (the fixed-segmenter
+        baseline); only useful when the segmentation encoder is trained (from scratch).
+      kl_weight: KL weight of stage ``vae``.
+      num_train_timesteps, beta_*: the SR forward process (SD's by default).
+    """
+
+    stage: str = "joint"
+    lambda_seg: float = 1.0
+    lambda_lq_seg: float = 0.0
+    kl_weight: float = 1e-6
+    num_train_timesteps: int = 1000
+    beta_schedule: str = "scaled_linear"
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+
+    def __post_init__(self):
+        if self.stage not in STAGES:
+            raise ValueError(f"stage {self.stage!r} is not one of {STAGES}")
+
+    def noise_config(self, prediction_type: str) -> NoiseConfig:
+        """The SR forward process for a model with ``prediction_type``."""
+        return NoiseConfig(num_train_timesteps=self.num_train_timesteps,
+                           beta_schedule=self.beta_schedule, beta_start=self.beta_start,
+                           beta_end=self.beta_end, prediction_type=prediction_type)
+
+
+def to_unit_range(pixels: jax.Array) -> jax.Array:
+    """uint8 ``[..., 3]`` -> float32 in ``[-1, 1]``."""
+    return pixels.astype(jnp.float32) / 127.5 - 1.0
+
+
+def upsample_lq(lq: jax.Array, hw: tuple[int, int]) -> jax.Array:
+    """LQ in ``[-1, 1]`` ``[B, h, w, 3]`` -> bicubic ``[B, H, W, 3]`` (SeeSR feeds the upscaled
+    LQ to the VAE encoder and the segmenter)."""
+    b, _, _, c = lq.shape
+    return jax.image.resize(lq, (b, *hw, c), "cubic")
+
+
+def labels_at(labels: jax.Array, factor: int) -> jax.Array:
+    """``[B, H, W]`` class ids -> ``[B, H/f, W/f]`` int32: the centre pixel of every f x f block
+    (a class id, never a blend; 255 stays 255)."""
+    return labels[:, factor // 2::factor, factor // 2::factor].astype(jnp.int32)
+
+
+def masked_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """Mean softmax cross-entropy of ``logits [..., K]`` over pixels whose label is not 255."""
+    valid = labels != IGNORE_INDEX
+    ce = optax.softmax_cross_entropy_with_integer_labels(
+        logits.astype(jnp.float32), jnp.where(valid, labels, 0))
+    return jnp.sum(ce * valid) / jnp.maximum(jnp.sum(valid), 1)
+
+
+def vae_loss(model: SegSR, batch: dict, key: jax.Array, cfg: LossConfig
+             ) -> tuple[jax.Array, dict]:
+    """Stage ``vae``: L1 reconstruction of a posterior sample + ``kl_weight`` x KL(q || N(0, I))
+    (summed over latent elements, averaged over the batch, as SD's autoencoder trains)."""
+    x = to_unit_range(batch["hr"])
+    mean, logvar = model.vae.encode(x)
+    z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape)
+    recon = jnp.mean(jnp.abs(model.vae.decode(z) - x))
+    kl = 0.5 * jnp.sum(mean**2 + jnp.exp(logvar) - 1.0 - logvar) / x.shape[0]
+    loss = recon + cfg.kl_weight * kl
+    return loss, {"loss": loss, "loss_recon": recon, "kl": kl}
+
+
+def diffusion_loss(model: SegSR, batch: dict, key: jax.Array, cfg: LossConfig
+                   ) -> tuple[jax.Array, dict]:
+    """Stages ``sr``, ``seg`` and ``joint`` (see the module docstring)."""
+    score_sr, score_seg = _TERMS[cfg.stage]
+    hr = to_unit_range(batch["hr"])
+    lq = upsample_lq(to_unit_range(batch["lq"]), hr.shape[1:3])
+    k_post, k_t, k_z, k_s = jax.random.split(key, 4)
+    b = hr.shape[0]
+
+    z0 = model.vae.encode_latent(hr, k_post)          # SD trains on posterior samples
+    z_lq = model.vae.encode_latent(lq)                # the sampler uses the mean: so here
+    f_lq, lq_logits = model.lq_features(lq, z0.shape[1:3])
+    y = labels_at(batch["label"], model.config.latent_factor)
+    s0 = model.segdm.embed_labels(y)
+    context = model.encode_prompts(batch["input_ids"])
+
+    noise_cfg = cfg.noise_config(model.config.prediction_type)
+    t = jax.random.randint(k_t, (b,), 0, cfg.num_train_timesteps)
+    ac = jnp.asarray(alphas_cumprod(noise_cfg), jnp.float32)[t][:, None, None, None]
+    eps = jax.random.normal(k_z, z0.shape)
+    z_t = jnp.sqrt(ac) * z0 + jnp.sqrt(1.0 - ac) * eps
+    t_seg = jnp.minimum(t.astype(jnp.float32) / cfg.num_train_timesteps, SEG_T_MAX)
+    alpha, sigma = seg_alpha_sigma(t_seg)
+    s_t = alpha[:, None, None, None] * s0 + sigma[:, None, None, None] * jax.random.normal(
+        k_s, s0.shape)
+
+    # Stages sr and seg train one model with the other's condition zeroed (C_t = 0, I_t = 0);
+    # only joint training couples them through the bridge.
+    coupled = cfg.stage == "joint"
+    model_out, seg_logits = model.denoise(z_t, s_t, t, t_seg, z_lq, f_lq, context,
+                                          use_bridge=(coupled, coupled))
+    metrics = {}
+    loss = jnp.zeros((), jnp.float32)
+    if score_sr:
+        target = eps if noise_cfg.prediction_type == "epsilon" else (
+            jnp.sqrt(ac) * eps - jnp.sqrt(1.0 - ac) * z0)
+        metrics["loss_sr"] = jnp.mean((model_out - target) ** 2)
+        loss += metrics["loss_sr"]
+    if score_seg:
+        metrics["loss_seg"] = masked_cross_entropy(seg_logits, y)
+        loss += cfg.lambda_seg * metrics["loss_seg"]
+    if cfg.lambda_lq_seg:
+        metrics["loss_lq_seg"] = masked_cross_entropy(lq_logits, y)
+        loss += cfg.lambda_lq_seg * metrics["loss_lq_seg"]
+    metrics["loss"] = loss
+    return loss, metrics
+
+
+def compute_loss(model: SegSR, batch: dict, key: jax.Array, cfg: LossConfig
+                 ) -> tuple[jax.Array, dict]:
+    """The stage's scalar loss and its named terms (float32 scalars)."""
+    if cfg.stage == "vae":
+        return vae_loss(model, batch, key, cfg)
+    return diffusion_loss(model, batch, key, cfg)

@@ -1,0 +1,139 @@
+"""Where a training run reports: stdout, ``WORKDIR/metrics.jsonl``, TensorBoard event files
+(``WORKDIR/tensorboard``) and sample grids (``WORKDIR/samples/step_N.png``).
+
+Only process 0 writes (every process computes the same replicated metrics); the others get a
+log whose methods do nothing, so the training loop calls them unconditionally.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+
+from segsr_jax import images
+
+
+class MetricsLog:
+    """Scalars, text and images of one run.
+
+    Args:
+      workdir: the run's folder.
+      enabled: False on every process but 0.
+      tensorboard: also write TensorBoard event files (needs ``tensorboardX``).
+    """
+
+    def __init__(self, workdir: str | Path, *, enabled: bool = True, tensorboard: bool = True):
+        self.enabled = enabled
+        self.workdir = Path(workdir)
+        self._jsonl = None
+        self._tb = None
+        if not enabled:
+            return
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self._jsonl = open(self.workdir / "metrics.jsonl", "a", buffering=1)
+        if tensorboard:
+            try:
+                from tensorboardX import SummaryWriter
+            except ImportError as e:
+                raise ImportError("TensorBoard logging needs tensorboardX (pip install "
+                                  "tensorboardX), or set --config.log.tensorboard=False") from e
+            self._tb = SummaryWriter(str(self.workdir / "tensorboard"))
+
+    def text(self, message: str) -> None:
+        """A line on stdout (process 0 only)."""
+        if self.enabled:
+            print(message, flush=True)
+
+    def event(self, kind: str, step: int, **fields) -> None:
+        """A JSONL record ``{"event": kind, "step": step, **fields}`` and a stdout line."""
+        if not self.enabled:
+            return
+        self._write({"event": kind, "step": step, "time": time.time(), **fields})
+        self.text(f"[{kind}] step {step}: " + ", ".join(f"{k}={v}" for k, v in fields.items()))
+
+    def scalars(self, step: int, values: Mapping[str, float],
+                extra: Mapping[str, object] | None = None) -> None:
+        """Scalars at ``step`` to stdout, JSONL and TensorBoard; ``extra`` goes to JSONL only
+        (e.g. the data indices of the step's examples)."""
+        if not self.enabled:
+            return
+        values = {k: float(v) for k, v in values.items()}
+        self._write({"event": "train", "step": step, "time": time.time(), **values,
+                     **dict(extra or {})})
+        shown = " ".join(f"{k}={_fmt(v)}" for k, v in sorted(values.items()))
+        self.text(f"step {step}: {shown}")
+        if self._tb is not None:
+            for k, v in values.items():
+                self._tb.add_scalar(f"train/{k}", v, step)
+
+    def image(self, step: int, name: str, image: np.ndarray) -> Path | None:
+        """Write a uint8 ``[H, W, 3]`` image as ``samples/<name>_step<step>.png`` (and to
+        TensorBoard); returns the PNG's path on process 0."""
+        if not self.enabled:
+            return None
+        path = self.workdir / "samples" / f"{name}_step{step:07d}.png"
+        images.write_png(path, image)
+        if self._tb is not None:
+            self._tb.add_image(name, image, step, dataformats="HWC")
+        return path
+
+    def flush(self) -> None:
+        """Push buffered TensorBoard events to disk."""
+        if self._tb is not None:
+            self._tb.flush()
+
+    def close(self) -> None:
+        """Flush and close the files."""
+        if self._tb is not None:
+            self._tb.close()
+        if self._jsonl is not None:
+            self._jsonl.close()
+
+    def _write(self, record: dict) -> None:
+        self._jsonl.write(json.dumps(record, default=_json_default) + "\n")
+
+
+def _fmt(v: float) -> str:
+    return f"{v:.4g}" if math.isfinite(v) else str(v)
+
+
+def _json_default(x):
+    # numpy scalars and arrays in ``extra`` (data indices) become plain JSON.
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    if isinstance(x, np.generic):
+        return x.item()
+    raise TypeError(f"cannot write {type(x).__name__} to metrics.jsonl")
+
+
+def sample_grid(lq: np.ndarray, sr: np.ndarray, seg: np.ndarray,
+                hr: np.ndarray | None = None) -> np.ndarray:
+    """One row per example: LQ (nearest-upscaled) | SR | segmentation colours [| HR].
+
+    Args:
+      lq: uint8 ``[N, h, w, 3]``; sr: uint8 ``[N, H, W, 3]``; seg: uint8 ``[N, H, W, 3]``
+        (colourised); hr: optional uint8 ``[N, H, W, 3]``.
+
+    Returns:
+      uint8 ``[N * H, (3 or 4) * W, 3]``.
+    """
+    rows = []
+    for i in range(len(sr)):
+        hw = sr.shape[1:3]
+        cells = [images.resize(lq[i], hw, resample=images.Image.NEAREST), sr[i],
+                 images.resize(seg[i], hw, resample=images.Image.NEAREST)]
+        if hr is not None:
+            cells.append(hr[i])
+        rows.append(np.concatenate(cells, axis=1))
+    return np.concatenate(rows, axis=0)
+
+
+def stderr(message: str) -> None:
+    """A warning line on stderr (every process: warnings are per host)."""
+    print(message, file=sys.stderr, flush=True)

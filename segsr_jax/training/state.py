@@ -1,0 +1,234 @@
+"""The train state: a plain pytree of the trainable params, their EMA and optimizer state.
+
+The model's variables are split once, by the stage, into
+
+* **trainable** params (``TrainState.params``): updated by AdamW, averaged into
+  ``TrainState.ema_params``, the only leaves with optimizer state and gradients;
+* **frozen** variables (everything else, SegFormer's BatchNorm statistics included): passed to
+  the step as a separate argument, never differentiated, never updated.
+
+Both are pure nested dicts (``nnx.to_pure_dict`` layout, float32), so they shard by path and
+save with Orbax as they are; ``nnx.merge(graphdef, params, frozen)`` rebuilds the model
+inside the jitted step.
+
+Stages (DESIGN §4): ``vae`` the autoencoder (from-scratch configs); ``sr`` the ControlNet (its
+conditioning embedding is inside it); ``seg`` SegDM; ``joint`` ControlNet + SegDM + bridge.
+``also_train`` adds whole modules (a from-scratch config trains the UNet in ``sr``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from segsr_jax.models.segsr import SegSR, SegSRConfig, ShapeOnlyRngs
+
+STAGE_MODULES = {"vae": ("vae",), "sr": ("controlnet",), "seg": ("segdm",),
+                 "joint": ("controlnet", "segdm", "bridge")}
+MODULES = ("vae", "text_encoder", "unet", "controlnet", "segformer", "segdm", "bridge")
+SCHEDULES = ("constant", "cosine")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    """AdamW with linear warm-up, gradient clipping and an EMA (SeeSR's values by default,
+    DESIGN §7).
+
+    Attributes:
+      learning_rate: peak learning rate.
+      warmup_steps: linear warm-up from 0.
+      schedule: after warm-up, ``constant`` or ``cosine`` decay to
+        ``learning_rate * end_factor`` at ``decay_steps`` (counted from step 0).
+      b1, b2, eps, weight_decay: AdamW (decay applies to every trainable leaf, as torch's).
+      grad_clip: global-norm clip (0: none).
+      ema_decay: EMA decay, warmed up as ``min(ema_decay, (1 + n) / (10 + n))``.
+    """
+
+    learning_rate: float = 5e-5
+    warmup_steps: int = 500
+    schedule: str = "constant"
+    decay_steps: int = 0
+    end_factor: float = 0.0
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 1e-2
+    grad_clip: float = 1.0
+    ema_decay: float = 0.9999
+
+    def __post_init__(self):
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule {self.schedule!r} is not one of {SCHEDULES}")
+        if self.schedule == "cosine" and self.decay_steps <= self.warmup_steps:
+            raise ValueError("a cosine schedule needs decay_steps > warmup_steps")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+
+
+def make_schedule(cfg: OptimizerConfig) -> optax.Schedule:
+    """Learning rate as a function of the update count."""
+    warm = optax.linear_schedule(0.0, cfg.learning_rate, max(cfg.warmup_steps, 1))
+    if cfg.schedule == "constant":
+        after = optax.constant_schedule(cfg.learning_rate)
+    else:
+        after = optax.cosine_decay_schedule(cfg.learning_rate,
+                                            cfg.decay_steps - cfg.warmup_steps,
+                                            alpha=cfg.end_factor)
+    return optax.join_schedules([warm, after], [cfg.warmup_steps])
+
+
+def make_optimizer(cfg: OptimizerConfig) -> optax.GradientTransformation:
+    """Clip by global norm, then AdamW with :func:`make_schedule`."""
+    adamw = optax.adamw(make_schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+                        weight_decay=cfg.weight_decay)
+    if cfg.grad_clip > 0:
+        return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), adamw)
+    return adamw
+
+
+def trainable_filter(stage: str, also_train: tuple[str, ...] = ()):
+    """The nnx filter of the params a stage trains (``nnx.Param`` leaves of its modules)."""
+    if stage not in STAGE_MODULES:
+        raise ValueError(f"stage {stage!r} is not one of {tuple(STAGE_MODULES)}")
+    unknown = sorted(set(also_train) - set(MODULES))
+    if unknown:
+        raise ValueError(f"also_train names unknown module(s) {unknown}; choose from {MODULES}")
+    names = tuple(dict.fromkeys(STAGE_MODULES[stage] + tuple(also_train)))
+    # The first path element is the SegSR attribute (vae, unet, ...): match only there.
+    return nnx.All(nnx.Param, lambda path, _: path[0] in names)
+
+
+def split_model(model: SegSR, stage: str, also_train: tuple[str, ...] = ()):
+    """``model -> (graphdef, trainable params, frozen variables)``, both pure dicts."""
+    graphdef, params, frozen = nnx.split(model, trainable_filter(stage, also_train), ...)
+    return graphdef, nnx.to_pure_dict(params), nnx.to_pure_dict(frozen)
+
+
+def merge_trees(a: dict, b: dict) -> dict:
+    """Deep union of two nested dicts with disjoint leaves (trainable + frozen = the model's
+    full ``nnx.to_pure_dict`` layout, as checkpoints store it)."""
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = merge_trees(out[k], v) if k in out else v
+    return out
+
+
+def take_like(full: dict, like: dict) -> dict:
+    """The sub-tree of ``full`` with the keys of ``like`` (inverse of :func:`merge_trees`)."""
+    return {k: take_like(full[k], v) if isinstance(v, dict) else full[k]
+            for k, v in like.items()}
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class TrainState:
+    """Everything a training step updates; donated to and returned by the step.
+
+    Attributes:
+      step: int32 ``[]``, the number of updates applied.
+      rng: uint32 key data; step ``n`` draws from ``fold_in(rng, n)``, so the key needs no
+        carrying and a resumed run draws exactly what an uninterrupted one would.
+      params: trainable params (pure dict, float32 master weights).
+      ema_params: their exponential moving average (same tree).
+      opt_state: the optimizer state of ``params`` only.
+    """
+
+    step: jax.Array
+    rng: jax.Array
+    params: dict
+    ema_params: dict
+    opt_state: optax.OptState
+
+
+def init_train_state(params: dict, optimizer: optax.GradientTransformation,
+                     seed: int) -> TrainState:
+    """A fresh state at step 0 (traceable, so ``jax.eval_shape`` gives the abstract one)."""
+    return TrainState(step=jnp.zeros((), jnp.int32),
+                      rng=jax.random.key_data(jax.random.key(seed)),
+                      params=params,
+                      ema_params=jax.tree.map(jnp.copy, params),
+                      opt_state=optimizer.init(params))
+
+
+def ema_update(ema: dict, params: dict, decay: float, step: jax.Array) -> dict:
+    """``ema <- d * ema + (1 - d) * params`` with ``d = min(decay, (1 + n) / (10 + n))``."""
+    n = step.astype(jnp.float32)
+    d = jnp.minimum(decay, (1.0 + n) / (10.0 + n))
+    return jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, ema, params)
+
+
+def count_params(tree) -> int:
+    """Number of scalars in a tree of arrays (or ShapeDtypeStructs)."""
+    return sum(int(x.size) for x in jax.tree.leaves(tree))
+
+
+def trainable_modules(stage: str, also_train: tuple[str, ...] = ()) -> tuple[str, ...]:
+    """The SegSR attributes a stage trains, in order."""
+    return tuple(dict.fromkeys(STAGE_MODULES[stage] + tuple(also_train)))
+
+
+def abstract_model(model_config: SegSRConfig, dtype) -> SegSR:
+    """The model with ShapeDtypeStruct leaves: shapes and structure, no weights."""
+    return nnx.eval_shape(lambda: SegSR(model_config, dtype=dtype, rngs=ShapeOnlyRngs()))
+
+
+def abstract_split(model_config: SegSRConfig, dtype, stage: str,
+                   also_train: tuple[str, ...] = ()):
+    """:func:`split_model` of :func:`abstract_model`."""
+    return split_model(abstract_model(model_config, dtype), stage, also_train)
+
+
+def initial_params(model_config: SegSRConfig, dtype, stage: str, also_train: tuple[str, ...],
+                   seed: int, init_from: str | None, shardings: tuple[dict, dict]):
+    """``(trainable params, frozen variables)`` of a new run, placed by ``shardings``.
+
+    With ``init_from`` (a checkpoint folder: a converted model or a previous stage's run)
+    the params are restored from it, EMA put over params, straight into the sharded layout
+    (a paper-scale model never exists unsharded on one device). Otherwise (from-scratch
+    configs, small models) they are initialised eagerly from ``seed`` -- every process gets
+    the same values -- and placed: jitting the initialisers would cost a long compile.
+    """
+    from segsr_jax import checkpoint, parallel
+
+    if init_from:
+        full = merge_trees(*shardings)
+        model, _ = checkpoint.restore_model(
+            init_from, lambda _: SegSR(model_config, dtype=dtype, rngs=ShapeOnlyRngs()),
+            shardings=lambda target: take_like(full, target))
+        _, params, frozen = split_model(model, stage, also_train)
+        return params, frozen
+    # XLA's RngBitGenerator ("rbg") initialisers compile ~3x faster than threefry's, and there
+    # is one small program per parameter shape; the values are the same on every process.
+    model = SegSR(model_config, dtype=dtype, rngs=nnx.Rngs(jax.random.key(seed, impl="rbg")))
+    _, params, frozen = split_model(model, stage, also_train)
+    return parallel.place((params, frozen), shardings)
+
+
+def checkpoint_items(state: TrainState, frozen: dict) -> dict:
+    """What a training checkpoint stores (see :class:`segsr_jax.checkpoint.TrainCheckpointer`):
+    the full model (trainable + frozen), the EMA, the optimizer state, step and RNG."""
+    return {"params": merge_trees(state.params, frozen), "ema_params": state.ema_params,
+            "opt_state": state.opt_state, "train": {"step": state.step, "rng": state.rng}}
+
+
+def restore_targets(abstract_state: TrainState, abstract_frozen: dict,
+                    state_shardings: TrainState, frozen_shardings: dict) -> dict:
+    """:func:`checkpoint_items` as sharded ShapeDtypeStructs: the target a resume restores
+    straight into."""
+    shapes = checkpoint_items(abstract_state, abstract_frozen)
+    shardings = checkpoint_items(state_shardings, frozen_shardings)
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        shapes, shardings)
+
+
+def from_checkpoint_items(items: dict, like_params: dict, like_frozen: dict
+                          ) -> tuple[TrainState, dict]:
+    """Inverse of :func:`checkpoint_items`: ``(state, frozen)``."""
+    state = TrainState(step=items["train"]["step"], rng=items["train"]["rng"],
+                       params=take_like(items["params"], like_params),
+                       ema_params=items["ema_params"], opt_state=items["opt_state"])
+    return state, take_like(items["params"], like_frozen)
