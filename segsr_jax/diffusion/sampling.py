@@ -5,9 +5,10 @@
     fn = make_sample_fn(graphdef, plan)            # jit with explicit shardings, compile once
     out = fn(state, lq, context, uncond_context, guidance_scale, schedule, key)
 
-Inside one call: the LQ conditions (VAE encode of the LQ, SegFormer features), the start
-states (SeeSR's noised LR latent for ``Z``, Gaussian noise for ``S``), the scan over the
-schedule's per-step coefficient arrays, the VAE decode and the colour fix. Each step runs
+Inside one call: the LQ conditions (VAE encode of the LQ, SegFormer features; both window by
+window on images larger than the VAE encoder tile), the start states (SeeSR's noised LR
+latent for ``Z``, Gaussian noise for ``S``), the scan over the schedule's per-step
+coefficient arrays, the VAE decode and the colour fix. Each step runs
 :meth:`SegSR.denoise` over the latent tiles of a static :class:`SamplingPlan` (one tile when
 the image fits), blends the tiles' outputs with Gaussian weights, and applies both samplers'
 updates to the whole latent — so a tiled run still takes one global step at a time and
@@ -192,10 +193,11 @@ def _prepare(model: SegSR, plan: SamplingPlan, lq, context, uncond_context, guid
         raise ValueError(f"LQ batch {lq.shape} does not match the plan's {plan.image_shape}")
     if plan.vae_tile is None:
         z_lq = model.vae.encode_latent(lq)
+        f_lq, lq_logits = model.lq_features(lq, z_lq.shape[1:3])
     else:
         mean, _ = vae_tiling.tiled_encode(model.vae, lq, plan.vae_tile[0], plan.vae_overlap[0])
         z_lq = model.vae.scale_latent(mean)
-    f_lq, lq_logits = model.lq_features(lq, z_lq.shape[1:3])
+        f_lq, lq_logits = _tiled_lq_features(model, plan, lq)
     cond = Conditions(z_lq=z_lq, f_lq=f_lq, context=context,
                       uncond_context=uncond_context if plan.guidance else None,
                       guidance_scale=jnp.asarray(guidance_scale, jnp.float32))
@@ -208,6 +210,25 @@ def _prepare(model: SegSR, plan: SamplingPlan, lq, context, uncond_context, guid
     logits0 = jnp.zeros((b, h, w, model.config.segdm.num_classes), jnp.float32)
     carry = Carry(sr=samplers.init_state(z_start), s_t=s_start, key=k_loop, seg_logits=logits0)
     return cond, carry, jnp.argmax(lq_logits, axis=-1).astype(jnp.int32)
+
+
+def _tiled_lq_features(model: SegSR, plan: SamplingPlan, lq) -> tuple[jax.Array, jax.Array]:
+    """:meth:`SegSR.lq_features` window by window over the VAE encoder's tiles, blended.
+
+    SegFormer's attention spans its whole input, so on a large image its time grows with the
+    square of the area and its activations with the area; windows the size of the encoder
+    tile bound both (the sliding-window inference SegFormer is evaluated with), and logits
+    and features of overlapping windows are averaged with the same ramps as the VAE tiles.
+    """
+    f = model.config.latent_factor
+    width = model.config.segdm.feat_channels
+
+    def window(x):  # [B, th, tw, 3] -> [B, th/f, tw/f, F + K] at the window's latent size
+        return jnp.concatenate(model.lq_features(x, (x.shape[1] // f, x.shape[2] // f)), -1)
+
+    both = vae_tiling.tiled_apply(window, lq, plan.vae_tile[0], plan.vae_overlap[0], num=1,
+                                  den=f, align=f)
+    return both[..., :width], both[..., width:]
 
 
 def _finish(model: SegSR, plan: SamplingPlan, lq, carry: Carry, lq_labels) -> SampleOutput:

@@ -8,6 +8,7 @@ dtype is ``dtype``. Normalisation statistics are always computed in float32 (Fla
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -40,10 +41,49 @@ def linear(in_f: int, out_f: int, *, use_bias: bool = True, dtype=jnp.float32,
 
 
 def group_norm(channels: int, groups: int, eps: float, *, dtype=jnp.float32,
-               rngs: nnx.Rngs) -> nnx.GroupNorm:
+               rngs: nnx.Rngs) -> GroupNorm:
     """GroupNorm over the last (channel) axis; statistics in float32 whatever ``dtype`` is."""
-    return nnx.GroupNorm(channels, num_groups=groups, epsilon=eps, dtype=dtype,
-                         param_dtype=PARAM_DTYPE, rngs=rngs)
+    return GroupNorm(channels, groups, eps, dtype=dtype, rngs=rngs)
+
+
+class GroupNorm(nnx.Module):
+    """Group normalisation of ``[B, ..., C]`` over all positions and the channels of a group,
+    then a per-channel affine (``scale``, ``bias``: the names of ``nnx.GroupNorm`` and of the
+    checkpoints).
+
+    Written out rather than ``nnx.GroupNorm``, whose reduction over the ``[..., G, C/G]``
+    view (a 2-wide innermost axis for 64 channels in 32 groups) XLA's CPU backend runs
+    unvectorised: here per-channel sums over the positions (a contiguous reduction) are
+    folded into groups afterwards, and the normalisation is one fused ``x * a + b`` pass,
+    1.2-3x faster (``benchmarks/RESULTS.md``). Variance as ``E[x^2] - E[x]^2`` in float32, as
+    ``nnx.GroupNorm``'s default.
+    """
+
+    def __init__(self, channels: int, groups: int, eps: float, *, dtype=jnp.float32,
+                 rngs: nnx.Rngs):
+        if channels % groups:
+            raise ValueError(f"{groups} groups do not divide {channels} channels")
+        del rngs  # ones and zeros: nothing random to draw
+        self.num_groups = groups
+        self.epsilon = eps
+        self.dtype = dtype
+        self.scale = nnx.Param(jnp.ones((channels,), PARAM_DTYPE))
+        self.bias = nnx.Param(jnp.zeros((channels,), PARAM_DTYPE))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """``x [B, ..., C]`` -> normalised ``[B, ..., C]`` in the compute dtype."""
+        b, c = x.shape[0], x.shape[-1]
+        g = self.num_groups
+        xf = x.astype(jnp.float32)
+        positions = tuple(range(1, x.ndim - 1))
+        count = math.prod(x.shape[1:-1]) * (c // g)
+        mean = jnp.sum(xf, positions).reshape(b, g, c // g).sum(-1) / count      # [B, G]
+        mean_sq = jnp.sum(xf * xf, positions).reshape(b, g, c // g).sum(-1) / count
+        inv = jax.lax.rsqrt(jnp.maximum(mean_sq - mean * mean, 0.0) + self.epsilon)
+        a = jnp.repeat(inv, c // g, axis=1) * self.scale[...]                      # [B, C]
+        shift = self.bias[...] - jnp.repeat(mean, c // g, axis=1) * a
+        bcast = (b,) + (1,) * (x.ndim - 2) + (c,)
+        return (xf * a.reshape(bcast) + shift.reshape(bcast)).astype(self.dtype)
 
 
 def layer_norm(features: int, eps: float = 1e-5, *, dtype=jnp.float32,
@@ -54,7 +94,8 @@ def layer_norm(features: int, eps: float = 1e-5, *, dtype=jnp.float32,
 
 def timestep_embedding(timesteps: jax.Array, dim: int, *, flip_sin_to_cos: bool,
                        downscale_freq_shift: float, max_period: float = 10000.0) -> jax.Array:
-    """Sinusoidal embedding of ``timesteps [B]`` -> ``[B, dim]`` float32 (diffusers' ``Timesteps``)."""
+    """Sinusoidal embedding of ``timesteps [B]`` -> ``[B, dim]`` float32 (diffusers'
+    ``Timesteps``)."""
     half = dim // 2
     exponent = -math.log(max_period) * jnp.arange(half, dtype=jnp.float32)
     exponent = exponent / (half - downscale_freq_shift)
@@ -147,21 +188,89 @@ class Upsample2D(nnx.Module):
         return self.conv(x)
 
 
+# Largest [B, H, Lq, Lk] score block the XLA path materialises, in elements, per backend.
+# Longer query sequences are processed in chunks of queries, one after another (the result is
+# the same: query rows are independent). On CPU a 4 MiB block stays in cache: 1.5-6x faster
+# than one big block at 1024-4096 tokens (benchmarks/RESULTS.md). Elsewhere the bound only
+# caps memory (1 GiB in float32), e.g. for the VAE's single-head attention on large tiles.
+MAX_SCORE_ELEMENTS = {"cpu": 1 << 20}
+DEFAULT_MAX_SCORE_ELEMENTS = 1 << 28
+
+
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, heads: int) -> jax.Array:
     """Multi-head scaled dot-product attention.
 
-    ``q [B, Lq, H*D]``, ``k, v [B, Lk, H*D]`` -> ``[B, Lq, H*D]``. Uses
-    ``jax.nn.dot_product_attention`` (cuDNN flash attention on GPU when eligible); the softmax
-    runs in float32 for low-precision inputs.
+    ``q [B, Lq, H*D]``, ``k, v [B, Lk, H*D]`` -> ``[B, Lq, H*D]``; the softmax runs in float32
+    for low-precision inputs.
+
+    On a GPU with bfloat16/float16 inputs and a head size cuDNN supports, this is
+    ``jax.nn.dot_product_attention(implementation="cudnn")`` (fused flash attention; its
+    default ``xla`` implementation materialises the score matrix). Elsewhere it is written out
+    heads-first with the softmax normalisation deferred to the output: XLA's CPU lowering of
+    ``jax.nn.dot_product_attention`` transposes the whole ``[Lq, Lk]`` probability matrix of
+    every head between the two matmuls, which cost 4.5x the time at 1024 tokens (see
+    ``benchmarks/RESULTS.md``). Score blocks above :data:`MAX_SCORE_ELEMENTS` are computed
+    in query chunks.
     """
     b, lq, inner = q.shape
     lk = k.shape[1]
     d = inner // heads
-    q = q.reshape(b, lq, heads, d)
-    k = k.reshape(b, lk, heads, d)
-    v = v.reshape(b, lk, heads, d)
-    out = jax.nn.dot_product_attention(q, k, v)
-    return out.reshape(b, lq, inner)
+    if _use_cudnn(q.dtype, d):
+        try:
+            out = jax.nn.dot_product_attention(
+                q.reshape(b, lq, heads, d), k.reshape(b, lk, heads, d),
+                v.reshape(b, lk, heads, d), implementation="cudnn")
+            return out.reshape(b, lq, inner)
+        except NotImplementedError:
+            pass  # jax's trace-time check: a shape this cuDNN cannot fuse; use the XLA path
+    q = (q * d ** -0.5).reshape(b, lq, heads, d).transpose(0, 2, 1, 3)   # [B, H, Lq, D]
+    k = k.reshape(b, lk, heads, d).transpose(0, 2, 3, 1)                 # [B, H, D, Lk]
+    v = v.reshape(b, lk, heads, d).transpose(0, 2, 1, 3)                 # [B, H, Lk, D]
+    limit = MAX_SCORE_ELEMENTS.get(jax.default_backend(), DEFAULT_MAX_SCORE_ELEMENTS)
+    chunk = limit // (b * heads * lk)
+    if chunk >= lq:
+        out = _softmax_attention(q, k, v)
+    else:
+        chunk = max(8, chunk // 8 * 8)
+        n = -(-lq // chunk)
+        # Zero-padded queries give finite rows that are cut off again below.
+        qc = jnp.pad(q, ((0, 0), (0, 0), (0, n * chunk - lq), (0, 0)))
+        qc = qc.reshape(b, heads, n, chunk, d).transpose(2, 0, 1, 3, 4)
+        out = jax.lax.map(lambda qi: _softmax_attention(qi, k, v), qc)   # [n, B, H, chunk, D]
+        out = out.transpose(1, 2, 0, 3, 4).reshape(b, heads, n * chunk, d)[:, :, :lq]
+    return out.transpose(0, 2, 1, 3).reshape(b, lq, inner)
+
+
+def _softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """``softmax(q k) v`` for pre-scaled ``q [B, H, Lq, D]``, ``k [B, H, D, Lk]``,
+    ``v [B, H, Lk, D]`` -> ``[B, H, Lq, D]`` in ``q``'s dtype (float32 softmax)."""
+    scores = jnp.matmul(q, k, preferred_element_type=jnp.float32)
+    p = jnp.exp(scores - jnp.max(scores, axis=-1, keepdims=True))
+    # Normalising the [Lq, D] output instead of the [Lq, Lk] probabilities saves a full pass.
+    out = jnp.matmul(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return (out / jnp.sum(p, axis=-1, keepdims=True)).astype(q.dtype)
+
+
+def _use_cudnn(dtype, head_dim: int) -> bool:
+    """Whether cuDNN flash attention serves this call (GPU, 16-bit, head size <= 128, % 8)."""
+    return (jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+            and head_dim <= 128 and head_dim % 8 == 0 and _cudnn_attention_compiles())
+
+
+@functools.cache
+def _cudnn_attention_compiles() -> bool:
+    """Probe once whether this process's default device compiles cuDNN attention (a GPU with
+    a recent enough cuDNN); anything else uses the XLA formulation."""
+    if jax.default_backend() != "gpu":
+        return False
+    spec = jax.ShapeDtypeStruct((1, 128, 1, 64), jnp.bfloat16)
+    fn = functools.partial(jax.nn.dot_product_attention, implementation="cudnn")
+    try:
+        jax.jit(fn).lower(spec, spec, spec).compile()
+    except (RuntimeError, ValueError, NotImplementedError):
+        # cuDNN missing or too old for the fused kernel: the XLA path is correct, only slower.
+        return False
+    return True
 
 
 class Attention(nnx.Module):

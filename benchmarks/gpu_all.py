@@ -1,0 +1,386 @@
+"""Every GPU figure of issue 8 in one run (H100 / H200), written to JSON as it is measured.
+
+::
+
+    python benchmarks/gpu_all.py --out $OUT/gpu_results.json        # SD-2 size, bf16, ~5 min
+    python benchmarks/gpu_all.py --smoke --out /tmp/gpu_smoke.json  # CPU dry run, tiny config
+
+Measured (SD-2-size SegSR: the SD-2-base UNet and its latent ControlNet with diffusers'
+weights through our converter, SD VAE, SegFormer-B5, default SegDM / DMB; bfloat16):
+
+1. One step at 512 px and 1024 px, batch 1 and 8: diffusers UNet + ControlNet (SDPA, cuDNN
+   autotuning on) vs. our SRDM step and our full SegSR step (DMB + SRDM + SegDM + sampler
+   updates; no CFG doubling on either side), with FLOPs, achieved TFLOP/s and the share of
+   the card's dense bf16 peak, and memory.
+2. The whole jitted sampler at 512 px, batch 1, 50 DDPM steps, with CFG (SeeSR's default,
+   guidance 5.5) and without; plus 2-step runs of both, so that ``(t50 - t2) / 48`` is the
+   time of one step inside the scan (to compare with the stand-alone step programs, which get
+   their kernels pre-cast to bf16 like the torch models' weights).
+
+Goals checked in the summary: SegSR step at 512 px / diffusers step <= 0.8; 50 steps end to
+end < 2.5 s; >= 40% of bf16 peak at batch 8. Programs of a phase are compiled concurrently
+(one thread each) before anything is timed; phases are skipped, and say so, once
+``--deadline`` seconds are near. A compile that fails inside cuDNN attention is retried with
+the XLA attention path (recorded as ``attention_fallback``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import os
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+from unittest import mock
+
+# Before JAX starts: torch allocates on the same GPU, so JAX must not take 75% up front.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import bench_models as bm  # noqa: E402
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import sample_bench as sb  # noqa: E402
+
+START = time.perf_counter()
+# Dense bf16 tensor-core peaks from NVIDIA's data sheets (TFLOP/s, no sparsity).
+BF16_PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.4, "H200": 989.4,
+                    "A100": 312.0}
+
+
+def bf16_peak(name: str) -> float | None:
+    """The data-sheet bf16 peak of a device name (most specific match first)."""
+    for key in sorted(BF16_PEAK_TFLOPS, key=len, reverse=True):
+        if key in name:
+            return BF16_PEAK_TFLOPS[key]
+    return None
+
+
+def elapsed() -> float:
+    return time.perf_counter() - START
+
+
+class Results:
+    """The results dict, rewritten to ``path`` after every change (a killed run keeps what
+    it measured)."""
+
+    def __init__(self, path: Path, **header):
+        self.path = path
+        self.data = dict(header)
+        self.save()
+
+    def __setitem__(self, key, value):
+        self.data[key] = value
+        self.save()
+
+    def save(self):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.data, indent=1, default=str))
+        tmp.replace(self.path)
+
+
+def jaxpr_flops(jaxpr) -> float:
+    """Matmul, convolution and fused-attention FLOPs of a jaxpr (2 per multiply-add; scan
+    bodies times their length). XLA's cost analysis does not see inside cuDNN's fused
+    attention, so the FLOP rates use this count."""
+    total = 0.0
+    for eqn in jaxpr.eqns:
+        reps = eqn.params.get("length", 1) if eqn.primitive.name == "scan" else 1
+        for param in eqn.params.values():
+            for sub in (param if isinstance(param, (list, tuple)) else [param]):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    total += reps * jaxpr_flops(inner)
+        name = eqn.primitive.name
+        out = float(np.prod(eqn.outvars[0].aval.shape)) if eqn.outvars else 0.0
+        if name == "dot_general":
+            (contract, _), _ = eqn.params["dimension_numbers"]
+            lhs = eqn.invars[0].aval.shape
+            total += 2.0 * out * float(np.prod([lhs[i] for i in contract]))
+        elif name == "conv_general_dilated":
+            rhs = eqn.invars[1].aval.shape  # [..., Cin / groups, ...]: MACs per output
+            total += 2.0 * out * float(np.prod(rhs)) / rhs[eqn.params[
+                "dimension_numbers"].rhs_spec[0]]
+        elif name.startswith("dot_product_attention_fwd"):
+            b, t, n, h = eqn.invars[0].aval.shape   # query [B, T, N, H]
+            s = eqn.invars[1].aval.shape[1]          # key [B, S, N, H]
+            total += 4.0 * b * n * t * s * h
+    return total
+
+
+def compile_all(programs: dict, res: Results) -> dict:
+    """Trace and lower in this thread, compile concurrently (XLA releases the GIL); a program
+    that fails to compile is retried with the XLA attention path instead of cuDNN's.
+    Returns ``{name: (compiled, args, compile seconds, jaxpr FLOPs)}`` of those compiled."""
+    from segsr_jax.models import layers
+
+    traced = {n: fn.trace(*a) for n, (fn, a) in programs.items()}
+    lowered = {n: t.lower() for n, t in traced.items()}
+
+    def build(name):
+        t0 = time.perf_counter()
+        return lowered[name].compile(), time.perf_counter() - t0
+
+    out, failed = {}, []
+    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, len(lowered))) as pool:
+        futures = {pool.submit(build, n): n for n in lowered}
+        for fut in concurrent.futures.as_completed(futures):
+            name = futures[fut]
+            try:
+                exe, secs = fut.result()
+                out[name] = (exe, programs[name][1], secs, jaxpr_flops(traced[name].jaxpr.jaxpr))
+            except Exception as e:  # noqa: BLE001 -- recorded, then retried below
+                res[f"compile_error_{name}"] = f"{type(e).__name__}: {e}"[:2000]
+                failed.append(name)
+    for name in failed:
+        fn, fargs = programs[name]
+        t0 = time.perf_counter()
+        with mock.patch.object(layers, "_use_cudnn", lambda *a: False):
+            try:  # a fresh jit: the old one's trace cache holds the cuDNN version
+                retraced = jax.jit(fn.__wrapped__).trace(*fargs)
+                exe = retraced.lower().compile()
+            except Exception as e:  # noqa: BLE001 -- reported; the phase goes on without it
+                res[f"compile_error_{name}_xla_attention"] = f"{type(e).__name__}: {e}"[:2000]
+                continue
+        res[f"attention_fallback_{name}"] = "xla"
+        out[name] = (exe, fargs, time.perf_counter() - t0, jaxpr_flops(retraced.jaxpr.jaxpr))
+    return out
+
+
+def matmul_tflops(device: str) -> float | None:
+    """A bf16 8192^3 torch matmul's rate: the practical ceiling next to the data sheet's."""
+    import torch
+
+    if device != "cuda":
+        return None
+    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ a
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(10):
+        a @ a
+    torch.cuda.synchronize()
+    return 10 * 2 * 8192**3 / (time.perf_counter() - t0) / 1e12
+
+
+def time_program(exe, args, repeats: int) -> dict:
+    exe_call = lambda: exe(*args)
+    sb.time_calls(exe_call, 2)
+    wall, _ = sb.time_calls(exe_call, repeats)
+    return {"median_s": statistics.median(wall), "min_s": min(wall), "times_s": wall}
+
+
+def torch_block(unet_ref, cn_ref, inputs, device, repeats: int) -> tuple[dict, np.ndarray]:
+    """The diffusers step's timing row and its output (NHWC float32, for the parity check)."""
+    import torch
+
+    step = sb.torch_step(unet_ref, cn_ref, inputs, device)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    sb.time_calls(step, 3)  # warm-up, cuDNN autotuning
+    wall, _ = sb.time_calls(step, repeats)
+    result = step().float().cpu().numpy().transpose(0, 2, 3, 1)
+    out = {"median_s": statistics.median(wall), "min_s": min(wall), "times_s": wall,
+           "flops_torch_counter": sb.torch_flops(step)}
+    if device == "cuda":
+        out["peak_bytes"] = int(torch.cuda.max_memory_allocated())
+    return out, result
+
+
+def scan_kernel_dtypes(exe) -> dict:
+    """How many 3x3 conv kernels the compiled sampler's largest loop carries, per dtype
+    (float32 there means the per-step casts to bfloat16 stayed inside the loop)."""
+    import re
+
+    text = exe.as_text()
+    comps, cur = {}, None
+    for line in text.splitlines():
+        m = re.match(r"^%?([\w.\-]+) \(", line)
+        if m and not line.startswith(" "):
+            cur = m.group(1)
+            comps[cur] = []
+        elif cur is not None:
+            comps[cur].append(line)
+    bodies = [b for b in re.findall(r"body=%([\w.\-]+)", text) if b in comps]
+    if not bodies:
+        return {}
+    body = max(bodies, key=lambda b: len(comps[b]))
+    params = [line for line in comps[body] if "parameter(0)" in line]
+    found = re.findall(r"(bf16|f32)\[3,3,\d+,\d+\]", params[0] if params else "")
+    return {d: found.count(d) for d in set(found)}
+
+
+def run(args) -> None:
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.backends.cudnn.benchmark = True
+    config = "tiny" if args.smoke else "sd2"
+    dtype = "bfloat16"
+    sizes = [64, 128] if args.smoke else [512, 1024]
+    batches = [1, 2] if args.smoke else [1, 8]
+    steps = 3 if args.smoke else 50
+    info = sb.machine_info(device)
+    name = info.get("gpu", info["jax_device"])
+    res = Results(args.out, machine=info, config=config, dtype=dtype,
+                  bf16_peak_tflops=bf16_peak(name), jax_backend=jax.default_backend(),
+                  matmul_bf16_tflops=matmul_tflops(device))
+    unet_ref, cn_ref, model, build_s = bm.build_models(bm.CONFIGS[config], dtype, device, None)
+    res["build_s"] = build_s
+    count = lambda m: sum(p.numel() for p in m.parameters())
+    res["params"] = {"unet": count(unet_ref), "controlnet": count(cn_ref)}
+    cfg = model.config
+    f = cfg.latent_factor
+    peak = res.data["bf16_peak_tflops"]
+    step_model = bm.with_compute_dtype_kernels(model)
+
+    def measure_steps(size: int, batch: int, with_srdm: bool, phase: dict):
+        inputs = bm.step_inputs(cfg, batch, size // f)
+        progs = sb.jax_programs(model, inputs, image=size, guidance=False, steps=2,
+                                step_model=step_model)
+        key = f"{size}px_b{batch}"
+        phase[f"segsr_step_{key}"] = progs["jax_segsr_step"]
+        if with_srdm:
+            phase[f"srdm_step_{key}"] = progs["jax_srdm_step"]
+        return key, inputs
+
+    phases = [("512", [(sizes[0], batches[0], True), (sizes[0], batches[1], True)], True),
+              ("1024", [(sizes[1], batches[0], False), (sizes[1], batches[1], False)], False)]
+    budget = {"512": 240.0, "1024": 150.0}
+    for phase_name, shapes, with_sampler in phases:
+        if elapsed() + budget[phase_name] > args.deadline:
+            res[f"phase_{phase_name}"] = f"skipped: {elapsed():.0f} s used of {args.deadline}"
+            continue
+        programs, step_inputs = {}, {}
+        for size, batch, with_srdm in shapes:
+            key, inputs = measure_steps(size, batch, with_srdm, programs)
+            step_inputs[key] = inputs
+        if with_sampler:
+            inputs = bm.step_inputs(cfg, 1, sizes[0] // f)
+            for n_steps in (steps, 2):
+                for cfg_name, guided in (("cfg", True), ("nocfg", False)):
+                    progs = sb.jax_programs(model, inputs, image=sizes[0], guidance=guided,
+                                            steps=n_steps)
+                    programs[f"sampler_{cfg_name}_{n_steps}"] = progs["jax_sampler"]
+        t0 = time.perf_counter()
+        compiled = compile_all(programs, res)
+        res[f"phase_{phase_name}_compile_wall_s"] = time.perf_counter() - t0
+        for key, inputs in step_inputs.items():
+            ref, ref_out = torch_block(unet_ref, cn_ref, inputs, device, args.repeats)
+            res[f"diffusers_step_{key}"] = ref
+            for kind in ("srdm", "segsr"):
+                name = f"{kind}_step_{key}"
+                if name not in compiled:
+                    continue
+                exe, fargs, secs, flops = compiled[name]
+                row = {"compile_s_concurrent": secs, **sb.xla_costs(exe),
+                       **time_program(exe, fargs, args.repeats), "flops_jaxpr": flops}
+                row["tflops_per_s"] = row["flops_jaxpr"] / row["median_s"] / 1e12
+                if peak:
+                    row["peak_fraction"] = row["tflops_per_s"] / peak
+                row["ratio_to_diffusers"] = row["median_s"] / ref["median_s"]
+                if kind == "srdm":  # same computation? (bf16 on both sides: ~1e-2 expected)
+                    ours = np.asarray(exe(*fargs), np.float32)
+                    row["parity_rel_err"] = float(np.abs(ours - ref_out).max()
+                                                  / max(np.abs(ref_out).max(), 1e-12))
+                res[name] = row
+        for name in [n for n in compiled if n.startswith("sampler")]:
+            exe, fargs, secs, flops = compiled[name]
+            row = {"compile_s_concurrent": secs, **sb.xla_costs(exe), "flops_jaxpr": flops,
+                   **time_program(exe, fargs, max(3, args.repeats // 3)),
+                   "scan_carries_3x3_kernels": scan_kernel_dtypes(exe)}
+            res[name] = row
+        for cfg_name in ("cfg", "nocfg"):
+            long, short = f"sampler_{cfg_name}_{steps}", f"sampler_{cfg_name}_2"
+            if long in res.data and short in res.data:
+                res[f"in_scan_step_{cfg_name}_s"] = ((res.data[long]["median_s"]
+                                                      - res.data[short]["median_s"])
+                                                     / (steps - 2))
+        stats = jax.devices()[0].memory_stats() or {}
+        res[f"jax_peak_bytes_after_{phase_name}"] = int(stats.get("peak_bytes_in_use", 0))
+    res["total_s"] = elapsed()
+    print(summary(res.data, sizes, batches, steps))
+
+
+def summary(r: dict, sizes, batches, steps) -> str:
+    """The measured rows and the three goals."""
+    m = r["machine"]
+    lines = [f"{r['config']} {r['dtype']} on {m.get('gpu', m['jax_device'])} "
+             f"(jax {m['jax']}, torch {m['torch']}, diffusers {m['diffusers']}); "
+             f"bf16 peak {r.get('bf16_peak_tflops')} TFLOP/s (data sheet), torch 8192^3 matmul "
+             f"{r.get('matmul_bf16_tflops') or 0:.0f}; total {r.get('total_s', 0):.0f} s"]
+    for size in sizes:
+        for b in batches:
+            key = f"{size}px_b{b}"
+            ref = r.get(f"diffusers_step_{key}")
+            if not ref:
+                continue
+            lines.append(f"  {key}: diffusers {ref['median_s'] * 1e3:8.1f} ms")
+            for kind in ("srdm", "segsr"):
+                row = r.get(f"{kind}_step_{key}")
+                if row:
+                    frac = row.get("peak_fraction")
+                    lines.append(
+                        f"    {kind:5s} {row['median_s'] * 1e3:8.1f} ms  ratio "
+                        f"{row['ratio_to_diffusers']:.3f}  {row['flops_jaxpr'] / 1e9:.1f} GFLOP"
+                        f"  {row['tflops_per_s']:.2f} TFLOP/s"
+                        + (f" ({100 * frac:.0f}% of peak)" if frac else "")
+                        + (f"  parity {row['parity_rel_err']:.1e}" if "parity_rel_err" in row
+                           else ""))
+    for name in (f"sampler_cfg_{steps}", f"sampler_nocfg_{steps}", "sampler_cfg_2",
+                 "sampler_nocfg_2"):
+        if name in r:
+            lines.append(f"  {name}: {r[name]['median_s']:.3f} s (compile "
+                         f"{r[name]['compile_s_concurrent']:.0f} s); loop carries 3x3 kernels "
+                         f"{r[name]['scan_carries_3x3_kernels']}")
+    for cfg_name in ("cfg", "nocfg"):
+        if f"in_scan_step_{cfg_name}_s" in r:
+            lines.append(f"  one step inside the scan ({cfg_name}, (t{steps} - t2) / "
+                         f"{steps - 2}): {r[f'in_scan_step_{cfg_name}_s'] * 1e3:.1f} ms")
+    goal = lambda ok: "MET" if ok else "NOT MET"
+    key = f"{sizes[0]}px_b{batches[0]}"
+    if f"segsr_step_{key}" in r:
+        ratio = r[f"segsr_step_{key}"]["ratio_to_diffusers"]
+        lines.append(f"goal SegSR step {key} <= 0.8x diffusers: {ratio:.3f} {goal(ratio <= 0.8)}")
+    if f"sampler_cfg_{steps}" in r:
+        t = r[f"sampler_cfg_{steps}"]["median_s"]
+        lines.append(f"goal {steps} steps end to end (CFG) < 2.5 s: {t:.2f} s {goal(t < 2.5)}")
+    key8 = f"{sizes[0]}px_b{batches[1]}"
+    if r.get(f"segsr_step_{key8}", {}).get("peak_fraction") is not None:
+        frac = r[f"segsr_step_{key8}"]["peak_fraction"]
+        lines.append(f"goal >= 40% of bf16 peak at {key8}: {100 * frac:.0f}% "
+                     f"{goal(frac >= 0.4)}")
+    errors = [k for k in r if k.startswith(("compile_error", "attention_fallback", "phase_"))
+              and not k.endswith("_wall_s")]
+    lines += [f"  {k}: {str(r[k])[:200]}" for k in errors]
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", type=Path, default=Path("gpu_results.json"))
+    p.add_argument("--smoke", action="store_true", help="tiny config (a CPU dry run)")
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--deadline", type=float, default=460.0,
+                   help="seconds after which no new phase starts")
+    args = p.parse_args(argv)
+    try:
+        run(args)
+    except Exception:
+        traceback.print_exc()
+        path = args.out
+        data = json.loads(path.read_text()) if path.exists() else {}
+        data["fatal_error"] = traceback.format_exc()[-4000:]
+        path.write_text(json.dumps(data, indent=1, default=str))
+        raise
+
+
+if __name__ == "__main__":
+    main()
