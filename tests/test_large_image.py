@@ -37,7 +37,7 @@ def _measure(size: int) -> dict:
 
 
 def test_2048_output_fits_and_memory_grows_only_with_the_image():
-    """Measured here (2-core machine): 1024 px 145 MiB, 2048 px 335 MiB working memory, 1.4 GiB
+    """Measured here (2-core machine): 1024 px 145-158 MiB, 2048 px 335 MiB working memory, 1.4 GiB
     process peak. The bound on growth is 3x the growth of the float32 LQ + SR images plus
     64 MiB: denoising all 64 tiles of the 2048 px latent in one call instead of 4 grows the
     working memory by 685 MiB and fails it."""
