@@ -114,9 +114,10 @@ def jaxpr_flops(jaxpr) -> float:
     return total
 
 
-def compile_all(programs: dict, res: Results) -> dict:
-    """Trace and lower in this thread, compile concurrently (XLA releases the GIL); a program
-    that fails to compile is retried with the XLA attention path instead of cuDNN's.
+def compile_all(programs: dict, res: Results, workers: int | None = None) -> dict:
+    """Trace and lower in this thread, compile concurrently (XLA releases the GIL; ``workers``
+    1 compiles one at a time); a program that fails to compile is retried with the XLA
+    attention path instead of cuDNN's. Progress goes to stdout with the elapsed time.
     Returns ``{name: (compiled, args, compile seconds, jaxpr FLOPs)}`` of those compiled."""
     from segsr_jax.models import layers
 
@@ -128,12 +129,14 @@ def compile_all(programs: dict, res: Results) -> dict:
         return lowered[name].compile(), time.perf_counter() - t0
 
     out, failed = {}, []
-    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, len(lowered))) as pool:
+    workers = workers or max(1, len(lowered))
+    with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
         futures = {pool.submit(build, n): n for n in lowered}
         for fut in concurrent.futures.as_completed(futures):
             name = futures[fut]
             try:
                 exe, secs = fut.result()
+                print(f"[{elapsed():.0f} s] compiled {name} in {secs:.1f} s", flush=True)
                 out[name] = (exe, programs[name][1], secs, jaxpr_flops(traced[name].jaxpr.jaxpr))
             except Exception as e:  # noqa: BLE001 -- recorded, then retried below
                 res[f"compile_error_{name}"] = f"{type(e).__name__}: {e}"[:2000]
@@ -254,6 +257,13 @@ def run(args) -> None:
     phases = [("512", [(sizes[0], batches[0], True), (sizes[0], batches[1], True)], True),
               ("1024", [(sizes[1], batches[0], False), (sizes[1], batches[1], False)], False)]
     budget = {"512": 240.0, "1024": 150.0}
+    sampler_runs = [(n, g) for n in (steps, 2) for g in (True, False)]
+    workers = None
+    if args.quick:  # batch 1 at 512 px, the no-CFG and CFG 50-step samplers; one compile at a time
+        phases = [("512", [(sizes[0], batches[0], True)], True)]
+        budget = {"512": 60.0}
+        sampler_runs = [(steps, False), (steps, True)]
+        workers = 1
     for phase_name, shapes, with_sampler in phases:
         if elapsed() + budget[phase_name] > args.deadline:
             res[f"phase_{phase_name}"] = f"skipped: {elapsed():.0f} s used of {args.deadline}"
@@ -262,15 +272,8 @@ def run(args) -> None:
         for size, batch, with_srdm in shapes:
             key, inputs = measure_steps(size, batch, with_srdm, programs)
             step_inputs[key] = inputs
-        if with_sampler:
-            inputs = bm.step_inputs(cfg, 1, sizes[0] // f)
-            for n_steps in (steps, 2):
-                for cfg_name, guided in (("cfg", True), ("nocfg", False)):
-                    progs = sb.jax_programs(model, inputs, image=sizes[0], guidance=guided,
-                                            steps=n_steps)
-                    programs[f"sampler_{cfg_name}_{n_steps}"] = progs["jax_sampler"]
         t0 = time.perf_counter()
-        compiled = compile_all(programs, res)
+        compiled = compile_all(programs, res, workers)
         res[f"phase_{phase_name}_compile_wall_s"] = time.perf_counter() - t0
         for key, inputs in step_inputs.items():
             ref, ref_out = torch_block(unet_ref, cn_ref, inputs, device, args.repeats)
@@ -293,12 +296,28 @@ def run(args) -> None:
                     row["parity_rel_err"] = float(np.abs(ours - ref_out).max()
                                                   / max(np.abs(ref_out).max(), 1e-12))
                 res[name] = row
-        for name in [n for n in compiled if n.startswith("sampler")]:
-            exe, fargs, secs, flops = compiled[name]
-            row = {"compile_s_concurrent": secs, **sb.xla_costs(exe), "flops_jaxpr": flops,
-                   **time_program(exe, fargs, max(3, args.repeats // 3)),
-                   "scan_carries_3x3_kernels": scan_kernel_dtypes(exe)}
-            res[name] = row
+                print(f"[{elapsed():.0f} s] {name}: {row['median_s'] * 1e3:.1f} ms, "
+                      f"diffusers {ref['median_s'] * 1e3:.1f} ms", flush=True)
+        del compiled
+        # The samplers after the steps (one compile at a time in --quick), so that a run cut
+        # short keeps the step rows.
+        if with_sampler:
+            inputs = bm.step_inputs(cfg, 1, sizes[0] // f)
+            for n_steps, guided in sampler_runs:
+                if elapsed() > args.deadline:
+                    break
+                sname = f"sampler_{'cfg' if guided else 'nocfg'}_{n_steps}"
+                progs = sb.jax_programs(model, inputs, image=sizes[0], guidance=guided,
+                                        steps=n_steps)
+                compiled = compile_all({sname: progs["jax_sampler"]}, res, 1)
+                if sname not in compiled:
+                    continue
+                exe, fargs, secs, flops = compiled[sname]
+                row = {"compile_s": secs, **sb.xla_costs(exe), "flops_jaxpr": flops,
+                       **time_program(exe, fargs, max(3, args.repeats // 3)),
+                       "scan_carries_3x3_kernels": scan_kernel_dtypes(exe)}
+                res[sname] = row
+                print(f"[{elapsed():.0f} s] {sname}: {row['median_s']:.3f} s", flush=True)
         for cfg_name in ("cfg", "nocfg"):
             long, short = f"sampler_{cfg_name}_{steps}", f"sampler_{cfg_name}_2"
             if long in res.data and short in res.data:
@@ -340,7 +359,7 @@ def summary(r: dict, sizes, batches, steps) -> str:
                  "sampler_nocfg_2"):
         if name in r:
             lines.append(f"  {name}: {r[name]['median_s']:.3f} s (compile "
-                         f"{r[name]['compile_s_concurrent']:.0f} s); loop carries 3x3 kernels "
+                         f"{r[name]['compile_s']:.0f} s); loop carries 3x3 kernels "
                          f"{r[name]['scan_carries_3x3_kernels']}")
     for cfg_name in ("cfg", "nocfg"):
         if f"in_scan_step_{cfg_name}_s" in r:
@@ -370,6 +389,9 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", type=Path, default=Path("gpu_results.json"))
     p.add_argument("--smoke", action="store_true", help="tiny config (a CPU dry run)")
+    p.add_argument("--quick", action="store_true",
+                   help="512 px batch 1 steps and the 50-step samplers only, compiled one at a "
+                        "time (fits a few minutes of device time)")
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--deadline", type=float, default=460.0,
                    help="seconds after which no new phase starts")
