@@ -1,6 +1,6 @@
-"""Tiny SegSR from scratch on CPU, in minutes, on the bundled synthetic scenes.
+"""Tiny SegSR from scratch on CPU on the bundled synthetic scenes, and the experiment's arms.
 
-The four stages run one after another, each starting from the previous one's checkpoint::
+The stages run one after another, each starting from the previous one's checkpoint::
 
     python -m segsr_jax.train --config configs/tiny.py:vae   --workdir runs/tiny/vae
     python -m segsr_jax.train --config configs/tiny.py:sr    --workdir runs/tiny/sr
@@ -8,11 +8,22 @@ The four stages run one after another, each starting from the previous one's che
     python -m segsr_jax.train --config configs/tiny.py:joint --workdir runs/tiny/joint
     python -m segsr_jax.sample --checkpoint runs/tiny/joint/checkpoints --input IMAGES
 
+``joint`` is full SegSR (the bundled model). The experiment's two other arms start from the
+same ``seg`` checkpoint and get the same steps, batch and learning rate as ``joint``::
+
+    python -m segsr_jax.train --config configs/tiny.py:sronly --workdir runs/tiny/sronly
+    python -m segsr_jax.train --config configs/tiny.py:prior  --workdir runs/tiny/prior
+
+(``sronly``: SRDM alone, C_t = 0, sampled with ``seg_prior="none"``; ``prior``: the bridge and
+SRDM learn from a fixed segmenter's map of the LQ image, sampled with ``seg_prior="fixed"``.)
+The evaluation segmenter (semantic fidelity) is a SegFormer trained on clean HR scenes::
+
+    python -m segsr_jax.train --config configs/tiny.py:segmenter --workdir runs/tiny/segmenter
+
 (``init_from`` defaults to ``runs/tiny/<previous stage>/checkpoints``; override it with
-``--config.init_from=...`` when the workdirs live elsewhere.) All four stages take about 16
-minutes on two busy CPU cores (3, 6.5, 1.5 and 5 minutes). The model: a VAE with factor 4,
+``--config.init_from=...`` when the workdirs live elsewhere.) The model: a VAE with factor 4,
 a two-level UNet 32/64 wide, a two-stage SegFormer, 8 classes, and a character-level
-tokenizer written into the checkpoint.
+tokenizer written into the checkpoint. Times are in the README's experiment section.
 """
 
 import dataclasses
@@ -31,10 +42,17 @@ from segsr_jax.models.vae import VAEConfig
 from segsr_jax.training.prompts import CHAR_VOCAB_SIZE
 
 NUM_CLASSES = 8
-PREVIOUS = {"sr": "vae", "seg": "sr", "joint": "seg"}
-# stage: (steps, learning rate, modules trained besides the stage's own)
-STAGES = {"vae": (600, 1e-3, ()), "sr": (800, 5e-4, ("unet",)),
-          "seg": (400, 5e-4, ("segformer",)), "joint": (400, 2e-4, ("unet",))}
+PREVIOUS = {"sr": "vae", "seg": "sr", "joint": "seg", "sronly": "seg", "prior": "seg"}
+# name: (training stage, steps, learning rate, modules trained besides the stage's own)
+STAGES = {"vae": ("vae", 1200, 1e-3, ()), "sr": ("sr", 2500, 5e-4, ("unet",)),
+          "seg": ("seg", 1000, 5e-4, ("segformer",)),
+          "joint": ("joint", 1200, 2e-4, ("unet",)),
+          "sronly": ("sr", 1200, 2e-4, ("unet",)),
+          "prior": ("prior", 1200, 2e-4, ("unet",)),
+          "segmenter": ("segmenter", 1000, 1e-3, ())}
+# How each name's checkpoint is sampled (the experiment's arms).
+SEG_PRIOR = {"sronly": "none", "prior": "fixed"}
+ARMS = ("sronly", "prior", "joint")
 
 
 def model_config() -> SegSRConfig:
@@ -72,15 +90,18 @@ def model_config() -> SegSRConfig:
                        class_names=class_names(NUM_CLASSES))
 
 
-def get_config(stage: str = "vae") -> ConfigDict:
-    """The tiny run of ``stage`` (``vae``, ``sr``, ``seg`` or ``joint``)."""
-    steps, lr, also_train = STAGES[stage]
+def get_config(name: str = "vae") -> ConfigDict:
+    """The tiny run ``name``: a stage of SegSR (``vae``, ``sr``, ``seg``, ``joint``), an
+    experiment arm (``sronly``, ``prior``) or the evaluation ``segmenter``."""
+    if name not in STAGES:
+        raise ValueError(f"unknown tiny run {name!r}; choose one of {sorted(STAGES)}")
+    stage, steps, lr, also_train = STAGES[name]
     c = ConfigDict()
     c.seed = 0
     c.num_steps = steps
     c.dtype = "float32"
     c.model = model_config().to_dict()
-    c.init_from = f"runs/tiny/{PREVIOUS[stage]}/checkpoints" if stage in PREVIOUS else ""
+    c.init_from = f"runs/tiny/{PREVIOUS[name]}/checkpoints" if name in PREVIOUS else ""
     c.tokenizer = "char"
 
     c.train = ConfigDict(dict(stage=stage, also_train=also_train, accum_steps=1,
@@ -93,7 +114,7 @@ def get_config(stage: str = "vae") -> ConfigDict:
                               decay_steps=steps, end_factor=0.1, b1=0.9, b2=0.999, eps=1e-8,
                               weight_decay=1e-2, grad_clip=1.0, ema_decay=0.99))
 
-    c.data = ConfigDict(dict(source="synthetic", path="", labels="", num_examples=256,
+    c.data = ConfigDict(dict(source="synthetic", path="", labels="", num_examples=2048,
                              source_seed=0, scene_size=96, crop_size=64, scale=4, hflip=True,
                              global_batch_size=8, seed=0, num_workers=0, prefetch_batches=2))
 
@@ -105,7 +126,9 @@ def get_config(stage: str = "vae") -> ConfigDict:
 
     c.checkpoint = ConfigDict(dict(every=200, keep_last=2, keep_every=0, async_save=True))
     c.log = ConfigDict(dict(every=20, tensorboard=True))
-    c.sample = ConfigDict(dict(every=0 if stage == "vae" else steps, num_images=8,
+    c.sample = ConfigDict(dict(every=0 if stage in ("vae", "segmenter") else steps,
+                               num_images=8,
                                options=dict(sampler="ddim", steps=10, guidance=1.0, prompt="",
-                                            negative_prompt="", color_fix="adain", seed=0)))
+                                            negative_prompt="", color_fix="adain", seed=0,
+                                            seg_prior=SEG_PRIOR.get(name, "diffusion"))))
     return c

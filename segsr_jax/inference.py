@@ -22,7 +22,7 @@ import numpy as np
 from flax import nnx
 
 from segsr_jax import checkpoint, images, parallel
-from segsr_jax.diffusion import sampling, samplers
+from segsr_jax.diffusion import samplers, sampling
 from segsr_jax.diffusion.schedules import NoiseConfig
 from segsr_jax.models.segsr import SegSR, SegSRConfig, ShapeOnlyRngs
 
@@ -43,6 +43,7 @@ class SampleOptions:
     tiles_per_call: int = 4
     color_fix: str = "adain"
     min_side: int = 128
+    seg_prior: str = "diffusion"   # SegSR; "fixed" / "none": ablations (sampling.SEG_PRIORS)
 
 
 class Restorer:
@@ -98,7 +99,7 @@ class Restorer:
         return jnp.tile(self._contexts[prompt], (batch, 1, 1))
 
     def restore_batch(self, lqs: list[np.ndarray], work_hw: tuple[int, int],
-                      options: SampleOptions, seed: int = 0):
+                      options: SampleOptions, seed: int = 0, record_labels: bool = False):
         """Super-resolve a batch of same-size LQ images.
 
         Args:
@@ -106,11 +107,13 @@ class Restorer:
           work_hw: the output size the model works at (each LQ is bicubically resized to it).
           options: sampling options.
           seed: PRNG seed (each batch position gets its own noise).
+          record_labels: also return the segmentation's argmax after every step.
 
         Returns:
           ``(results, compile_seconds)``: ``results`` holds one ``(sr uint8 [H, W, 3],
           labels uint8/int [ceil(H/f), ceil(W/f)])`` per input, and compile time is 0 when
-          the program was cached.
+          the program was cached. With ``record_labels`` each result has a third item, the
+          ``[steps, ceil(H/f), ceil(W/f)]`` uint8 label trajectory.
         """
         f = self.config.latent_factor
         n = len(lqs)
@@ -124,7 +127,8 @@ class Restorer:
         plan = sampling.make_plan(batch.shape[1:3], f, tile=options.tile,
                                   overlap=options.tile_overlap,
                                   tiles_per_call=options.tiles_per_call, guidance=guided,
-                                  color_fix=options.color_fix)
+                                  color_fix=options.color_fix, seg_prior=options.seg_prior,
+                                  record_labels=record_labels)
         sched = samplers.make_schedule(
             options.sampler, options.steps,
             NoiseConfig(prediction_type=self.config.prediction_type))
@@ -145,5 +149,6 @@ class Restorer:
         out = jax.device_get(self._compiled[cache_key](*args))
         lh, lw = math.ceil(h / f), math.ceil(w / f)
         results = [(images.from_unit_range(out.image[i, :h, :w]), out.labels[i, :lh, :lw])
+                   + ((out.trajectory[i, :, :lh, :lw],) if record_labels else ())
                    for i in range(n)]
         return results, compile_s

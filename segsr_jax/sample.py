@@ -68,6 +68,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help=f"default: the checkpoint's, else {DEFAULT_NEGATIVE!r} (SeeSR)")
     p.add_argument("--guidance", type=float, default=None,
                    help="text guidance scale (default: the checkpoint's, else 5.5)")
+    p.add_argument("--seg-prior", default=None, choices=("diffusion", "fixed", "none"),
+                   help="segmentation guidance: diffusion (SegSR: SegDM refined jointly), fixed "
+                        "(the LQ segmenter's map), none (SRDM alone); default: the checkpoint's, "
+                        "else diffusion")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                    help="compute dtype (parameters stay float32)")
     p.add_argument("--batch-size", type=int, default=1,
@@ -127,9 +131,8 @@ def enable_compilation_cache(cache_dir: str) -> None:
 def main(argv=None) -> int:
     """Run the command; returns the exit status."""
     args = parse_args(argv)
-    from segsr_jax.inference import Restorer  # heavy imports after argument parsing
-
     from segsr_jax import images
+    from segsr_jax.inference import Restorer  # heavy imports after argument parsing
 
     if args.cache_dir:
         enable_compilation_cache(args.cache_dir)
@@ -159,9 +162,9 @@ def main(argv=None) -> int:
                                prompt=args.prompt, negative_prompt=args.negative_prompt,
                                tile=args.tile, tile_overlap=args.tile_overlap,
                                tiles_per_call=args.tiles_per_call, color_fix=args.color_fix,
-                               min_side=args.min_side)
+                               min_side=args.min_side, seg_prior=args.seg_prior)
     print(f"model: {args.checkpoint} | sampler {options.sampler}, {options.steps} steps, "
-          f"guidance {options.guidance}, {args.dtype}")
+          f"guidance {options.guidance}, seg prior {options.seg_prior}, {args.dtype}")
 
     from tqdm import tqdm
 

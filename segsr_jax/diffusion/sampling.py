@@ -35,6 +35,13 @@ from segsr_jax.diffusion.schedules import NoiseConfig, alphas_cumprod
 from segsr_jax.models import vae_tiling
 from segsr_jax.models.segsr import SegSR
 
+# What conditions SRDM on segmentation (static; DESIGN §1 is "diffusion"):
+#   diffusion: full SegSR, SegDM refines S_t jointly with Z_t and the bridge couples them;
+#   fixed:     S_t is the fixed segmenter's labels on the LQ image at every step (embedded
+#              like SegDM's clean maps), fed to SRDM through the bridge; SegDM does not run;
+#   none:      SRDM alone (C_t = 0, as in training stage ``sr``); the bridge does not run.
+SEG_PRIORS = ("diffusion", "fixed", "none")
+
 
 @dataclasses.dataclass(frozen=True)
 class SamplingPlan:
@@ -50,6 +57,9 @@ class SamplingPlan:
         the VAE on the whole image.
       vae_overlap: their overlaps (pixels, latent pixels).
       t_start: the SR timestep the LQ latent is noised to (SeeSR: 999).
+      seg_prior: ``diffusion`` | ``fixed`` | ``none`` (see :data:`SEG_PRIORS`).
+      record_labels: also return the segmentation's argmax after every step
+        (:attr:`SampleOutput.trajectory`).
     """
 
     image_shape: tuple[int, int]
@@ -60,6 +70,18 @@ class SamplingPlan:
     vae_tile: tuple[int, int] | None = None
     vae_overlap: tuple[int, int] = (64, 8)
     t_start: int = 999
+    seg_prior: str = "diffusion"
+    record_labels: bool = False
+
+    def __post_init__(self):
+        if self.seg_prior not in SEG_PRIORS:
+            raise ValueError(f"seg_prior {self.seg_prior!r} is not one of {SEG_PRIORS}")
+
+    @property
+    def use_bridge(self) -> tuple[bool, bool]:
+        """``(use C_t, use I_t)`` for :meth:`SegSR.denoise`."""
+        return {"diffusion": (True, True), "fixed": (True, False),
+                "none": (False, False)}[self.seg_prior]
 
     @property
     def latent_shape(self) -> tuple[int, int]:
@@ -70,7 +92,8 @@ class SamplingPlan:
 def make_plan(image_hw: tuple[int, int], latent_factor: int, *, tile: int = 96,
               overlap: int = 32, tiles_per_call: int = 4, guidance: bool = True,
               color_fix: str = "adain", vae_encode_tile: int = 1024,
-              vae_decode_tile: int = 224) -> SamplingPlan:
+              vae_decode_tile: int = 224, seg_prior: str = "diffusion",
+              record_labels: bool = False) -> SamplingPlan:
     """A :class:`SamplingPlan` for an LQ input of ``image_hw`` (already upscaled and padded).
 
     ``tile``/``overlap`` are in latent pixels (SeeSR: 96 / 4; OSEDiff overlap 32). The VAE
@@ -90,7 +113,8 @@ def make_plan(image_hw: tuple[int, int], latent_factor: int, *, tile: int = 96,
     return SamplingPlan(image_shape=(h, w), tiles=plan,
                         tiles_per_call=max(1, min(tiles_per_call, len(plan))),
                         guidance=guidance, color_fix=color_fix, vae_tile=vae_tile,
-                        vae_overlap=(enc_overlap, max(1, vae_decode_tile // 16)))
+                        vae_overlap=(enc_overlap, max(1, vae_decode_tile // 16)),
+                        seg_prior=seg_prior, record_labels=record_labels)
 
 
 @jax.tree_util.register_dataclass
@@ -109,7 +133,8 @@ class Conditions:
 @dataclasses.dataclass(frozen=True)
 class Carry:
     """The scan carry: the SR sampler state (``Z_t`` and its x0 history), ``S_t``, the key and
-    the latest segmentation logits."""
+    the latest segmentation logits (with ``seg_prior`` fixed or none: the fixed prior and the
+    fixed segmenter's logits, carried unchanged)."""
 
     sr: samplers.SamplerState
     s_t: jax.Array
@@ -127,21 +152,25 @@ class SampleOutput:
       labels: ``[B, h, w]`` int32 SegDM segmentation at latent resolution.
       lq_labels: ``[B, h, w]`` int32 the fixed segmenter's labels on the LQ input.
       latent: ``[B, h, w, 4]`` the final latent ``Z_0``.
+      trajectory: ``[B, steps, h, w]`` uint8, the segmentation's argmax after every step
+        (SegDM's x0 prediction), when the plan asks for it; else None.
     """
 
     image: jax.Array
     labels: jax.Array
     lq_labels: jax.Array
     latent: jax.Array
+    trajectory: jax.Array | None = None
 
 
 def _denoise_tiles(model: SegSR, plan: SamplingPlan, z_t, s_t, t, t_seg, cond: Conditions):
     """:meth:`SegSR.denoise` over the plan's tiles, blended back to the full latent."""
     tp = plan.tiles
     uncond = cond.uncond_context if plan.guidance else None
+    ub = plan.use_bridge
     if len(tp) == 1:
         return model.denoise(z_t, s_t, t, t_seg, cond.z_lq, cond.f_lq, cond.context, uncond,
-                             cond.guidance_scale)
+                             cond.guidance_scale, use_bridge=ub)
     b = z_t.shape[0]
     k = plan.tiles_per_call
     n = len(tp)
@@ -159,7 +188,8 @@ def _denoise_tiles(model: SegSR, plan: SamplingPlan, z_t, s_t, t, t_seg, cond: C
 
     def one_call(args):
         zt, st, zl, fl = args
-        return model.denoise(zt, st, t, t_seg, zl, fl, ctx, uctx, cond.guidance_scale)
+        return model.denoise(zt, st, t, t_seg, zl, fl, ctx, uctx, cond.guidance_scale,
+                             use_bridge=ub)
 
     out, logits = jax.lax.map(one_call, tuple(chunk(a) for a in (z_t, s_t, cond.z_lq,
                                                                   cond.f_lq)))
@@ -181,6 +211,8 @@ def reverse_step(model: SegSR, plan: SamplingPlan, cond: Conditions, carry: Carr
     key, k_noise = jax.random.split(carry.key)
     noise = jax.random.normal(k_noise, carry.sr.x.shape, carry.sr.x.dtype)
     sr = samplers.sr_step(s.sr, carry.sr, model_out, noise)
+    if plan.seg_prior != "diffusion":  # S_t stays the fixed prior; SegDM's output is unused
+        return Carry(sr=sr, s_t=carry.s_t, key=key, seg_logits=carry.seg_logits)
     s0_hat = model.segdm.embed_probs(jax.nn.softmax(seg_logits, axis=-1))
     s_next = samplers.seg_step(s.seg, carry.s_t, s0_hat)
     return Carry(sr=sr, s_t=s_next, key=key, seg_logits=seg_logits)
@@ -206,10 +238,15 @@ def _prepare(model: SegSR, plan: SamplingPlan, lq, context, uncond_context, guid
     z_start = samplers.initial_latent(z_lq, jax.random.normal(k_z, z_lq.shape), ac,
                                       plan.t_start)
     b, h, w, _ = z_lq.shape
-    s_start = jax.random.normal(k_s, (b, h, w, model.config.segdm.embed_dim))
-    logits0 = jnp.zeros((b, h, w, model.config.segdm.num_classes), jnp.float32)
+    lq_labels = jnp.argmax(lq_logits, axis=-1).astype(jnp.int32)
+    if plan.seg_prior == "diffusion":
+        s_start = jax.random.normal(k_s, (b, h, w, model.config.segdm.embed_dim))
+        logits0 = jnp.zeros((b, h, w, model.config.segdm.num_classes), jnp.float32)
+    else:  # the fixed segmenter's map, embedded like a clean SegDM map, for every step
+        s_start = model.segdm.embed_labels(lq_labels)
+        logits0 = lq_logits
     carry = Carry(sr=samplers.init_state(z_start), s_t=s_start, key=k_loop, seg_logits=logits0)
-    return cond, carry, jnp.argmax(lq_logits, axis=-1).astype(jnp.int32)
+    return cond, carry, lq_labels
 
 
 def _tiled_lq_features(model: SegSR, plan: SamplingPlan, lq) -> tuple[jax.Array, jax.Array]:
@@ -231,7 +268,8 @@ def _tiled_lq_features(model: SegSR, plan: SamplingPlan, lq) -> tuple[jax.Array,
     return both[..., :width], both[..., width:]
 
 
-def _finish(model: SegSR, plan: SamplingPlan, lq, carry: Carry, lq_labels) -> SampleOutput:
+def _finish(model: SegSR, plan: SamplingPlan, lq, carry: Carry, lq_labels,
+            trajectory=None) -> SampleOutput:
     """Decode ``Z_0``, colour-fix against the LQ, and take the segmentation's argmax."""
     z0 = carry.sr.x
     if plan.vae_tile is None:
@@ -241,7 +279,13 @@ def _finish(model: SegSR, plan: SamplingPlan, lq, carry: Carry, lq_labels) -> Sa
                                         plan.vae_tile[1], plan.vae_overlap[1])
     image = jnp.clip(color_fix(plan.color_fix, image, lq), -1.0, 1.0)
     labels = jnp.argmax(carry.seg_logits, axis=-1).astype(jnp.int32)
-    return SampleOutput(image=image, labels=labels, lq_labels=lq_labels, latent=z0)
+    return SampleOutput(image=image, labels=labels, lq_labels=lq_labels, latent=z0,
+                        trajectory=trajectory)
+
+
+def _step_labels(carry: Carry) -> jax.Array:
+    """The segmentation's argmax ``[B, h, w]`` uint8 (a trajectory entry)."""
+    return jnp.argmax(carry.seg_logits, axis=-1).astype(jnp.uint8)
 
 
 def sample(model: SegSR, plan: SamplingPlan, lq: jax.Array, context: jax.Array,
@@ -261,9 +305,14 @@ def sample(model: SegSR, plan: SamplingPlan, lq: jax.Array, context: jax.Array,
     """
     cond, carry, lq_labels = _prepare(model, plan, lq, context, uncond_context,
                                       guidance_scale, key)
-    body = lambda c, s: (reverse_step(model, plan, cond, c, s), None)
-    carry, _ = jax.lax.scan(body, carry, schedule)
-    return _finish(model, plan, lq, carry, lq_labels)
+    def body(c, s):
+        c = reverse_step(model, plan, cond, c, s)
+        return c, (_step_labels(c) if plan.record_labels else None)
+
+    carry, traj = jax.lax.scan(body, carry, schedule)
+    if traj is not None:
+        traj = jnp.swapaxes(traj, 0, 1)   # [steps, B, ...] -> [B, steps, ...]
+    return _finish(model, plan, lq, carry, lq_labels, traj)
 
 
 def make_sample_fn(graphdef: nnx.GraphDef, plan: SamplingPlan, mesh: jax.sharding.Mesh | None
@@ -282,7 +331,8 @@ def make_sample_fn(graphdef: nnx.GraphDef, plan: SamplingPlan, mesh: jax.shardin
     if mesh is None:
         return jax.jit(fn)
     rep, batch = parallel.replicated(mesh), parallel.batch_sharding(mesh)
-    out = SampleOutput(image=batch, labels=batch, lq_labels=batch, latent=batch)
+    out = SampleOutput(image=batch, labels=batch, lq_labels=batch, latent=batch,
+                       trajectory=batch if plan.record_labels else None)
     return jax.jit(fn, in_shardings=(rep, batch, batch, batch, rep, rep, rep),
                    out_shardings=out)
 
@@ -303,11 +353,14 @@ def sample_loop(model: SegSR, plan: SamplingPlan, lq, context, uncond_context, g
         return reverse_step(nnx.merge(graphdef, state), plan, cond, carry, s)
 
     @partial(jax.jit, static_argnums=0)
-    def finish(plan, state, lq, carry, lq_labels):
-        return _finish(nnx.merge(graphdef, state), plan, lq, carry, lq_labels)
+    def finish(plan, state, lq, carry, lq_labels, traj):
+        return _finish(nnx.merge(graphdef, state), plan, lq, carry, lq_labels, traj)
 
     cond, carry, lq_labels = prepare(plan, state, lq, context, uncond_context, guidance_scale,
                                      key)
+    traj = []
     for i in range(len(schedule)):
         carry = step(plan, state, cond, carry, jax.tree.map(lambda a, i=i: a[i], schedule))
-    return finish(plan, state, lq, carry, lq_labels)
+        if plan.record_labels:
+            traj.append(_step_labels(carry))
+    return finish(plan, state, lq, carry, lq_labels, jnp.stack(traj, 1) if traj else None)

@@ -17,6 +17,13 @@ schedule and ``S_0 = embed(y)`` with the seg schedule at ``t / T``, run
     sr:    ||target - model_out||^2                       (C_t = 0; SegDM not run)
     seg:   lambda_seg * CE(seg_logits, y)                 (I_t = 0; SRDM not run)
     joint: ||target - model_out||^2 + lambda_seg * CE(seg_logits, y)
+    prior: ||target - model_out||^2 with S_t = embed(argmax SegFormer(LQ)) at every t: the
+           "fixed segmentation prior" ablation (bridge + ControlNet learn to use a fixed
+           segmenter's map; SegDM not run; sample with ``seg_prior="fixed"``)
+
+Stage ``segmenter`` trains the SegFormer alone as a segmenter of clean HR images (CE of its
+logits, bilinearly upsampled to the label size): the evaluation segmenter of the semantic
+fidelity metric (``segsr_jax.evaluate --segmenter``), not a part of SegSR's sampling.
 
 Only the terms a stage scores are computed, so XLA drops the model a stage does not use (the
 UNet and ControlNet in stage ``seg``) instead of running it for nothing.
@@ -36,12 +43,14 @@ from segsr_jax.diffusion.schedules import (
     alphas_cumprod,
     seg_alpha_sigma,
 )
+from segsr_jax.models.seg_encoder import normalize_images
 from segsr_jax.models.segdm import IGNORE_INDEX
 from segsr_jax.models.segsr import SegSR
 
-STAGES = ("vae", "sr", "seg", "joint")
+STAGES = ("vae", "sr", "seg", "joint", "prior", "segmenter")
 # (score the SR loss, score the seg loss) per diffusion stage.
-_TERMS = {"sr": (True, False), "seg": (False, True), "joint": (True, True)}
+_TERMS = {"sr": (True, False), "seg": (False, True), "joint": (True, True),
+          "prior": (True, False)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,7 +58,7 @@ class LossConfig:
     """What a training step optimises.
 
     Attributes:
-      stage: ``vae`` | ``sr`` | ``seg`` | ``joint``.
+      stage: ``vae`` | ``sr`` | ``seg`` | ``joint`` | ``prior`` | ``segmenter``.
       lambda_seg: weight of SegDM's cross-entropy.
       lambda_lq_seg: weight of a cross-entropy on SegFormer's own logits (the fixed-segmenter
         baseline); only useful when the segmentation encoder is trained (from scratch).
@@ -143,10 +152,16 @@ def diffusion_loss(model: SegSR, batch: dict, key: jax.Array, cfg: LossConfig
         k_s, s0.shape)
 
     # Stages sr and seg train one model with the other's condition zeroed (C_t = 0, I_t = 0);
-    # only joint training couples them through the bridge.
+    # only joint training couples them through the bridge. Stage prior feeds the bridge the
+    # fixed segmenter's map instead of S_t.
     coupled = cfg.stage == "joint"
+    use_bridge = (coupled, coupled)
+    if cfg.stage == "prior":
+        fixed = jnp.argmax(jax.lax.stop_gradient(lq_logits), axis=-1)
+        s_t = model.segdm.embed_labels(fixed)
+        use_bridge = (True, False)
     model_out, seg_logits = model.denoise(z_t, s_t, t, t_seg, z_lq, f_lq, context,
-                                          use_bridge=(coupled, coupled))
+                                          use_bridge=use_bridge)
     metrics = {}
     loss = jnp.zeros((), jnp.float32)
     if score_sr:
@@ -164,9 +179,27 @@ def diffusion_loss(model: SegSR, batch: dict, key: jax.Array, cfg: LossConfig
     return loss, metrics
 
 
+def segmenter_loss(model: SegSR, batch: dict, key: jax.Array, cfg: LossConfig
+                   ) -> tuple[jax.Array, dict]:
+    """Stage ``segmenter``: SegFormer on the clean HR crop, CE at full label resolution."""
+    del key, cfg
+    hr = to_unit_range(batch["hr"])
+    logits, _ = model.segformer(normalize_images(hr))
+    b, h, w, _ = hr.shape
+    logits = jax.image.resize(logits.astype(jnp.float32), (b, h, w, logits.shape[-1]),
+                              "linear")
+    labels = batch["label"].astype(jnp.int32)
+    ce = masked_cross_entropy(logits, labels)
+    valid = labels != IGNORE_INDEX
+    acc = jnp.sum((jnp.argmax(logits, -1) == labels) * valid) / jnp.maximum(jnp.sum(valid), 1)
+    return ce, {"loss": ce, "pixel_accuracy": acc}
+
+
 def compute_loss(model: SegSR, batch: dict, key: jax.Array, cfg: LossConfig
                  ) -> tuple[jax.Array, dict]:
     """The stage's scalar loss and its named terms (float32 scalars)."""
     if cfg.stage == "vae":
         return vae_loss(model, batch, key, cfg)
+    if cfg.stage == "segmenter":
+        return segmenter_loss(model, batch, key, cfg)
     return diffusion_loss(model, batch, key, cfg)

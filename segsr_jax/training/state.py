@@ -28,7 +28,8 @@ from flax import nnx
 from segsr_jax.models.segsr import SegSR, SegSRConfig, ShapeOnlyRngs
 
 STAGE_MODULES = {"vae": ("vae",), "sr": ("controlnet",), "seg": ("segdm",),
-                 "joint": ("controlnet", "segdm", "bridge")}
+                 "joint": ("controlnet", "segdm", "bridge"), "prior": ("controlnet", "bridge"),
+                 "segmenter": ("segformer",)}
 MODULES = ("vae", "text_encoder", "unet", "controlnet", "segformer", "segdm", "bridge")
 SCHEDULES = ("constant", "cosine")
 

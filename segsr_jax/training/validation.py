@@ -35,6 +35,7 @@ class ValidationConfig:
       prompt, negative_prompt: the prompts of every image.
       color_fix: ``adain`` | ``wavelet`` | ``none``.
       seed: the sampler's noise.
+      seg_prior: ``diffusion`` | ``fixed`` | ``none`` (see ``sampling.SEG_PRIORS``).
     """
 
     sampler: str = "ddim"
@@ -44,6 +45,7 @@ class ValidationConfig:
     negative_prompt: str = ""
     color_fix: str = "adain"
     seed: int = 0
+    seg_prior: str = "diffusion"
 
 
 class Validator:
@@ -79,7 +81,7 @@ class Validator:
         self.plan = sampling.make_plan(hw, model_config.latent_factor,
                                        tile=max(hw) // model_config.latent_factor,
                                        overlap=0, tiles_per_call=1, guidance=guided,
-                                       color_fix=config.color_fix)
+                                       color_fix=config.color_fix, seg_prior=config.seg_prior)
         self.schedule = samplers.make_schedule(
             config.sampler, config.steps,
             NoiseConfig(prediction_type=model_config.prediction_type))

@@ -170,3 +170,52 @@ def test_tiled_agrees_with_untiled_and_has_no_seams(coupled):
     # untiled on the same positions: the blending leaves no visible seam.
     assert _seam_ratio(b.latent, tiled.tiles) < 1.25
     assert abs(_seam_ratio(a.latent, tiled.tiles) - 1.0) < 0.25
+
+
+def test_seg_prior_modes_and_label_trajectory(coupled):
+    """``none`` ignores the bridge and SegDM, ``fixed`` feeds the LQ segmenter's map and keeps
+    it, ``diffusion`` records SegDM's argmax after every step (the last one is ``labels``)."""
+    sched = samplers.make_schedule("ddim", 3)
+    lq, ctx, _ = _inputs(coupled, hw=(16, 16))
+    key = jax.random.key(7)
+    g, st = nnx.split(coupled)
+
+    fns = {}   # one compile per mode: the parameter changes below reuse it
+
+    def run(state, prior):
+        if prior not in fns:
+            plan = sampling.make_plan((16, 16), 2, tile=96, guidance=False, seg_prior=prior,
+                                      record_labels=True)
+            fns[prior] = sampling.make_sample_fn(g, plan)
+        return fns[prior](state, lq, ctx, None, 1.0, sched, key)
+
+    full = run(st, "diffusion")
+    assert full.trajectory.shape == (1, 3, 8, 8) and full.trajectory.dtype == jnp.uint8
+    np.testing.assert_array_equal(full.trajectory[:, -1], full.labels)
+    assert sampling.make_plan((16, 16), 2).record_labels is False
+
+    fixed = run(st, "fixed")
+    np.testing.assert_array_equal(fixed.labels, fixed.lq_labels)
+    np.testing.assert_array_equal(fixed.trajectory,
+                                  np.repeat(np.asarray(fixed.lq_labels)[:, None], 3, 1))
+    none = run(st, "none")
+    for other in (fixed, full):
+        assert float(jnp.abs(other.latent - none.latent).max()) > 1e-4
+
+    # "none" is SRDM alone: bitwise independent of the bridge and SegDM; "fixed" of SegDM's
+    # denoiser (it only uses SegDM's label embedding, to embed the fixed map).
+    def scaled(names, keep=()):
+        def f(path, x):
+            keys = [str(getattr(q, "key", getattr(q, "name", q))) for q in path]
+            return x * 1.5 if keys[0] in names and not set(keys) & set(keep) else x
+        return jax.tree_util.tree_map_with_path(f, st)
+
+    np.testing.assert_array_equal(
+        np.asarray(run(scaled(("bridge", "segdm")), "none").latent), np.asarray(none.latent))
+    np.testing.assert_array_equal(
+        np.asarray(run(scaled(("segdm",), keep=("label_embedding",)), "fixed").latent),
+        np.asarray(fixed.latent))
+    assert not np.array_equal(np.asarray(run(scaled(("segdm",)), "fixed").latent),
+                              np.asarray(fixed.latent))
+    with pytest.raises(ValueError, match="seg_prior"):
+        sampling.make_plan((16, 16), 2, seg_prior="oracle")

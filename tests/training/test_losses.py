@@ -49,3 +49,40 @@ def test_stage_seg_zeroes_the_bridge():
     z, s = jnp.ones((1, 4, 4, 4)), jnp.ones((1, 4, 4, cfg.segdm.embed_dim))
     i_t, _ = nnx.merge(graphdef, params).bridge(z, s, jnp.array([500]))
     assert float(jnp.abs(i_t).max()) > 0   # the bridge itself is not silent
+
+
+def test_stage_prior_feeds_the_fixed_segmenter_map_and_trains_the_bridge():
+    """Stage prior: SegDM plays no part, the bridge gets gradients through C_t, and the loss
+    depends on SegFormer's LQ prediction (the fixed prior) rather than on the labels."""
+    graphdef, params = random_params()
+    batch = {k: v[:2] for k, v in _batch().items()}
+    cfg = losses.LossConfig(stage="prior")
+
+    def loss(p, b=batch):
+        return losses.compute_loss(nnx.merge(graphdef, p), b, jax.random.key(0), cfg)[0]
+
+    bridge = jax.tree.map(lambda x: x + 0.05, params["bridge"])   # open the zero heads
+    p = {**params, "bridge": bridge}
+    grads = jax.jit(jax.grad(loss))(p)
+    assert float(optax.tree.norm(grads["bridge"])) > 0
+    # SegDM's denoiser plays no part (only its label embedding, which embeds the fixed map).
+    denoiser = {k: v for k, v in grads["segdm"].items() if k != "label_embedding"}
+    assert float(optax.tree.norm(denoiser)) == 0.0
+    other_labels = dict(batch, label=(batch["label"] + 1) % 8)
+    assert float(jax.jit(loss)(p)) == float(jax.jit(lambda q: loss(q, other_labels))(p))
+    seg = jax.tree.map(lambda x: x * 1.5, params["segformer"])
+    assert float(jax.jit(loss)(p)) != float(jax.jit(loss)({**p, "segformer": seg}))
+
+
+def test_stage_segmenter_scores_segformer_on_hr():
+    graphdef, params = random_params()
+    batch = {k: v[:2] for k, v in _batch().items()}
+    cfg = losses.LossConfig(stage="segmenter")
+    loss, metrics = jax.jit(lambda p: losses.compute_loss(
+        nnx.merge(graphdef, p), batch, jax.random.key(0), cfg))(params)
+    k = model_config().segformer.num_labels
+    assert 0.5 * np.log(k) < float(loss) < 3 * np.log(k)   # near chance for random weights
+    assert 0.0 <= float(metrics["pixel_accuracy"]) <= 1.0
+    ignored = dict(batch, label=np.full_like(batch["label"], 255))
+    assert float(losses.compute_loss(nnx.merge(graphdef, params), ignored, jax.random.key(0),
+                                     cfg)[0]) == 0.0
