@@ -1,0 +1,399 @@
+"""`python -m segsr_jax.evaluate` and `segsr_jax.metrics`: PSNR/SSIM against scikit-image, the
+Y conversion, mIoU by hand, NIQE's basic properties, the CLI end to end (pairing, CSV/JSON,
+errors), pyiqa's optional metrics, and semantic mIoU through a real SegFormer."""
+
+import csv
+import io
+import json
+import math
+import sys
+import types
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+from PIL import Image, ImageFilter
+from scipy.io import savemat
+from skimage import data
+from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+from segsr_jax import evaluate as E
+from segsr_jax import metrics as M
+from segsr_jax.models.seg_encoder import SegFormer, SegFormerConfig
+
+CROP = 4
+
+
+def _degraded(img: np.ndarray, kind: str, seed: int = 0) -> np.ndarray:
+    if kind == "noise":
+        rng = np.random.default_rng(seed)
+        return np.clip(img + rng.normal(0, 15, img.shape), 0, 255).astype(np.uint8)
+    if kind == "blur":
+        return np.asarray(Image.fromarray(img).filter(ImageFilter.GaussianBlur(2)))
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="JPEG", quality=20)
+    return np.asarray(Image.open(buf).convert("RGB"))
+
+
+# --- metrics -------------------------------------------------------------------------------
+
+
+def test_y_channel_is_matlab_rgb2ycbcr():
+    px = np.array([[[255, 255, 255], [0, 0, 0], [255, 0, 0], [128, 128, 128]]], np.uint8)
+    y = M.rgb_to_y(np.repeat(px, 8, axis=0))
+    np.testing.assert_allclose(y[0], [235.0, 16.0, 16 + 65.481, 16 + 219 * 128 / 255],
+                               rtol=0, atol=1e-12)
+    assert y.dtype == np.float64  # not rounded: BasicSR's float path
+
+
+@pytest.mark.parametrize("y_channel", [True, False], ids=["y", "rgb"])
+@pytest.mark.parametrize("kind", ["noise", "blur", "jpeg"])
+@pytest.mark.parametrize("source", ["astronaut", "coffee"])
+def test_psnr_and_ssim_match_scikit_image(source, kind, y_channel):
+    gt = getattr(data, source)()
+    pred = _degraded(gt, kind)
+    crop = (slice(CROP, -CROP), slice(CROP, -CROP))
+    a, b = (M.rgb_to_y(x[crop]) if y_channel else x[crop].astype(np.float64) for x in (gt, pred))
+    want_psnr = peak_signal_noise_ratio(a, b, data_range=255)
+    # skimage filters the whole image (reflect padding) and then drops the (win - 1) / 2 = 5
+    # border rows and columns from the mean: the same "valid" windows as BasicSR, so the two
+    # agree to rounding. channel_axis averages per-channel SSIM, as BasicSR does for RGB.
+    want_ssim = structural_similarity(a, b, gaussian_weights=True, sigma=1.5,
+                                      use_sample_covariance=False, data_range=255,
+                                      channel_axis=None if y_channel else -1)
+    got_psnr = M.psnr(pred, gt, CROP, y_channel)
+    got_ssim = M.ssim(pred, gt, CROP, y_channel)
+    assert abs(got_psnr - want_psnr) < 1e-9
+    assert abs(got_ssim - want_ssim) < 1e-9
+    assert 15 < got_psnr < 40 and 0.3 < got_ssim < 0.99  # a real degradation, not a no-op
+
+
+def test_psnr_of_a_constant_offset_is_exact():
+    rng = np.random.default_rng(0)
+    gt = rng.integers(0, 240, (40, 50, 3), dtype=np.uint8)
+    pred = gt + np.uint8(10)
+    assert M.psnr(pred, gt, 0, y_channel=False) == pytest.approx(
+        10 * math.log10(255**2 / 100), abs=1e-12)
+    # Y moves by 10 * (65.481 + 128.553 + 24.966) / 255 = 10 * 219 / 255.
+    assert M.psnr(pred, gt, 0, y_channel=True) == pytest.approx(
+        20 * math.log10(255 / (2190 / 255)), abs=1e-9)
+    assert M.psnr(gt, gt, 0) == math.inf
+    assert M.ssim(gt, gt, 0) == pytest.approx(1.0, abs=1e-12)
+
+
+def test_border_crop_removes_crop_pixels_from_every_side():
+    gt = data.astronaut()[:64, :80]
+    pred = gt.copy()
+    for sl in (np.s_[:CROP], np.s_[-CROP:], np.s_[:, :CROP], np.s_[:, -CROP:]):
+        pred[sl] = 255 - pred[sl]
+    assert M.psnr(pred, gt, CROP) == math.inf
+    assert M.ssim(pred, gt, CROP) == pytest.approx(1.0, abs=1e-12)
+    assert M.psnr(pred, gt, CROP - 1) < 30
+    with pytest.raises(ValueError, match="crop_border 32"):
+        M.psnr(pred, gt, 32)
+    with pytest.raises(ValueError, match="at least 11x11"):
+        M.ssim(pred[:18], gt[:18], CROP)
+    with pytest.raises(ValueError, match="sizes differ"):
+        M.psnr(pred[:60], gt, CROP)
+
+
+def test_confusion_and_miou_by_hand():
+    true = np.array([[0, 0, 1, 255],
+                     [1, 1, 2, 2]])
+    pred = np.array([[0, 1, 1, 4],
+                     [1, 1, 2, 3]])
+    conf = M.confusion(pred, true, num_classes=6)
+    want = np.zeros((6, 6), np.int64)
+    for t, p in [(0, 0), (0, 1), (1, 1), (1, 1), (1, 1), (2, 2), (2, 3)]:
+        want[t, p] += 1  # the ignored pixel (predicted 4) is not counted
+    np.testing.assert_array_equal(conf, want)
+    value, iou = M.miou(conf)
+    # 0: 1/(1+1); 1: 3/(3+1); 2: 1/(1+1); 3: predicted only -> 0; 4 (ignored pixel only) and
+    # 5 (nowhere): union 0 -> NaN, left out of the mean.
+    np.testing.assert_array_equal(iou[:4], [0.5, 0.75, 0.5, 0.0])
+    assert np.isnan(iou[4]) and np.isnan(iou[5])
+    assert value == pytest.approx((0.5 + 0.75 + 0.5 + 0.0) / 4, abs=1e-15)
+
+    # A dataset's mIoU comes from the summed matrix, not the mean of per-image mIoUs.
+    other = M.confusion(np.array([[2, 2]]), np.array([[2, 2]]), 6)
+    assert M.miou(other)[0] == 1.0
+    assert M.miou(conf + other)[0] == pytest.approx((0.5 + 0.75 + 3 / 4 + 0.0) / 4)
+    assert np.isnan(M.miou(np.zeros((3, 3)))[0])
+    with pytest.raises(ValueError, match=r"true labels \[7\]"):
+        M.confusion(pred, np.where(true == 2, 7, true), 6)
+    with pytest.raises(ValueError, match="differ in size"):
+        M.confusion(pred[:, :3], true, 6)
+
+
+@pytest.fixture(scope="module")
+def niqe_params():
+    """A pristine model fitted on two clean photographs (no official parameters offline)."""
+    return M.fit_niqe_params([data.astronaut(), data.coffee()])
+
+
+def test_niqe_is_deterministic_finite_and_worse_for_noise(niqe_params):
+    assert niqe_params["mu_prisparam"].shape == (36,)
+    cov = niqe_params["cov_prisparam"]
+    assert cov.shape == (36, 36) and np.allclose(cov, cov.T)
+    clean = data.chelsea()
+    noisy = _degraded(clean, "noise")
+    heavy = np.clip(clean + np.random.default_rng(1).normal(0, 40, clean.shape), 0, 255)
+    scores = [M.niqe(x, **niqe_params) for x in (clean, noisy, heavy.astype(np.uint8))]
+    assert all(np.isfinite(scores)) and scores[0] < scores[1] < scores[2]
+    assert M.niqe(clean, **niqe_params) == scores[0]
+    with pytest.raises(ValueError, match="at least 96x96"):
+        M.niqe(clean[:100], **niqe_params, crop_border=4)
+
+
+def test_niqe_params_load_from_npz_and_mat(niqe_params, tmp_path):
+    np.savez(tmp_path / "p.npz", **niqe_params)
+    savemat(tmp_path / "p.mat", {"mu_prisparam": niqe_params["mu_prisparam"][None],
+                                 "cov_prisparam": niqe_params["cov_prisparam"]})
+    for name in ("p.npz", "p.mat"):
+        loaded = E.load_niqe_params(tmp_path / name)
+        for key, value in niqe_params.items():
+            np.testing.assert_array_equal(loaded[key], value)
+    np.savez(tmp_path / "bad.npz", mu=np.zeros(36))
+    with pytest.raises(E.EvaluationError, match="no 'mu_prisparam'"):
+        E.load_niqe_params(tmp_path / "bad.npz")
+
+
+# --- the command line ----------------------------------------------------------------------
+
+
+def _save(path, array):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)
+
+
+@pytest.fixture
+def folders(tmp_path):
+    """pred/ as the sampler writes it (3 images, one without ground truth), gt/, labels/."""
+    photo = data.astronaut()
+    gts = {"scene0": photo[:128, :128], "scene1": photo[200:328, 100:228]}
+    preds = {"scene0": _degraded(gts["scene0"], "noise"),
+             "scene1": _degraded(gts["scene1"], "blur"), "scene2": photo[:128, 300:428]}
+    labels = {stem: (np.arange(128)[:, None] // 32 + np.zeros(128, int)).astype(np.uint8)
+              for stem in gts}  # four horizontal bands: classes 0..3
+    labels["scene1"][:10] = 255
+    seg = {stem: lab.copy() for stem, lab in labels.items()}
+    seg["scene0"][:32, :64] = 1  # half of class 0 predicted as 1
+    seg["scene1"][:10] = 2
+    for stem, img in preds.items():
+        _save(tmp_path / "pred" / f"{stem}_sr.png", img)
+        _save(tmp_path / "pred" / f"{stem}_seg.png", np.zeros((128, 128, 3), np.uint8))
+        _save(tmp_path / "pred" / f"{stem}_sheet.png", np.zeros((128, 300, 3), np.uint8))
+    for stem in gts:
+        _save(tmp_path / "gt" / f"{stem}_hr.png", gts[stem])
+        _save(tmp_path / "labels" / f"{stem}_label.png", labels[stem])
+        _save(tmp_path / "pred" / f"{stem}_seg_labels.png", seg[stem])
+    return tmp_path, gts, preds
+
+
+def test_cli_scores_pairs_and_writes_csv_and_json(folders, niqe_params, capsys):
+    root, gts, preds = folders
+    np.savez(root / "niqe.npz", **niqe_params)
+    argv = ["--pred", str(root / "pred"), "--gt", str(root / "gt"), "--labels",
+            str(root / "labels"), "--seg-pred", str(root / "pred"), "--out", str(root / "out"),
+            "--niqe-params", str(root / "niqe.npz"), "--no-pyiqa", "--per-image"]
+    assert E.main(argv) == 0
+    out, err = capsys.readouterr()
+    assert "scene2" in err and "without ground truth" in err
+    assert "PSNR" in out and "NIQE" in out and "seg mIoU" in out and "scene1" in out
+    assert "pyiqa metrics skipped" in out
+
+    with open(root / "out" / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["name"] for r in rows] == ["scene0", "scene1", "mean"]
+    assert list(rows[0]) == ["name", "psnr", "ssim", "niqe", "seg_miou"]
+    psnrs = [M.psnr(preds[s], gts[s], 4) for s in ("scene0", "scene1")]
+    for row, want in zip(rows, psnrs, strict=False):
+        assert float(row["psnr"]) == pytest.approx(want, abs=1e-12)
+        assert float(row["niqe"]) == pytest.approx(M.niqe(preds[row["name"]], **niqe_params,
+                                                          crop_border=4), abs=1e-12)
+    assert float(rows[2]["psnr"]) == pytest.approx(np.mean(psnrs), abs=1e-12)
+    # scene0: half of class 0 (2048 px) predicted 1: IoU 2048/4096 and 4096/6144; classes 2
+    # and 3 exact. scene1's ignored rows (predicted 2) do not count: perfect.
+    assert float(rows[0]["seg_miou"]) == pytest.approx((1 / 2 + 2 / 3 + 1 + 1) / 4)
+    assert float(rows[1]["seg_miou"]) == 1.0
+
+    doc = json.loads((root / "out" / "metrics.json").read_text())
+    assert doc["counts"]["images"] == 2 and doc["counts"]["missing_gt"] == ["scene2"]
+    assert doc["settings"]["crop_border"] == 4 and doc["settings"]["y_channel"] is True
+    assert doc["mean"]["psnr"] == pytest.approx(np.mean(psnrs), abs=1e-12)
+    # Dataset mIoU from the summed confusion: class 0 has 2048 + 22 * 128 hits and 2048
+    # misses, class 1 2 * 4096 hits and 2048 false alarms.
+    ious = [c["iou"] for c in doc["per_class_iou"]["seg_miou"]]
+    want = [(2048 + 2816) / (4096 + 2816), 8192 / 10240, 1.0, 1.0]
+    assert ious == pytest.approx(want) and len(ious) == 4
+    assert doc["mean"]["seg_miou"] == pytest.approx(np.mean(want))
+    assert [r["name"] for r in doc["per_image"]] == ["scene0", "scene1"]
+
+    # --out defaults to --pred; --rgb scores RGB.
+    assert E.main(["--pred", str(root / "pred"), "--gt", str(root / "gt"), "--rgb",
+                   "--no-pyiqa", "--crop-border", "0"]) == 0
+    doc = json.loads((root / "pred" / "metrics.json").read_text())
+    assert doc["settings"]["y_channel"] is False and "niqe" not in doc["mean"]
+    assert doc["per_image"][0]["psnr"] == pytest.approx(
+        M.psnr(preds["scene0"], gts["scene0"], 0, y_channel=False), abs=1e-12)
+    assert any("NIQE omitted" in n for n in doc["notes"])
+    assert not list((root / "pred").glob("*.tmp"))
+
+
+def test_cli_errors_name_the_files(folders, capsys):
+    root, gts, _ = folders
+    empty = root / "empty"
+    empty.mkdir()
+    assert E.main(["--pred", str(empty), "--gt", str(root / "gt"), "--no-pyiqa"]) == 2
+    assert "no prediction" in capsys.readouterr().err
+
+    _save(root / "gt" / "scene1_hr.png", gts["scene1"][:120])
+    assert E.main(["--pred", str(root / "pred"), "--gt", str(root / "gt"), "--no-pyiqa"]) == 2
+    err = capsys.readouterr().err
+    assert "scene1_sr.png is 128x128" in err and "scene1_hr.png is 128x120" in err
+
+    _save(root / "gt" / "scene1_hr.png", gts["scene1"])
+    _save(root / "labels" / "scene0_label.png", np.zeros((64, 128), np.uint8))
+    assert E.main(["--pred", str(root / "pred"), "--gt", str(root / "gt"), "--labels",
+                   str(root / "labels"), "--seg-pred", str(root / "pred"), "--no-pyiqa"]) == 2
+    assert "scene0_label.png is 128x64 but the image scene0 is 128x128" in capsys.readouterr().err
+
+    (root / "pred" / "scene0_sr.png").write_bytes(b"\x89PNG not really")
+    assert E.main(["--pred", str(root / "pred"), "--gt", str(root / "gt"), "--no-pyiqa"]) == 2
+    assert "scene0_sr.png" in capsys.readouterr().err
+    assert not (root / "pred" / "metrics.json").exists()
+
+
+def test_pairing_prefers_sr_and_ignores_sampler_outputs(folders):
+    root, _, _ = folders
+    preds = E.find_predictions(root / "pred")
+    assert {s: p.name for s, p in preds.items()} == {
+        "scene0": "scene0_sr.png", "scene1": "scene1_sr.png", "scene2": "scene2_sr.png"}
+    _save(root / "plain" / "a.png", np.zeros((16, 16, 3), np.uint8))
+    _save(root / "plain" / "a.jpg", np.zeros((16, 16, 3), np.uint8))
+    with pytest.raises(E.EvaluationError, match="a.jpg and a.png|a.png and a.jpg"):
+        E.find_predictions(root / "plain")
+    assert E.split_suffix("x_seg_labels") == ("x", "_seg_labels")
+    assert E.split_suffix("_sr") == ("_sr", "")
+
+
+def test_pyiqa_metrics_are_used_when_importable_and_failures_noted(folders, monkeypatch):
+    """pyiqa is not installed here: a stand-in module checks the calls and failure handling."""
+    root, _, _ = folders
+    calls = []
+
+    def create_metric(name):
+        if name == "lpips":
+            return lambda pred, ref: calls.append((pred, ref)) or 0.25
+        if name == "musiq":
+            return lambda pred: 50.0
+        raise RuntimeError("weights not downloadable")
+
+    monkeypatch.setitem(sys.modules, "pyiqa", types.SimpleNamespace(create_metric=create_metric))
+    ev = E.evaluate_folders(root / "pred", root / "gt", crop_border=4, progress=False,
+                            warn=lambda msg: None)
+    assert ev.columns == ["psnr", "ssim", "lpips", "musiq"]
+    assert ev.mean["lpips"] == 0.25 and ev.mean["musiq"] == 50.0
+    assert [p.split("/")[-1] for p, _ in calls] == ["scene0_sr.png", "scene1_sr.png"]
+    assert [r.split("/")[-1] for _, r in calls] == ["scene0_hr.png", "scene1_hr.png"]
+    assert sum("omitted" in n for n in ev.notes) == 4  # NIQE, dists, maniqa, clipiqa
+    assert any(n.startswith("dists omitted") and "not downloadable" in n for n in ev.notes)
+
+
+# --- semantic fidelity ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def segformer():
+    cfg = SegFormerConfig(num_encoder_blocks=2, depths=(1, 1), sr_ratios=(2, 1),
+                          hidden_sizes=(16, 32), patch_sizes=(7, 3), strides=(4, 2),
+                          num_attention_heads=(1, 2), mlp_ratios=(2, 2), decoder_hidden_size=32,
+                          num_labels=5, id2label=("a", "b", "c", "d", "e"))
+    # An RBG key: threefry initialisers compile one program per parameter shape (slow here).
+    return SegFormer(cfg, rngs=nnx.Rngs(jax.random.key(0, impl="rbg")))
+
+
+def test_semantic_miou_is_one_against_own_labels_and_drops_when_perturbed(segformer, tmp_path):
+    photo = data.astronaut()
+    shots = {"x": photo[:100, :76], "y": photo[300:400, 200:276]}  # not multiples of 32
+    own = {s: E.semantic_labels(segformer, img) for s, img in shots.items()}
+    for lab in own.values():
+        assert lab.shape == (100, 76) and lab.dtype == np.uint8 and lab.max() < 5
+    assert len(np.unique(np.concatenate([lab.ravel() for lab in own.values()]))) > 1
+    graphdef, _ = nnx.split(segformer)
+    assert E.make_segment_fn(graphdef)._cache_size() == 1  # one compile per image shape
+
+    for s, img in shots.items():
+        _save(tmp_path / "pred" / f"{s}_sr.png", img)
+        _save(tmp_path / "gt" / f"{s}.png", img)
+        _save(tmp_path / "labels" / f"{s}.png", own[s])
+    ev = E.evaluate_folders(tmp_path / "pred", tmp_path / "gt", labels=tmp_path / "labels",
+                            segmenter=segformer, use_pyiqa=False, progress=False)
+    assert ev.mean["semantic_miou"] == 1.0 and all(r["semantic_miou"] == 1.0 for r in ev.rows)
+    assert [c["name"] for c in ev.per_class_iou["semantic_miou"]] == list("abcde")
+
+    wrong = own["x"].copy()
+    wrong[:50] = (wrong[:50] + 1) % 5
+    _save(tmp_path / "labels" / "x.png", wrong)
+    ev = E.evaluate_folders(tmp_path / "pred", tmp_path / "gt", labels=tmp_path / "labels",
+                            segmenter=segformer, use_pyiqa=False, progress=False)
+    assert ev.rows[0]["semantic_miou"] < 0.8 and ev.rows[1]["semantic_miou"] == 1.0
+    assert ev.mean["semantic_miou"] < 1.0
+
+    (tmp_path / "labels" / "y.png").unlink()
+    warnings = []
+    ev = E.evaluate_folders(tmp_path / "pred", tmp_path / "gt", labels=tmp_path / "labels",
+                            segmenter=segformer, use_pyiqa=False, progress=False,
+                            warn=warnings.append)
+    assert np.isnan(ev.rows[1]["semantic_miou"]) and ev.counts["missing_labels"] == ["y"]
+    assert ev.mean["semantic_miou"] == ev.rows[0]["semantic_miou"] and "y" in warnings[0]
+
+    _save(tmp_path / "labels" / "x.png", np.full((100, 76), 7, np.uint8))
+    with pytest.raises(E.EvaluationError, match=r"x.png.*true labels \[7\]"):
+        E.evaluate_folders(tmp_path / "pred", tmp_path / "gt", labels=tmp_path / "labels",
+                           segmenter=segformer, use_pyiqa=False, progress=False)
+
+
+def test_segmenter_from_a_segsr_checkpoint(tmp_path):
+    """The bundled tiny checkpoint (an Orbax folder): its SegFormer scores the demo images."""
+    from segsr_jax.sample import bundled_paths
+
+    ckpt, _ = bundled_paths()
+    gt = ckpt.parent / "demo_gt"
+    (tmp_path / "pred").mkdir()
+    for path in gt.glob("*_hr.png"):
+        (tmp_path / "pred" / path.name.replace("_hr", "_sr")).write_bytes(path.read_bytes())
+    assert E.main(["--pred", str(tmp_path / "pred"), "--gt", str(gt), "--labels", str(gt),
+                   "--segmenter", str(ckpt), "--no-pyiqa", "--out", str(tmp_path)]) == 0
+    doc = json.loads((tmp_path / "metrics.json").read_text())
+    assert doc["counts"]["images"] == 3 and doc["mean"]["psnr"] is None  # identical: inf
+    assert doc["settings"]["segmenter"] == str(ckpt)
+    assert len(doc["per_class_iou"]["semantic_miou"]) == 8
+    assert 0.3 < doc["mean"]["semantic_miou"] < 1.0  # a trained segmenter on its own domain
+
+
+def test_segmenter_from_a_transformers_folder_matches_its_labels(tmp_path):
+    tf = pytest.importorskip("transformers")
+    from tests.torch_reference import nhwc_to_nchw, perturb_, torch
+
+    torch.manual_seed(0)
+    cfg = tf.SegformerConfig(num_encoder_blocks=2, depths=[1, 1], hidden_sizes=[8, 16],
+                             num_attention_heads=[1, 2], sr_ratios=[2, 1], patch_sizes=[7, 3],
+                             strides=[4, 2], mlp_ratios=[2, 2], decoder_hidden_size=16,
+                             num_labels=4)
+    # Perturbed enough that the argmax is not one class everywhere.
+    model = perturb_(tf.SegformerForSemanticSegmentation(cfg), seed=0, scale=0.2).eval()
+    model.save_pretrained(tmp_path / "segformer")
+    seg = E.load_segmenter(tmp_path / "segformer")
+    assert isinstance(seg, SegFormer) and seg.config.num_labels == 4
+
+    image = data.coffee()[:90, :130]
+    pixels = (image / 255 - [0.485, 0.456, 0.406]) / [0.229, 0.224, 0.225]
+    with torch.no_grad():
+        logits = model(pixel_values=nhwc_to_nchw(pixels[None])).logits
+        logits = torch.nn.functional.interpolate(logits, size=image.shape[:2], mode="bilinear",
+                                                 align_corners=False)
+    want = logits.argmax(1)[0].numpy()
+    assert len(np.unique(want)) > 1
+    assert (E.semantic_labels(seg, image) == want).mean() > 0.995  # float ties at most
