@@ -2,7 +2,9 @@
 
 Trains one stage of SegSR (``vae``, ``sr``, ``seg`` or ``joint``; DESIGN §4) and writes into
 ``DIR``: ``checkpoints/`` (Orbax; sampleable with ``python -m segsr_jax.sample --checkpoint
-DIR/checkpoints``), ``metrics.jsonl``, ``tensorboard/`` and ``samples/``.
+DIR/checkpoints``), ``metrics.jsonl``, ``tensorboard/`` and ``samples/``. ``DIR`` may be a
+local folder or ``gs://BUCKET/PATH`` (needs ``pip install -e '.[gcs]'``); remote logs are
+staged locally and uploaded at every checkpoint (see :mod:`segsr_jax.training.metrics_log`).
 
 Re-running the same command resumes from the latest readable checkpoint: same params, EMA,
 optimizer state, RNG and data position, so the result equals an uninterrupted run bit for
@@ -19,14 +21,15 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
 import signal
 import sys
+import tempfile
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 from absl import app, flags, logging
+from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
 from ml_collections import ConfigDict, config_flags
@@ -41,6 +44,7 @@ from segsr_jax.models.segsr import SegSRConfig
 from segsr_jax.training import metrics_log, prompts
 from segsr_jax.training import state as state_lib
 from segsr_jax.training import step as step_lib
+from segsr_jax.training import workdir as workdir_lib
 from segsr_jax.training.losses import LossConfig
 from segsr_jax.training.validation import ValidationConfig, Validator
 
@@ -89,8 +93,10 @@ def abstract_batch(cfg: ConfigDict, stage: str, max_length: int, sharding) -> di
     return {k: jax.ShapeDtypeStruct(s, d, sharding=sharding) for k, (s, d) in shapes.items()}
 
 
-def setup_tokenizer(config: ConfigDict, ckpt_dir: Path, max_length: int):
-    """Put the run's tokenizer in ``ckpt_dir/tokenizer`` (the sampler reads it there)."""
+def setup_tokenizer(config: ConfigDict, ckpt_dir: epath.Path, max_length: int):
+    """Put the run's tokenizer in ``ckpt_dir/tokenizer`` (the sampler reads it there) and
+    load it. Either folder may be local or ``gs://``; transformers reads only local files,
+    so a remote tokenizer is loaded from a temporary local copy."""
     from segsr_jax import weights
 
     dest = ckpt_dir / "tokenizer"
@@ -98,12 +104,18 @@ def setup_tokenizer(config: ConfigDict, ckpt_dir: Path, max_length: int):
         if config.tokenizer == "char":
             prompts.write_char_tokenizer(dest, max_length)
         else:
-            src = Path(config.init_from) if config.tokenizer == "from_init" else Path(
-                config.tokenizer)
+            src = epath.Path(config.init_from if config.tokenizer == "from_init"
+                             else config.tokenizer)
             src = src / "tokenizer" if (src / "tokenizer").is_dir() else src
-            shutil.copytree(src, dest)
+            workdir_lib.copy_tree(src, dest)
     multihost_utils.sync_global_devices("tokenizer written")
-    return weights.load_tokenizer(dest)
+    if not workdir_lib.is_remote(dest):
+        return weights.load_tokenizer(dest)
+    with tempfile.TemporaryDirectory(prefix="segsr_jax_tokenizer_") as local:
+        workdir_lib.copy_tree(dest, epath.Path(local))
+        tokenizer = weights.load_tokenizer(local)
+    tokenizer.source = str(dest)  # the local copy is gone; name where it came from
+    return tokenizer
 
 
 def train_and_evaluate(config: ConfigDict, workdir: str) -> int:
@@ -111,17 +123,20 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> int:
 
     Returns the exit status: 0 when ``config.num_steps`` are done, ``PREEMPTED_EXIT_CODE``
     after a SIGTERM-triggered save. Raises :class:`step_lib.NonFiniteError` on NaN/Inf.
+    ``workdir`` is a local folder or a ``gs://`` URI (every file goes through epath).
     """
-    if str(workdir).startswith("gs://"):
-        # Checkpoints themselves go through Orbax, which writes gs:// natively; the logs,
-        # event files and the tokenizer copy are plain files.
-        raise ValueError("--workdir must be a local or mounted folder (e.g. gcsfuse on TPU VMs)")
-    workdir = Path(workdir)
+    workdir = workdir_lib.open_workdir(workdir)  # fails fast on gs:// without gcsfs
     if config.tokenizer == "from_init" and not config.init_from:
         raise ValueError("this config starts from a converted checkpoint (tokenizer "
                          "'from_init'): pass --config.init_from=CHECKPOINT_DIR")
-    log = metrics_log.MetricsLog(workdir, enabled=jax.process_index() == 0,
-                                 tensorboard=config.log.tensorboard)
+    # Closed (a remote workdir: uploaded) also when training raises, e.g. on NaN/Inf.
+    with metrics_log.MetricsLog(workdir, enabled=jax.process_index() == 0,
+                                tensorboard=config.log.tensorboard) as log:
+        return _train(config, workdir, log)
+
+
+def _train(config: ConfigDict, workdir: epath.Path, log: metrics_log.MetricsLog) -> int:
+    """The body of :func:`train_and_evaluate`, writing to an open ``log``."""
     model_cfg = SegSRConfig.from_dict(config.model.to_dict())
     if config.init_from:
         # A converted checkpoint knows its segmenter's class names (the prompts' tags).
@@ -248,10 +263,10 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> int:
                       config={"model": model_cfg.to_dict(), "train": config.to_dict(),
                               "sampling": config.sample.options.to_dict()})
             log.event("checkpoint", step, path=str(ckpt_dir / str(step)))
+            log.flush()  # a remote workdir: upload the logs with every checkpoint
     if stopped:
         log.event("preempted", step, message="checkpoint saved; run again to resume")
     ckpt.close()
-    log.close()
     if hasattr(data_iter, "close"):
         data_iter.close()  # stop grain's prefetch threads before the interpreter does
     return PREEMPTED_EXIT_CODE if stopped else 0

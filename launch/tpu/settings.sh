@@ -43,8 +43,9 @@ fi
 : "${VENV:=segsr_venv}"                   # likewise
 : "${PYTHON:=python3.11}"                 # segsr_jax needs >= 3.11; Ubuntu 22.04 ships 3.10
 : "${JAX_TPU_SPEC:=jax[tpu]}"             # pip requirement for jax + libtpu
-# More pip requirements (space-separated): gcsfs is what lets Orbax checkpoints and the
-# compilation cache use gs:// paths (without it they fail with "Please install gcsfs").
+# More pip requirements (space-separated): gcsfs (the `gcs` extra) is what lets Orbax
+# checkpoints, the trainer's logs and tokenizer copy, and the compilation cache use gs:// paths
+# (without it the trainer stops at start-up asking for it).
 : "${PIP_EXTRAS:=gcsfs}"
 : "${LOG_DIR:=segsr_logs}"                # per-worker logs, relative to the home directory
 

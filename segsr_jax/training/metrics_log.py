@@ -3,47 +3,79 @@
 
 Only process 0 writes (every process computes the same replicated metrics); the others get a
 log whose methods do nothing, so the training loop calls them unconditionally.
+
+``WORKDIR`` may be local or ``gs://`` (see :mod:`segsr_jax.training.workdir`). Locally the
+files are written in place (``metrics.jsonl`` line by line). Object storage cannot append, so
+for a remote workdir every file is written into a local staging folder and uploaded whole:
+at :meth:`MetricsLog.flush` (the trainer calls it after each checkpoint), after each image,
+at most every ``sync_every_s`` seconds when records are written, and at
+:meth:`MetricsLog.close`. A remote ``metrics.jsonl`` of an earlier run is downloaded first,
+so a resumed run keeps appending to it; a crash loses at most the records since the last
+upload.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import pathlib
 import sys
 import time
 from collections.abc import Mapping
-from pathlib import Path
 
 import numpy as np
+from etils import epath
 
 from segsr_jax import images
+from segsr_jax.training import workdir as workdir_lib
+
+METRICS_FILE = "metrics.jsonl"
 
 
 class MetricsLog:
-    """Scalars, text and images of one run.
+    """Scalars, text and images of one run; a context manager that closes it.
 
     Args:
-      workdir: the run's folder.
+      workdir: the run's folder (local path or ``gs://`` URI).
       enabled: False on every process but 0.
       tensorboard: also write TensorBoard event files (needs ``tensorboardX``).
+      sync_every_s: remote workdir only: the longest a written record waits in the staging
+        folder before an upload (checked when records are written).
     """
 
-    def __init__(self, workdir: str | Path, *, enabled: bool = True, tensorboard: bool = True):
+    def __init__(self, workdir: str | os.PathLike, *, enabled: bool = True,
+                 tensorboard: bool = True, sync_every_s: float = 60.0):
         self.enabled = enabled
-        self.workdir = Path(workdir)
+        self.workdir = epath.Path(workdir)
+        self.sync_every_s = sync_every_s
         self._jsonl = None
         self._tb = None
+        self._staging = None
+        self._last_sync = time.monotonic()
         if not enabled:
             return
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        self._jsonl = open(self.workdir / "metrics.jsonl", "a", buffering=1)
+        if workdir_lib.is_remote(self.workdir):
+            self._staging = workdir_lib.Staging(self.workdir, download=(METRICS_FILE,))
+            local = self._staging.local
+        else:
+            local = pathlib.Path(self.workdir)
+            local.mkdir(parents=True, exist_ok=True)
+        self._local = local
+        self._jsonl = open(local / METRICS_FILE, "a", buffering=1)
         if tensorboard:
             try:
                 from tensorboardX import SummaryWriter
             except ImportError as e:
                 raise ImportError("TensorBoard logging needs tensorboardX (pip install "
                                   "tensorboardX), or set --config.log.tensorboard=False") from e
-            self._tb = SummaryWriter(str(self.workdir / "tensorboard"))
+            self._tb = SummaryWriter(str(local / "tensorboard"))
+
+    def __enter__(self) -> MetricsLog:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def text(self, message: str) -> None:
         """A line on stdout (process 0 only)."""
@@ -72,31 +104,46 @@ class MetricsLog:
             for k, v in values.items():
                 self._tb.add_scalar(f"train/{k}", v, step)
 
-    def image(self, step: int, name: str, image: np.ndarray) -> Path | None:
+    def image(self, step: int, name: str, image: np.ndarray) -> epath.Path | None:
         """Write a uint8 ``[H, W, 3]`` image as ``samples/<name>_step<step>.png`` (and to
-        TensorBoard); returns the PNG's path on process 0."""
+        TensorBoard); returns the PNG's path on process 0 (uploaded already if remote)."""
         if not self.enabled:
             return None
-        path = self.workdir / "samples" / f"{name}_step{step:07d}.png"
-        images.write_png(path, image)
+        rel = f"samples/{name}_step{step:07d}.png"
+        images.write_png(self._local / rel, image)
         if self._tb is not None:
             self._tb.add_image(name, image, step, dataformats="HWC")
-        return path
+        if self._staging is not None:
+            self.flush()
+        return self.workdir / rel
 
     def flush(self) -> None:
-        """Push buffered TensorBoard events to disk."""
+        """Push buffered TensorBoard events to disk; for a remote workdir, upload what
+        changed."""
         if self._tb is not None:
             self._tb.flush()
+        if self._staging is not None:
+            self._jsonl.flush()
+            self._staging.sync()
+            self._last_sync = time.monotonic()
 
     def close(self) -> None:
-        """Flush and close the files."""
+        """Flush and close the files (a remote workdir gets its last upload). Idempotent."""
         if self._tb is not None:
             self._tb.close()
+            self._tb = None
         if self._jsonl is not None:
             self._jsonl.close()
+            self._jsonl = None
+        if self._staging is not None:
+            self._staging.close()
+            self._staging = None
 
     def _write(self, record: dict) -> None:
         self._jsonl.write(json.dumps(record, default=_json_default) + "\n")
+        if (self._staging is not None
+                and time.monotonic() - self._last_sync >= self.sync_every_s):
+            self.flush()
 
 
 def _fmt(v: float) -> str:

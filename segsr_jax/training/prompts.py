@@ -17,9 +17,9 @@ import dataclasses
 import json
 import os
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
+from etils import epath
 
 from segsr_jax.models.segdm import IGNORE_INDEX
 
@@ -44,17 +44,19 @@ def _byte_symbols() -> list[str]:
     return out
 
 
-def write_char_tokenizer(folder: str | os.PathLike, max_length: int) -> Path:
-    """Write a character-level CLIP tokenizer (``CHAR_VOCAB_SIZE`` ids) into ``folder``.
+def write_char_tokenizer(folder: str | os.PathLike, max_length: int) -> epath.Path:
+    """Write a character-level CLIP tokenizer (``CHAR_VOCAB_SIZE`` ids) into ``folder`` (a
+    local path or a ``gs://`` URI).
 
     Every word becomes its characters (the last one marked end-of-word), between BOS and EOS,
     padded with EOS to ``max_length`` (the text encoder's ``max_position_embeddings``).
     """
-    folder = Path(folder)
+    folder = epath.Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     symbols = _byte_symbols()
     vocab = {s: i for i, s in enumerate(symbols + [s + "</w>" for s in symbols] + [BOS, EOS])}
-    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
+    # Bytes, not text: fsspec's text mode would encode in the locale's encoding.
+    (folder / "vocab.json").write_bytes(json.dumps(vocab, ensure_ascii=False).encode("utf-8"))
     (folder / "merges.txt").write_text("#version: 0.2\n")
     (folder / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "CLIPTokenizer", "model_max_length": max_length,
