@@ -1,0 +1,261 @@
+"""The miniature SegSR experiment: three arms of the tiny model on a held-out synthetic test set.
+
+After the training commands of ``configs/tiny.py`` (stages vae, sr, seg, then the arms sronly,
+prior, joint, and the evaluation segmenter)::
+
+    python scripts/tiny_experiment.py                    # sample, score, write docs/experiment/
+    python scripts/tiny_experiment.py --render-only      # print the README table from results.json
+
+Arms (same start checkpoint ``seg``, same steps, batch and learning rate):
+
+- ``sronly``: SRDM alone (``seg_prior="none"``: C_t = 0);
+- ``prior``:  SRDM + the fixed segmentation prior, SegFormer's map of the LQ image
+  (``seg_prior="fixed"``);
+- ``joint``:  full SegSR, SegDM refined jointly with the image through the bridge.
+
+Every arm samples the same LQ images with the same seeds (DDIM, ``--steps`` steps, no CFG, the
+colour fix of the checkpoint). Scores (:mod:`segsr_jax.evaluate`): PSNR and SSIM on Y with a
+4-pixel border crop; semantic mIoU, the HR-trained evaluation segmenter's map of each output
+against the true labels; the arm's own segmentation mIoU (SegDM's for ``joint``, the fixed LQ
+segmenter's for the others); and SegDM's mIoU after every step. Means over seeds, with the
+standard deviation across seeds. Bicubic upsampling and the HR images themselves are scored as
+references. Outputs: ``results.json``, ``results.md`` and ``grid.png`` in ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from segsr_jax import images  # noqa: E402
+
+ARMS = {"sronly": "SRDM only", "prior": "SRDM + fixed LQ-segmenter prior",
+        "joint": "SegSR (SegDM + DMB)"}
+TEST_SEED = 20_001          # training scenes use source seed 0, the demo images 10_001
+SCALE = 4
+
+
+def make_test_set(folder: Path, count: int, size: int, num_classes: int) -> None:
+    """Held-out scenes: ``hr/``, ``lq/`` (the training degradation, seeded per scene) and
+    ``labels/``; written once (an existing complete set is kept)."""
+    from segsr_jax.data.degradations import DegradationConfig, degrade
+    from segsr_jax.data.synthetic import SceneConfig, make_scene
+
+    if (folder / "done").exists():
+        return
+    cfg = SceneConfig(height=size, width=size, num_classes=num_classes)
+    for i in range(count):
+        hr, label = make_scene((TEST_SEED, i), cfg)
+        lq = degrade(hr, np.random.default_rng((TEST_SEED, i)), DegradationConfig(scale=SCALE))
+        images.write_png(folder / "hr" / f"test{i:03d}_hr.png", hr)
+        images.write_png(folder / "lq" / f"test{i:03d}.png", lq)
+        images.write_png(folder / "labels" / f"test{i:03d}_label.png", label)
+    (folder / "done").write_text(f"{count} scenes of {size} px, seed {TEST_SEED}\n")
+
+
+def upsample_labels(labels: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
+    """Nearest-neighbour label map to ``hw`` (latent -> image resolution)."""
+    return images.resize(np.asarray(labels, np.uint8), hw, resample=images.Image.NEAREST)
+
+
+def sample_arm(ckpt: Path, lqs: list[np.ndarray], names: list[str], out: Path, seed: int,
+               steps: int, hw: tuple[int, int]) -> tuple[list[np.ndarray], float]:
+    """Sample one arm for one seed: writes ``sr/<name>_sr.png`` and
+    ``seg/<name>_seg_labels.png``; returns the per-step label trajectories (upsampled to ``hw``)
+    and the sampling seconds (compilation excluded)."""
+    from segsr_jax.inference import Restorer
+
+    restorer = Restorer.from_checkpoint(ckpt)
+    opts = restorer.options(sampler="ddim", steps=steps, guidance=1.0, prompt="",
+                            negative_prompt="")
+    restorer.restore_batch(lqs[:1] * len(lqs), hw, opts, seed=seed, record_labels=True)
+    t0 = time.perf_counter()
+    results, _ = restorer.restore_batch(lqs, hw, opts, seed=seed, record_labels=True)
+    seconds = time.perf_counter() - t0
+    trajectories = []
+    for name, (sr, labels, traj) in zip(names, results, strict=True):
+        images.write_png(out / "sr" / f"{name}_sr.png", sr)
+        images.write_png(out / "seg" / f"{name}_seg_labels.png", upsample_labels(labels, hw))
+        trajectories.append(np.stack([upsample_labels(t, hw) for t in traj]))
+    return trajectories, seconds
+
+
+def trajectory_miou(trajectories: list[np.ndarray], truths: list[np.ndarray],
+                    num_classes: int) -> list[float]:
+    """Dataset mIoU of the segmentation after each step."""
+    from segsr_jax import metrics
+
+    steps = trajectories[0].shape[0]
+    out = []
+    for s in range(steps):
+        conf = sum(metrics.confusion(t[s], y, num_classes) for t, y in
+                   zip(trajectories, truths, strict=True))
+        out.append(metrics.miou(conf)[0])
+    return out
+
+
+def mean_std(values: list[float]) -> dict:
+    return {"mean": statistics.fmean(values),
+            "std": statistics.stdev(values) if len(values) > 1 else 0.0, "values": values}
+
+
+def stage_minutes(runs: Path) -> dict:
+    """Wall-clock minutes of each training run, from its metrics.jsonl (first to last event)."""
+    out = {}
+    for name in ("vae", "sr", "seg", "sronly", "prior", "joint", "segmenter"):
+        log = runs / name / "metrics.jsonl"
+        if log.is_file():
+            times = [json.loads(line)["time"] for line in log.read_text().splitlines() if line]
+            out[name] = round((max(times) - min(times)) / 60, 1)
+    return out
+
+
+def render_table(r: dict) -> str:
+    """The README's tables (markdown) from ``results.json``."""
+    pm = lambda d, f: f"{d['mean']:{f}} ± {d['std']:{f}}"
+    lines = [f"Held-out test set: {r['test_set']['count']} synthetic scenes, "
+             f"{r['test_set']['size']} px HR, x{SCALE} LQ through the training degradation; "
+             f"DDIM {r['steps']} steps, no CFG; mean ± std over seeds {r['seeds']}.", "",
+             "| arm | PSNR (Y) | SSIM (Y) | semantic mIoU | own segmentation mIoU |",
+             "| --- | --- | --- | --- | --- |"]
+    for ref in ("bicubic", "hr"):
+        row = r["references"][ref]
+        psnr = "∞" if ref == "hr" else f"{row['psnr']:.2f}"
+        ssim = "1" if ref == "hr" else f"{row['ssim']:.4f}"
+        label = {"bicubic": "bicubic upsampling (reference)",
+                 "hr": "HR ground truth (segmenter's ceiling)"}[ref]
+        lines.append(f"| {label} | {psnr} | {ssim} | {row['semantic_miou']:.3f} | – |")
+    for arm, title in ARMS.items():
+        a = r["arms"][arm]
+        own = "SegDM " if arm == "joint" else "LQ segmenter "
+        lines.append(f"| {title} | {pm(a['psnr'], '.2f')} | {pm(a['ssim'], '.4f')} | "
+                     f"{pm(a['semantic_miou'], '.3f')} | {own}{pm(a['seg_miou'], '.3f')} |")
+    traj = r["arms"]["joint"]["trajectory_miou"]["mean"]
+    picks = sorted({0, len(traj) // 4, len(traj) // 2, 3 * len(traj) // 4, len(traj) - 1})
+    lines += ["", "SegDM's mIoU after each reverse step (joint arm, mean over seeds; the fixed "
+              f"LQ segmenter scores {r['arms']['prior']['seg_miou']['mean']:.3f}):", "",
+              "| step | " + " | ".join(str(i + 1) for i in picks) + " |",
+              "| --- |" + " --- |" * len(picks),
+              "| mIoU | " + " | ".join(f"{traj[i]:.3f}" for i in picks) + " |"]
+    return "\n".join(lines)
+
+
+def make_grid(test: Path, out: Path, names: list[str], num_classes: int) -> np.ndarray:
+    """Rows: scenes; columns: LQ, bicubic, the three arms, HR, true labels, SegDM's labels."""
+    from PIL import ImageDraw
+
+    cols = ["LQ", "bicubic", "SRDM only", "fixed prior", "SegSR", "HR", "labels", "SegDM"]
+    rows = []
+    for name in names:
+        hr = images.read_image(test / "hr" / f"{name}_hr.png")
+        hw = hr.shape[:2]
+        lq = images.read_image(test / "lq" / f"{name}.png")
+        label = np.asarray(images.Image.open(test / "labels" / f"{name}_label.png"))
+        seg = np.asarray(images.Image.open(out / "joint" / "seed0" / "seg" /
+                                           f"{name}_seg_labels.png"))
+        arms = [images.read_image(out / a / "seed0" / "sr" / f"{name}_sr.png") for a in ARMS]
+        rows.append(images.side_by_side(
+            images.resize(lq, hw, resample=images.Image.NEAREST), images.resize(lq, hw), *arms,
+            hr, images.colorize(label, num_classes), images.colorize(seg, num_classes), gap=4))
+    w, cell = rows[0].shape[1], rows[0].shape[0]
+    header = images.Image.new("RGB", (w, 16), "white")
+    draw = ImageDraw.Draw(header)
+    for i, c in enumerate(cols):
+        draw.text((i * (cell + 4) + 2, 2), c, fill="black")
+    gap = np.full((4, w, 3), 255, np.uint8)
+    parts = [np.asarray(header)]
+    for row in rows:
+        parts += [row, gap]
+    return np.concatenate(parts[:-1])
+
+
+def run(args) -> dict:
+    from segsr_jax import evaluate
+
+    runs, out = Path(args.runs), Path(args.out)
+    test = runs / "testset"
+    make_test_set(test, args.count, args.size, args.num_classes)
+    names = sorted(p.stem for p in (test / "lq").glob("*.png"))
+    lqs = [images.read_image(test / "lq" / f"{n}.png") for n in names]
+    truths = [np.asarray(images.Image.open(test / "labels" / f"{n}_label.png")) for n in names]
+    hw = truths[0].shape
+    segmenter = evaluate.load_segmenter(runs / "segmenter" / "checkpoints")
+    work = runs / "experiment"
+
+    def score(pred: Path, seg_pred: Path | None = None) -> dict:
+        ev = evaluate.evaluate_folders(pred, test / "hr", labels=test / "labels",
+                                       segmenter=segmenter, seg_pred=seg_pred, crop_border=4,
+                                       use_pyiqa=False, progress=False)
+        return ev.mean
+
+    refs = {}
+    for n, lq in zip(names, lqs, strict=True):
+        images.write_png(work / "bicubic" / f"{n}_sr.png", images.resize(lq, hw))
+    refs["bicubic"] = score(work / "bicubic")
+    from segsr_jax import metrics
+
+    conf = sum(metrics.confusion(evaluate.semantic_labels(
+        segmenter, images.read_image(test / "hr" / f"{n}_hr.png")), y, args.num_classes)
+        for n, y in zip(names, truths, strict=True))
+    refs["hr"] = {"semantic_miou": metrics.miou(conf)[0]}
+    arms = {}
+    for arm in ARMS:
+        per_seed, trajs, secs = [], [], []
+        for seed in range(args.seeds):
+            d = work / arm / f"seed{seed}"
+            traj, s = sample_arm(runs / arm / "checkpoints", lqs, names, d, seed, args.steps, hw)
+            per_seed.append(score(d / "sr", d / "seg"))
+            trajs.append(trajectory_miou(traj, truths, args.num_classes))
+            secs.append(s)
+            print(f"{arm} seed {seed}: " + ", ".join(f"{k} {v:.4f}" for k, v in
+                                                     per_seed[-1].items()), flush=True)
+        arms[arm] = {k: mean_std([m[k] for m in per_seed]) for k in per_seed[0]}
+        arms[arm]["trajectory_miou"] = {"mean": np.mean(trajs, 0).tolist(),
+                                        "per_seed": trajs}
+        arms[arm]["sampling_seconds"] = secs
+    results = {"date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv),
+               "machine": f"{os.cpu_count()} CPU cores", "steps": args.steps,
+               "seeds": list(range(args.seeds)),
+               "test_set": {"count": len(names), "size": int(hw[0]), "seed": TEST_SEED},
+               "training_minutes": stage_minutes(runs), "references": refs, "arms": arms}
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / "results.json.tmp"
+    tmp.write_text(json.dumps(results, indent=1))
+    os.replace(tmp, out / "results.json")
+    (out / "results.md").write_text(render_table(results) + "\n")
+    grid = make_grid(test, work, names[:args.grid_rows], args.num_classes)
+    images.write_png(out / "grid.png", grid)
+    return results
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--runs", default="runs/tiny", help="the tiny training runs' parent folder")
+    p.add_argument("--out", default="docs/experiment", help="results.json, results.md, grid.png")
+    p.add_argument("--count", type=int, default=32, help="test scenes")
+    p.add_argument("--size", type=int, default=96, help="HR side of the test scenes")
+    p.add_argument("--num-classes", type=int, default=8)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--grid-rows", type=int, default=4)
+    p.add_argument("--render-only", action="store_true",
+                   help="print the tables of an existing results.json")
+    args = p.parse_args(argv)
+    if args.render_only:
+        print(render_table(json.loads((Path(args.out) / "results.json").read_text())))
+        return 0
+    print(render_table(run(args)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
