@@ -23,7 +23,7 @@ The evaluation segmenter (semantic fidelity) is a SegFormer trained on clean HR 
 (``init_from`` defaults to ``runs/tiny/<previous stage>/checkpoints``; override it with
 ``--config.init_from=...`` when the workdirs live elsewhere.) The model: a VAE with factor 4,
 a two-level UNet 32/64 wide, a two-stage SegFormer, 8 classes, and a character-level
-tokenizer written into the checkpoint. Times are in the README's experiment section.
+tokenizer written into the checkpoint. Times are in the README's experiment table.
 """
 
 import dataclasses

@@ -1,7 +1,8 @@
 """The miniature SegSR experiment: three arms of the tiny model on a held-out synthetic test set.
 
 After the training commands of ``configs/tiny.py`` (stages vae, sr, seg, then the arms sronly,
-prior, joint, and the evaluation segmenter)::
+prior, joint -- each a second time with ``--config.seed=1 --config.data.seed=1`` into
+``runs/tiny/ARM_s1`` -- and the evaluation segmenter)::
 
     python scripts/tiny_experiment.py                    # sample, score, write docs/experiment/
     python scripts/tiny_experiment.py --render-only      # print the README table from results.json
@@ -13,13 +14,15 @@ Arms (same start checkpoint ``seg``, same steps, batch and learning rate):
   (``seg_prior="fixed"``);
 - ``joint``:  full SegSR, SegDM refined jointly with the image through the bridge.
 
-Every arm samples the same LQ images with the same seeds (DDIM, ``--steps`` steps, no CFG, the
-colour fix of the checkpoint). Scores (:mod:`segsr_jax.evaluate`): PSNR and SSIM on Y with a
-4-pixel border crop; semantic mIoU, the HR-trained evaluation segmenter's map of each output
-against the true labels; the arm's own segmentation mIoU (SegDM's for ``joint``, the fixed LQ
-segmenter's for the others); and SegDM's mIoU after every step. Means over seeds, with the
-standard deviation across seeds. Bicubic upsampling and the HR images themselves are scored as
-references. Outputs: ``results.json``, ``results.md`` and ``grid.png`` in ``--out``.
+Every training run of every arm samples the same LQ images with the same sampling seeds (DDIM,
+``--steps`` steps, no CFG, the checkpoint's colour fix, the arm's ``seg_prior``). Scores
+(:mod:`segsr_jax.evaluate`): PSNR and SSIM on Y with a 4-pixel border crop; semantic mIoU, the
+HR-trained evaluation segmenter's map of each output against the true labels; the arm's own
+segmentation mIoU (SegDM's for ``joint``, the fixed LQ segmenter's for ``prior``); and the
+segmentation's mIoU after every step. Each training run's scores are averaged over the sampling
+seeds; the tables give the mean and standard deviation over training runs. Bicubic upsampling
+and the HR images themselves are scored as references. Outputs: ``results.json``,
+``results.md`` and ``grid.png`` (first training run, first sampling seed) in ``--out``.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from segsr_jax import images  # noqa: E402
 
 ARMS = {"sronly": "SRDM only", "prior": "SRDM + fixed LQ-segmenter prior",
         "joint": "SegSR (SegDM + DMB)"}
+SEG_PRIOR = {"sronly": "none", "prior": "fixed", "joint": "diffusion"}
 TEST_SEED = 20_001          # training scenes use source seed 0, the demo images 10_001
 SCALE = 4
 
@@ -50,16 +54,21 @@ def make_test_set(folder: Path, count: int, size: int, num_classes: int) -> None
     from segsr_jax.data.degradations import DegradationConfig, degrade
     from segsr_jax.data.synthetic import SceneConfig, make_scene
 
+    stamp = f"{count} scenes of {size} px, {num_classes} classes, seed {TEST_SEED}\n"
     if (folder / "done").exists():
+        if (folder / "done").read_text() != stamp:
+            raise SystemExit(f"{folder} holds another test set ({(folder / 'done').read_text()!r}"
+                             f"); remove it or pass the same --count/--size/--num-classes")
         return
     cfg = SceneConfig(height=size, width=size, num_classes=num_classes)
     for i in range(count):
         hr, label = make_scene((TEST_SEED, i), cfg)
-        lq = degrade(hr, np.random.default_rng((TEST_SEED, i)), DegradationConfig(scale=SCALE))
+        rng = np.random.default_rng((TEST_SEED, i, 1))   # a stream apart from the scene's
+        lq = degrade(hr, rng, DegradationConfig(scale=SCALE))
         images.write_png(folder / "hr" / f"test{i:03d}_hr.png", hr)
         images.write_png(folder / "lq" / f"test{i:03d}.png", lq)
         images.write_png(folder / "labels" / f"test{i:03d}_label.png", label)
-    (folder / "done").write_text(f"{count} scenes of {size} px, seed {TEST_SEED}\n")
+    (folder / "done").write_text(stamp)
 
 
 def upsample_labels(labels: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
@@ -67,17 +76,13 @@ def upsample_labels(labels: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
     return images.resize(np.asarray(labels, np.uint8), hw, resample=images.Image.NEAREST)
 
 
-def sample_arm(ckpt: Path, lqs: list[np.ndarray], names: list[str], out: Path, seed: int,
-               steps: int, hw: tuple[int, int]) -> tuple[list[np.ndarray], float]:
+def sample_arm(restorer, seg_prior: str, lqs: list[np.ndarray], names: list[str], out: Path,
+               seed: int, steps: int, hw: tuple[int, int]) -> tuple[list[np.ndarray], float]:
     """Sample one arm for one seed: writes ``sr/<name>_sr.png`` and
     ``seg/<name>_seg_labels.png``; returns the per-step label trajectories (upsampled to ``hw``)
-    and the sampling seconds (compilation excluded)."""
-    from segsr_jax.inference import Restorer
-
-    restorer = Restorer.from_checkpoint(ckpt)
+    and the sampling seconds (the first call of a restorer also compiles)."""
     opts = restorer.options(sampler="ddim", steps=steps, guidance=1.0, prompt="",
-                            negative_prompt="")
-    restorer.restore_batch(lqs[:1] * len(lqs), hw, opts, seed=seed, record_labels=True)
+                            negative_prompt="", seg_prior=seg_prior)
     t0 = time.perf_counter()
     results, _ = restorer.restore_batch(lqs, hw, opts, seed=seed, record_labels=True)
     seconds = time.perf_counter() - t0
@@ -104,6 +109,7 @@ def trajectory_miou(trajectories: list[np.ndarray], truths: list[np.ndarray],
 
 
 def mean_std(values: list[float]) -> dict:
+    """Mean, sample standard deviation and the values."""
     return {"mean": statistics.fmean(values),
             "std": statistics.stdev(values) if len(values) > 1 else 0.0, "values": values}
 
@@ -111,7 +117,8 @@ def mean_std(values: list[float]) -> dict:
 def stage_minutes(runs: Path) -> dict:
     """Wall-clock minutes of each training run, from its metrics.jsonl (first to last event)."""
     out = {}
-    for name in ("vae", "sr", "seg", "sronly", "prior", "joint", "segmenter"):
+    for name in ("vae", "sr", "seg", "sronly", "prior", "joint", "segmenter",
+                 "sronly_s1", "prior_s1", "joint_s1"):
         log = runs / name / "metrics.jsonl"
         if log.is_file():
             times = [json.loads(line)["time"] for line in log.read_text().splitlines() if line]
@@ -121,10 +128,20 @@ def stage_minutes(runs: Path) -> dict:
 
 def render_table(r: dict) -> str:
     """The README's tables (markdown) from ``results.json``."""
-    pm = lambda d, f: f"{d['mean']:{f}} ± {d['std']:{f}}"
+    def pm(d, f):   # "mean ± std" over training runs
+        return f"{d['mean']:{f}} ± {d['std']:{f}}"
+
+    minutes = r["training_minutes"]
+    shared = sum(minutes.get(k, 0) for k in ("vae", "sr", "seg"))
+    arm_min = ", ".join(f"{a} {minutes[a]:.1f}" for a in ARMS if a in minutes)
     lines = [f"Held-out test set: {r['test_set']['count']} synthetic scenes, "
              f"{r['test_set']['size']} px HR, x{SCALE} LQ through the training degradation; "
-             f"DDIM {r['steps']} steps, no CFG; mean ± std over seeds {r['seeds']}.", "",
+             f"DDIM {r['steps']} steps, no CFG. Each arm was trained {len(r['train_seeds'])} "
+             f"times (training seeds {r['train_seeds']}); each run's scores are means over "
+             f"sampling seeds {r['seeds']}; the table gives mean ± std over the training runs. "
+             f"Training minutes on {r['machine']}: shared stages {shared:.1f} (vae, sr, seg), "
+             f"per arm run {arm_min}, evaluation segmenter {minutes.get('segmenter', 0):.1f}.",
+             "",
              "| arm | PSNR (Y) | SSIM (Y) | semantic mIoU | own segmentation mIoU |",
              "| --- | --- | --- | --- | --- |"]
     for ref in ("bicubic", "hr"):
@@ -136,13 +153,15 @@ def render_table(r: dict) -> str:
         lines.append(f"| {label} | {psnr} | {ssim} | {row['semantic_miou']:.3f} | – |")
     for arm, title in ARMS.items():
         a = r["arms"][arm]
-        own = "SegDM " if arm == "joint" else "LQ segmenter "
+        own = {"joint": f"SegDM {pm(a['seg_miou'], '.3f')}",
+               "prior": f"LQ segmenter {pm(a['seg_miou'], '.3f')}"}.get(arm, "–")
         lines.append(f"| {title} | {pm(a['psnr'], '.2f')} | {pm(a['ssim'], '.4f')} | "
-                     f"{pm(a['semantic_miou'], '.3f')} | {own}{pm(a['seg_miou'], '.3f')} |")
+                     f"{pm(a['semantic_miou'], '.3f')} | {own} |")
     traj = r["arms"]["joint"]["trajectory_miou"]["mean"]
     picks = sorted({0, len(traj) // 4, len(traj) // 2, 3 * len(traj) // 4, len(traj) - 1})
-    lines += ["", "SegDM's mIoU after each reverse step (joint arm, mean over seeds; the fixed "
-              f"LQ segmenter scores {r['arms']['prior']['seg_miou']['mean']:.3f}):", "",
+    lines += ["", "SegDM's mIoU after each reverse step (joint arm, mean over all runs and "
+              "sampling seeds; the fixed LQ segmenter scores "
+              f"{r['arms']['prior']['seg_miou']['mean']:.3f}):", "",
               "| step | " + " | ".join(str(i + 1) for i in picks) + " |",
               "| --- |" + " --- |" * len(picks),
               "| mIoU | " + " | ".join(f"{traj[i]:.3f}" for i in picks) + " |"]
@@ -179,7 +198,9 @@ def make_grid(test: Path, out: Path, names: list[str], num_classes: int) -> np.n
 
 
 def run(args) -> dict:
+    """Make the test set, sample and score every arm, write the results; returns them."""
     from segsr_jax import evaluate
+    from segsr_jax.inference import Restorer
 
     runs, out = Path(args.runs), Path(args.out)
     test = runs / "testset"
@@ -209,22 +230,29 @@ def run(args) -> dict:
     refs["hr"] = {"semantic_miou": metrics.miou(conf)[0]}
     arms = {}
     for arm in ARMS:
-        per_seed, trajs, secs = [], [], []
-        for seed in range(args.seeds):
-            d = work / arm / f"seed{seed}"
-            traj, s = sample_arm(runs / arm / "checkpoints", lqs, names, d, seed, args.steps, hw)
-            per_seed.append(score(d / "sr", d / "seg"))
-            trajs.append(trajectory_miou(traj, truths, args.num_classes))
-            secs.append(s)
-            print(f"{arm} seed {seed}: " + ", ".join(f"{k} {v:.4f}" for k, v in
-                                                     per_seed[-1].items()), flush=True)
-        arms[arm] = {k: mean_std([m[k] for m in per_seed]) for k in per_seed[0]}
+        per_run, trajs, secs = [], [], []
+        for ts in args.train_seeds:
+            run_dir = runs / (arm if ts == 0 else f"{arm}_s{ts}")
+            restorer = Restorer.from_checkpoint(run_dir / "checkpoints")
+            per_seed = []
+            for seed in range(args.seeds):
+                d = work / (arm if ts == 0 else f"{arm}_s{ts}") / f"seed{seed}"
+                traj, s = sample_arm(restorer, SEG_PRIOR[arm], lqs, names, d, seed, args.steps,
+                                     hw)
+                per_seed.append(score(d / "sr", d / "seg"))
+                trajs.append(trajectory_miou(traj, truths, args.num_classes))
+                secs.append(s)
+                print(f"{arm} training seed {ts} sampling seed {seed}: " + ", ".join(
+                    f"{k} {v:.4f}" for k, v in per_seed[-1].items()), flush=True)
+            per_run.append({k: statistics.fmean(m[k] for m in per_seed) for k in per_seed[0]})
+        arms[arm] = {k: mean_std([m[k] for m in per_run]) for k in per_run[0]}
+        arms[arm]["seg_prior"] = SEG_PRIOR[arm]
         arms[arm]["trajectory_miou"] = {"mean": np.mean(trajs, 0).tolist(),
-                                        "per_seed": trajs}
+                                        "per_run_and_seed": trajs}
         arms[arm]["sampling_seconds"] = secs
     results = {"date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv),
                "machine": f"{os.cpu_count()} CPU cores", "steps": args.steps,
-               "seeds": list(range(args.seeds)),
+               "seeds": list(range(args.seeds)), "train_seeds": list(args.train_seeds),
                "test_set": {"count": len(names), "size": int(hw[0]), "seed": TEST_SEED},
                "training_minutes": stage_minutes(runs), "references": refs, "arms": arms}
     out.mkdir(parents=True, exist_ok=True)
@@ -238,6 +266,7 @@ def run(args) -> dict:
 
 
 def main(argv=None) -> int:
+    """Run the experiment (or only render its tables)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--runs", default="runs/tiny", help="the tiny training runs' parent folder")
     p.add_argument("--out", default="docs/experiment", help="results.json, results.md, grid.png")
@@ -245,7 +274,9 @@ def main(argv=None) -> int:
     p.add_argument("--size", type=int, default=96, help="HR side of the test scenes")
     p.add_argument("--num-classes", type=int, default=8)
     p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--seeds", type=int, default=3, help="sampling seeds per training run")
+    p.add_argument("--train-seeds", type=lambda v: [int(x) for x in v.split(",")],
+                   default=[0, 1], help="training runs per arm: 0 is runs/ARM, k runs/ARM_sK")
     p.add_argument("--grid-rows", type=int, default=4)
     p.add_argument("--render-only", action="store_true",
                    help="print the tables of an existing results.json")

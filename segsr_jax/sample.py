@@ -70,7 +70,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="text guidance scale (default: the checkpoint's, else 5.5)")
     p.add_argument("--seg-prior", default=None, choices=("diffusion", "fixed", "none"),
                    help="segmentation guidance: diffusion (SegSR: SegDM refined jointly), fixed "
-                        "(the LQ segmenter's map), none (SRDM alone); default: the checkpoint's, "
+                        "(the LQ segmenter's map), none (SRDM alone); with fixed and none the "
+                        "written segmentation is the LQ segmenter's; default: the checkpoint's, "
                         "else diffusion")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                    help="compute dtype (parameters stay float32)")

@@ -151,3 +151,15 @@ def test_seg_prior_flag_switches_the_segmentation_guidance(ckpt, tmp_path, capsy
     assert not np.array_equal(out["diffusion"], out["none"])
     with pytest.raises(SystemExit):
         sample.parse_args(["--seg-prior", "oracle"])
+
+
+def test_restorer_returns_label_trajectories(ckpt):
+    from segsr_jax.inference import Restorer
+
+    restorer = Restorer.from_checkpoint(ckpt)
+    lq = data.astronaut()[::16, ::16][:24]
+    opts = restorer.options(steps=3, seg_prior="diffusion")
+    (sr, labels, traj), = restorer.restore_batch([lq], (24, 32), opts, record_labels=True)[0]
+    f = restorer.config.latent_factor
+    assert sr.shape == (24, 32, 3) and traj.shape == (3, 24 // f, 32 // f)
+    np.testing.assert_array_equal(traj[-1], labels)

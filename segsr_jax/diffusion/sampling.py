@@ -38,7 +38,8 @@ from segsr_jax.models.segsr import SegSR
 # What conditions SRDM on segmentation (static; DESIGN §1 is "diffusion"):
 #   diffusion: full SegSR, SegDM refines S_t jointly with Z_t and the bridge couples them;
 #   fixed:     S_t is the fixed segmenter's labels on the LQ image at every step (embedded
-#              like SegDM's clean maps), fed to SRDM through the bridge; SegDM does not run;
+#              like SegDM's clean maps), fed to SRDM through the bridge; SegDM's output is
+#              unused (XLA drops it from the program);
 #   none:      SRDM alone (C_t = 0, as in training stage ``sr``); the bridge does not run.
 SEG_PRIORS = ("diffusion", "fixed", "none")
 
@@ -149,7 +150,8 @@ class SampleOutput:
 
     Attributes:
       image: ``[B, H, W, 3]`` SR image in ``[-1, 1]``.
-      labels: ``[B, h, w]`` int32 SegDM segmentation at latent resolution.
+      labels: ``[B, h, w]`` int32 SegDM segmentation at latent resolution (with
+        ``seg_prior`` fixed or none: the fixed segmenter's, i.e. ``lq_labels``).
       lq_labels: ``[B, h, w]`` int32 the fixed segmenter's labels on the LQ input.
       latent: ``[B, h, w, 4]`` the final latent ``Z_0``.
       trajectory: ``[B, steps, h, w]`` uint8, the segmentation's argmax after every step
@@ -305,6 +307,7 @@ def sample(model: SegSR, plan: SamplingPlan, lq: jax.Array, context: jax.Array,
     """
     cond, carry, lq_labels = _prepare(model, plan, lq, context, uncond_context,
                                       guidance_scale, key)
+
     def body(c, s):
         c = reverse_step(model, plan, cond, c, s)
         return c, (_step_labels(c) if plan.record_labels else None)

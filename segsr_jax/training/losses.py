@@ -19,7 +19,7 @@ schedule and ``S_0 = embed(y)`` with the seg schedule at ``t / T``, run
     joint: ||target - model_out||^2 + lambda_seg * CE(seg_logits, y)
     prior: ||target - model_out||^2 with S_t = embed(argmax SegFormer(LQ)) at every t: the
            "fixed segmentation prior" ablation (bridge + ControlNet learn to use a fixed
-           segmenter's map; SegDM not run; sample with ``seg_prior="fixed"``)
+           segmenter's map; SegDM's output unused; sample with ``seg_prior="fixed"``)
 
 Stage ``segmenter`` trains the SegFormer alone as a segmenter of clean HR images (CE of its
 logits, bilinearly upsampled to the label size): the evaluation segmenter of the semantic
@@ -127,7 +127,7 @@ def vae_loss(model: SegSR, batch: dict, key: jax.Array, cfg: LossConfig
 
 def diffusion_loss(model: SegSR, batch: dict, key: jax.Array, cfg: LossConfig
                    ) -> tuple[jax.Array, dict]:
-    """Stages ``sr``, ``seg`` and ``joint`` (see the module docstring)."""
+    """Stages ``sr``, ``seg``, ``joint`` and ``prior`` (see the module docstring)."""
     score_sr, score_seg = _TERMS[cfg.stage]
     hr = to_unit_range(batch["hr"])
     lq = upsample_lq(to_unit_range(batch["lq"]), hr.shape[1:3])

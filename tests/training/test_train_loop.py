@@ -91,3 +91,25 @@ def test_nan_guard_stops_without_saving_a_bad_state(tmp_path, init_checkpoint):
         tmp_path / "checkpoints", checkpoint.CheckpointOptions()).all_steps() == []
     steps = [r["step"] for r in _records(tmp_path)]
     assert steps == [1]    # step 1 was logged; step 2's metrics stopped the run
+
+
+@pytest.mark.parametrize("stage", ["prior", "segmenter"])
+def test_experiment_stages_train_only_their_modules(stage, tmp_path, init_checkpoint):
+    """Stages prior (ControlNet + bridge from the fixed LQ-segmenter map) and segmenter
+    (SegFormer on HR) run through the CLI's training loop and change only their modules;
+    the segmenter's checkpoint loads as an evaluation segmenter."""
+    c = get_config(stage)
+    c.init_from = str(init_checkpoint)
+    c.num_steps = 3
+    c.checkpoint.every = 3
+    assert train.train_and_evaluate(c, str(tmp_path)) == 0
+    metrics = _records(tmp_path)[-1]
+    assert np.isfinite(metrics["loss"])
+    if stage == "segmenter":
+        assert 0.0 <= metrics["pixel_accuracy"] <= 1.0
+    _, before = random_params()       # what init_checkpoint holds
+    after = nnx.to_pure_dict(Restorer.from_checkpoint(tmp_path / "checkpoints").state)
+    changed = {name for name in before
+               if any(not np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(
+                   jax.tree.leaves(before[name]), jax.tree.leaves(after[name]), strict=True))}
+    assert changed == {"prior": {"controlnet", "bridge"}, "segmenter": {"segformer"}}[stage]
