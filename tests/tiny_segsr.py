@@ -65,5 +65,6 @@ def save_checkpoint(path, model: SegSR, sampling: dict | None = None):
 
     checkpoint.save_model(path, model, {"model": model.config.to_dict(),
                                         "sampling": dict(sampling or {})})
-    _write_sd2_style_folder(path / "tokenizer", max_length=model.config.text.max_position_embeddings)
+    _write_sd2_style_folder(path / "tokenizer",
+                            max_length=model.config.text.max_position_embeddings)
     return path

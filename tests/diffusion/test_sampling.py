@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 
 from segsr_jax import parallel
-from segsr_jax.diffusion import sampling, samplers
+from segsr_jax.diffusion import samplers, sampling
 from segsr_jax.diffusion.schedules import NoiseConfig, alphas_cumprod
 from tests.tiny_segsr import tiny_model
 
