@@ -397,3 +397,23 @@ def test_segmenter_from_a_transformers_folder_matches_its_labels(tmp_path):
     want = logits.argmax(1)[0].numpy()
     assert len(np.unique(want)) > 1
     assert (E.semantic_labels(seg, image) == want).mean() > 0.995  # float ties at most
+
+
+def test_psnr_ssim_agree_with_pyiqa_ycbcr_settings_when_installed():
+    """pyiqa (optional) with ``test_y_channel=True, color_space='ycbcr'``: the same PSNR; its
+    SSIM rounds Y to integers first (ours, like BasicSR, keeps Y float), so compare SSIM on
+    rounded Y. Measured here against pyiqa 0.1.16's psnr/ssim archs: PSNR within 1.2e-4 dB,
+    SSIM on rounded Y within 1e-6 (pyiqa's default color_space 'yiq' is another convention)."""
+    pyiqa = pytest.importorskip("pyiqa")
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(0)
+    a = data.astronaut()[:200, :240]
+    b = np.clip(a + rng.normal(0, 15, a.shape), 0, 255).astype(np.uint8)
+    t = lambda x: torch.from_numpy(x.copy()).permute(2, 0, 1)[None].double() / 255
+    kw = dict(test_y_channel=True, color_space="ycbcr", crop_border=4, as_loss=False)
+    p = pyiqa.create_metric("psnr", device="cpu", **kw)(t(a), t(b)).item()
+    s = pyiqa.create_metric("ssim", device="cpu", **kw)(t(a), t(b)).item()
+    assert abs(M.psnr(a, b, 4) - p) < 1e-3
+    c = 4
+    ya, yb = np.round(M.rgb_to_y(a)), np.round(M.rgb_to_y(b))
+    assert abs(M._ssim_channel(ya[c:-c, c:-c], yb[c:-c, c:-c]) - s) < 1e-5
