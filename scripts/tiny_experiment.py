@@ -256,10 +256,8 @@ def run(args) -> dict:
                "test_set": {"count": len(names), "size": int(hw[0]), "seed": TEST_SEED},
                "training_minutes": stage_minutes(runs), "references": refs, "arms": arms}
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / "results.json.tmp"
-    tmp.write_text(json.dumps(results, indent=1))
-    os.replace(tmp, out / "results.json")
-    (out / "results.md").write_text(render_table(results) + "\n")
+    images.write_atomic(out / "results.json", json.dumps(results, indent=1).encode())
+    images.write_atomic(out / "results.md", (render_table(results) + "\n").encode())
     grid = make_grid(test, work, names[:args.grid_rows], args.num_classes)
     images.write_png(out / "grid.png", grid)
     return results

@@ -33,7 +33,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -395,19 +394,8 @@ def format_table(ev: Evaluation, per_image: bool = False) -> str:
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    """Write to a temporary file in the same folder, then ``os.replace`` it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            f.write(text)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write ``text`` (UTF-8, newlines as given) atomically."""
+    images.write_atomic(path, text.encode("utf-8"))
 
 
 def write_results(ev: Evaluation, out_dir: str | os.PathLike) -> tuple[Path, Path]:

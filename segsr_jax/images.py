@@ -6,6 +6,7 @@ returns uint8 RGB ``[H, W, 3]``; model inputs are float32 in ``[-1, 1]``.
 
 from __future__ import annotations
 
+import io
 import os
 import tempfile
 import warnings
@@ -90,15 +91,15 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     return arr
 
 
-def write_png(path: str | os.PathLike, array: np.ndarray) -> None:
-    """Write a uint8 array as PNG atomically: to a temporary name in the same folder, then
-    ``os.replace``, so a killed run never leaves a partial file under the final name."""
+def write_atomic(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` atomically: to a temporary name in the same folder, then ``os.replace``,
+    so a killed run never leaves a partial file under the final name."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png.tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            Image.fromarray(np.asarray(array)).save(f, format="PNG")
+            f.write(data)
         # mkstemp creates 0600; give the file the permissions a plain open() would.
         umask = os.umask(0)
         os.umask(umask)
@@ -107,6 +108,13 @@ def write_png(path: str | os.PathLike, array: np.ndarray) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_png(path: str | os.PathLike, array: np.ndarray) -> None:
+    """Write a uint8 array as PNG atomically (:func:`write_atomic`)."""
+    buf = io.BytesIO()
+    Image.fromarray(np.asarray(array)).save(buf, format="PNG")
+    write_atomic(path, buf.getvalue())
 
 
 def to_unit_range(img_u8: np.ndarray) -> np.ndarray:
