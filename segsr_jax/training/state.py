@@ -47,6 +47,9 @@ class OptimizerConfig:
       b1, b2, eps, weight_decay: AdamW (decay applies to every trainable leaf, as torch's).
       grad_clip: global-norm clip (0: none).
       ema_decay: EMA decay, warmed up as ``min(ema_decay, (1 + n) / (10 + n))``.
+      lr_multipliers: ``{module: factor}`` scaling the learning rate (and decay) of a SegSR
+        module's updates, e.g. ``{"bridge": 10.0}`` for zero-initialised heads that must open
+        within a short stage; stored as sorted ``(module, factor)`` pairs.
     """
 
     learning_rate: float = 5e-5
@@ -60,8 +63,16 @@ class OptimizerConfig:
     weight_decay: float = 1e-2
     grad_clip: float = 1.0
     ema_decay: float = 0.9999
+    lr_multipliers: tuple[tuple[str, float], ...] = ()
 
     def __post_init__(self):
+        pairs = dict(self.lr_multipliers)
+        unknown = sorted(set(pairs) - set(MODULES))
+        if unknown:
+            raise ValueError(f"lr_multipliers names unknown module(s) {unknown}; choose from "
+                             f"{MODULES}")
+        object.__setattr__(self, "lr_multipliers",
+                           tuple(sorted((k, float(v)) for k, v in pairs.items())))
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule {self.schedule!r} is not one of {SCHEDULES}")
         if self.schedule == "cosine" and self.decay_steps <= self.warmup_steps:
@@ -82,13 +93,28 @@ def make_schedule(cfg: OptimizerConfig) -> optax.Schedule:
     return optax.join_schedules([warm, after], [cfg.warmup_steps])
 
 
+def scale_modules(factors: dict[str, float]) -> optax.GradientTransformation:
+    """Multiply the updates of the top-level modules named in ``factors`` (params are
+    ``{module: tree}`` dicts); stateless."""
+
+    def update(updates, state, params=None):
+        del params
+        return {k: jax.tree.map(lambda u, f=factors[k]: u * f, v) if k in factors else v
+                for k, v in updates.items()}, state
+
+    return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
+
+
 def make_optimizer(cfg: OptimizerConfig) -> optax.GradientTransformation:
-    """Clip by global norm, then AdamW with :func:`make_schedule`."""
-    adamw = optax.adamw(make_schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
-                        weight_decay=cfg.weight_decay)
-    if cfg.grad_clip > 0:
-        return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), adamw)
-    return adamw
+    """Clip by global norm, then AdamW with :func:`make_schedule`, then the per-module
+    learning-rate multipliers (only when some are set, so the optimizer state of runs without
+    them keeps its structure)."""
+    parts = [optax.clip_by_global_norm(cfg.grad_clip)] if cfg.grad_clip > 0 else []
+    parts.append(optax.adamw(make_schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+                             weight_decay=cfg.weight_decay))
+    if cfg.lr_multipliers:
+        parts.append(scale_modules(dict(cfg.lr_multipliers)))
+    return parts[0] if len(parts) == 1 else optax.chain(*parts)
 
 
 def trainable_filter(stage: str, also_train: tuple[str, ...] = ()):

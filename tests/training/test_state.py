@@ -90,3 +90,31 @@ def test_init_train_state_has_moments_for_trainable_params_only(abstract):
     # two moments per trainable scalar, plus the step counters of adam and the schedule
     assert state_lib.count_params(st.opt_state) == 2 * state_lib.count_params(params) + 2
     assert st.step.dtype == jnp.int32 and st.rng.dtype == jnp.uint32
+
+
+def test_lr_multipliers_scale_only_their_modules():
+    import optax
+
+    from segsr_jax.training.state import OptimizerConfig, make_optimizer
+
+    params = {"bridge": {"w": jnp.ones((3,))}, "unet": {"w": jnp.ones((3,))}}
+    grads = {"bridge": {"w": jnp.array([0.1, -0.2, 0.3])},
+             "unet": {"w": jnp.array([0.3, 0.2, -0.1])}}
+    base = OptimizerConfig(learning_rate=1e-2, warmup_steps=0)
+    fast = OptimizerConfig(learning_rate=1e-2, warmup_steps=0,
+                           lr_multipliers={"bridge": 10.0})
+    assert fast.lr_multipliers == (("bridge", 10.0),)
+    ups = []
+    for cfg in (base, fast):
+        opt = make_optimizer(cfg)
+        state = opt.init(params)
+        # The second update, with Adam's moments past their first step.
+        ups.append(opt.update(grads, opt.update(grads, state, params)[1], params)[0])
+    np.testing.assert_allclose(ups[1]["bridge"]["w"], 10 * ups[0]["bridge"]["w"], rtol=1e-6)
+    np.testing.assert_array_equal(ups[1]["unet"]["w"], ups[0]["unet"]["w"])
+    assert float(optax.tree.norm(ups[0]["bridge"])) > 0
+    with pytest.raises(ValueError, match="lr_multipliers"):
+        OptimizerConfig(lr_multipliers={"bridges": 2.0})
+    # Without multipliers the optimizer state keeps its structure (old checkpoints resume).
+    n_plain = len(jax.tree.leaves(make_optimizer(base).init(params)))
+    assert n_plain == len(jax.tree.leaves(make_optimizer(fast).init(params)))
