@@ -62,8 +62,8 @@ class Restorer:
     @classmethod
     def from_checkpoint(cls, path: str | Path, dtype: str = "float32") -> Restorer:
         """Load a checkpoint folder (its config decides the architecture; its ``tokenizer/``
-        sub-folder the prompts' tokens)."""
-        from segsr_jax import weights
+        sub-folder the prompts' tokens). ``path`` may be a ``gs://`` URI."""
+        from segsr_jax.training import workdir
 
         if dtype not in DTYPES:
             raise ValueError(f"dtype {dtype!r}: choose one of {sorted(DTYPES)}")
@@ -77,7 +77,10 @@ class Restorer:
                          rngs=ShapeOnlyRngs())
 
         model, cfg = checkpoint.restore_model(path, build)
-        tokenizer = weights.load_tokenizer(Path(path) / "tokenizer")
+        # A gs:// checkpoint (Orbax reads it natively) keeps its tokenizer there too.
+        folder = f"{str(path).rstrip('/')}/tokenizer" if workdir.is_remote(path) else (
+            Path(path) / "tokenizer")
+        tokenizer = workdir.load_tokenizer(folder)
         return cls(model, tokenizer, defaults=cfg.get("sampling", {}))
 
     @property

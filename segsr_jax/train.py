@@ -23,7 +23,6 @@ import dataclasses
 import os
 import signal
 import sys
-import tempfile
 from pathlib import Path
 
 import jax
@@ -97,7 +96,6 @@ def setup_tokenizer(config: ConfigDict, ckpt_dir: epath.Path, max_length: int):
     """Put the run's tokenizer in ``ckpt_dir/tokenizer`` (the sampler reads it there) and
     load it. Either folder may be local or ``gs://``; transformers reads only local files,
     so a remote tokenizer is loaded from a temporary local copy."""
-    from segsr_jax import weights
 
     dest = ckpt_dir / "tokenizer"
     if jax.process_index() == 0 and not dest.exists():
@@ -109,13 +107,7 @@ def setup_tokenizer(config: ConfigDict, ckpt_dir: epath.Path, max_length: int):
             src = src / "tokenizer" if (src / "tokenizer").is_dir() else src
             workdir_lib.copy_tree(src, dest)
     multihost_utils.sync_global_devices("tokenizer written")
-    if not workdir_lib.is_remote(dest):
-        return weights.load_tokenizer(dest)
-    with tempfile.TemporaryDirectory(prefix="segsr_jax_tokenizer_") as local:
-        workdir_lib.copy_tree(dest, epath.Path(local))
-        tokenizer = weights.load_tokenizer(local)
-    tokenizer.source = str(dest)  # the local copy is gone; name where it came from
-    return tokenizer
+    return workdir_lib.load_tokenizer(dest)
 
 
 def train_and_evaluate(config: ConfigDict, workdir: str) -> int:

@@ -7,9 +7,11 @@ log whose methods do nothing, so the training loop calls them unconditionally.
 ``WORKDIR`` may be local or ``gs://`` (see :mod:`segsr_jax.training.workdir`). Locally the
 files are written in place (``metrics.jsonl`` line by line). Object storage cannot append, so
 for a remote workdir every file is written into a local staging folder and uploaded whole:
-at :meth:`MetricsLog.flush` (the trainer calls it after each checkpoint), after each image,
-at most every ``sync_every_s`` seconds when records are written, and at
-:meth:`MetricsLog.close`. A remote ``metrics.jsonl`` of an earlier run is downloaded first,
+at :meth:`MetricsLog.flush` (the trainer calls it after each checkpoint) and at
+:meth:`MetricsLog.close`; ``metrics.jsonl`` and the sample PNGs also after each image and at
+most every ``sync_every_s`` seconds when records are written. TensorBoard's event file grows
+for the whole run and holds the images, so it is uploaded only at flush and close (not
+re-sent every minute). A remote ``metrics.jsonl`` of an earlier run is downloaded first,
 so a resumed run keeps appending to it; a crash loses at most the records since the last
 upload.
 """
@@ -114,7 +116,7 @@ class MetricsLog:
         if self._tb is not None:
             self._tb.add_image(name, image, step, dataformats="HWC")
         if self._staging is not None:
-            self.flush()
+            self._sync_light()
         return self.workdir / rel
 
     def flush(self) -> None:
@@ -139,11 +141,17 @@ class MetricsLog:
             self._staging.close()
             self._staging = None
 
+    def _sync_light(self) -> None:
+        """Upload what changed except the TensorBoard events (remote workdir)."""
+        self._jsonl.flush()
+        self._staging.sync(skip=("tensorboard/",))
+        self._last_sync = time.monotonic()
+
     def _write(self, record: dict) -> None:
         self._jsonl.write(json.dumps(record, default=_json_default) + "\n")
         if (self._staging is not None
                 and time.monotonic() - self._last_sync >= self.sync_every_s):
-            self.flush()
+            self._sync_light()
 
 
 def _fmt(v: float) -> str:

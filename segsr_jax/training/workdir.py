@@ -92,11 +92,14 @@ class Staging:
                 dest.write_bytes((remote / rel).read_bytes())
                 self._uploaded[rel] = _version(dest)
 
-    def sync(self) -> list[str]:
-        """Upload new and changed files; returns their relative paths."""
+    def sync(self, skip: tuple[str, ...] = ()) -> list[str]:
+        """Upload new and changed files, except those whose relative path starts with one of
+        ``skip``; returns their relative paths."""
         done = []
         for file in sorted(p for p in self.local.rglob("*") if p.is_file()):
             rel = file.relative_to(self.local).as_posix()
+            if rel.startswith(skip):
+                continue
             version = _version(file)  # before reading: a write in between is uploaded next time
             if self._uploaded.get(rel) == version:
                 continue
@@ -118,3 +121,18 @@ class Staging:
 def _version(file: pathlib.Path) -> tuple[int, int]:
     st = file.stat()
     return st.st_size, st.st_mtime_ns
+
+
+def load_tokenizer(folder: str | os.PathLike):
+    """:func:`segsr_jax.weights.load_tokenizer` of a local or ``gs://`` folder (transformers
+    reads only local files, so a remote one is loaded from a temporary local copy; the
+    tokenizer's ``source`` names the remote folder)."""
+    from segsr_jax import weights
+
+    if not is_remote(folder):
+        return weights.load_tokenizer(folder)
+    with tempfile.TemporaryDirectory(prefix="segsr_jax_tokenizer_") as local:
+        copy_tree(epath.Path(folder), epath.Path(local))
+        tokenizer = weights.load_tokenizer(local)
+    tokenizer.source = os.fspath(folder)  # the local copy is gone; name where it came from
+    return tokenizer

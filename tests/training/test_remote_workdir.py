@@ -120,10 +120,12 @@ def test_metrics_log_stages_and_uploads(bucket, tmp_path, monkeypatch):
     assert not (remote / "metrics.jsonl").exists()      # staged, not uploaded yet
     png = log.image(1, "samples", np.zeros((8, 12, 3), np.uint8))
     assert str(png) == "gs://b/run/samples/samples_step0000001.png" and png.exists()
-    assert [r["step"] for r in _records(remote)] == [1]  # an image uploads everything
+    assert [r["step"] for r in _records(remote)] == [1]  # an image uploads the records ...
+    assert not (remote / "tensorboard").exists()        # ... but not the growing event file
     log.event("checkpoint", 2, path="x")
-    log.flush()
+    log.flush()                                         # (at checkpoints) everything
     assert [r["event"] for r in _records(remote)] == ["train", "checkpoint"]
+    assert {("train/loss", 1), ("samples", 1)} <= _tags(remote / "tensorboard")
     log.close()
     log.close()                                          # idempotent
     assert list(staging_root.iterdir()) == []            # the staging folder is gone
@@ -187,3 +189,14 @@ def test_training_into_gs_workdir_and_resuming(bucket, tmp_path, monkeypatch, in
     assert (remote / "checkpoints/tokenizer/vocab.json").is_file()
     assert len(list((remote / "tensorboard").glob("events.out.tfevents.*"))) == 2  # 1 a run
     assert {s for t, s in _tags(remote / "tensorboard") if t == "train/loss"} == set(range(1, 7))
+
+
+def test_load_tokenizer_from_a_gs_checkpoint_folder(bucket):
+    """What ``Restorer.from_checkpoint("gs://...")`` uses for the checkpoint's tokenizer."""
+    from segsr_jax.training import prompts
+
+    prompts.write_char_tokenizer(epath.Path("gs://b/ck/tokenizer"), 16)
+    tok = workdir_lib.load_tokenizer("gs://b/ck/tokenizer")
+    assert tok.source == "gs://b/ck/tokenizer"
+    local = workdir_lib.load_tokenizer(bucket / "b/ck/tokenizer")
+    np.testing.assert_array_equal(tok(["grass, sky"]), local(["grass, sky"]))
