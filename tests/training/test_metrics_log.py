@@ -10,8 +10,13 @@ from segsr_jax.training.metrics_log import MetricsLog, sample_grid
 
 
 def _events(folder):
-    """Decode a TensorBoard event file (TFRecord framing + Event protos)."""
+    """The events of the one TensorBoard event file in ``folder``."""
     (path,) = list(folder.glob("events.out.tfevents.*"))
+    return read_event_file(path)
+
+
+def read_event_file(path):
+    """Decode a TensorBoard event file (TFRecord framing + Event protos)."""
     data, out, pos = path.read_bytes(), [], 0
     while pos < len(data):
         (n,) = struct.unpack_from("<Q", data, pos)

@@ -9,7 +9,6 @@ real gs:// is not covered here.
 
 import importlib
 import json
-import struct
 
 import numpy as np
 import pytest
@@ -17,11 +16,11 @@ from etils import epath
 from etils.epath import backend as epath_backend
 from fsspec.implementations.dirfs import DirFileSystem
 from fsspec.implementations.local import LocalFileSystem
-from tensorboardX.proto import event_pb2
 
 from segsr_jax import checkpoint, train
 from segsr_jax.training import workdir as workdir_lib
 from segsr_jax.training.metrics_log import MetricsLog
+from tests.training.test_metrics_log import read_event_file
 from tests.training.tiny_train_config import get_config
 
 fsspec_registry = importlib.import_module("fsspec.registry")  # the module, not the mapping
@@ -74,20 +73,10 @@ def _records(folder):
     return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
 
 
-def _events(path):
-    """Decode a TensorBoard event file (TFRecord framing + Event protos)."""
-    data, out, pos = path.read_bytes(), [], 0
-    while pos < len(data):
-        (n,) = struct.unpack_from("<Q", data, pos)
-        out.append(event_pb2.Event.FromString(data[pos + 12: pos + 12 + n]))
-        pos += 12 + n + 4
-    return out
-
-
 def _tags(folder):
     """``{(tag, step)}`` of every event file in ``folder``."""
     return {(v.tag, e.step) for f in folder.glob("events.out.tfevents.*")
-            for e in _events(f) for v in e.summary.value}
+            for e in read_event_file(f) for v in e.summary.value}
 
 
 def test_the_fake_bucket_is_object_storage(bucket):
