@@ -17,6 +17,7 @@ import numpy as np
 from flax import nnx
 
 from segsr_jax import weights
+from segsr_jax.models import layers
 from segsr_jax.models.bridge import BridgeConfig
 from segsr_jax.models.controlnet import ControlNet
 from segsr_jax.models.seg_encoder import SegFormerConfig
@@ -231,20 +232,12 @@ def step_inputs(cfg: SegSRConfig, batch: int, latent: int, seed: int = 0) -> dic
 
 
 def with_compute_dtype_kernels(model: SegSR) -> SegSR:
-    """A copy of ``model`` with every conv / dense kernel in its layer's compute dtype.
-
-    The layers cast float32 kernels on every call; the stand-alone step programs get them
-    pre-cast, like the torch models' bfloat16 weights, so that they measure a step without
-    that cast (inside the sampler's scan it is loop-invariant; ``gpu_all.py`` also measures
-    the step inside the scan).
+    """A copy of ``model`` with its weights in each layer's compute dtype
+    (:func:`segsr_jax.models.layers.with_compute_dtype_weights`, jitted: one program instead
+    of one eager cast per parameter shape). The stand-alone step programs get these, like
+    the torch models' bfloat16 weights; the sampler casts once before its scan itself.
     """
     graphdef, state = nnx.split(model)
-
-    def cast(state):
-        copy = nnx.merge(graphdef, state)
-        for _, node in nnx.iter_graph(copy):
-            if isinstance(node, (nnx.Conv, nnx.Linear)) and node.dtype is not None:
-                node.kernel.set_value(node.kernel[...].astype(node.dtype))
-        return nnx.state(copy)
-
-    return nnx.merge(graphdef, jax.jit(cast)(state))
+    cast = jax.jit(lambda st: nnx.state(layers.with_compute_dtype_weights(
+        nnx.merge(graphdef, st))))
+    return nnx.merge(graphdef, cast(state))

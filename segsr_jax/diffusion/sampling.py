@@ -32,7 +32,7 @@ from segsr_jax import parallel
 from segsr_jax.diffusion import samplers, tiling
 from segsr_jax.diffusion.color_fix import color_fix
 from segsr_jax.diffusion.schedules import NoiseConfig, alphas_cumprod
-from segsr_jax.models import vae_tiling
+from segsr_jax.models import layers, vae_tiling
 from segsr_jax.models.segsr import SegSR
 
 # What conditions SRDM on segmentation (static; DESIGN §1 is "diffusion"):
@@ -305,6 +305,9 @@ def sample(model: SegSR, plan: SamplingPlan, lq: jax.Array, context: jax.Array,
         number of steps.
       key: PRNG key for the start noise and stochastic samplers.
     """
+    # Weights in each layer's compute dtype once, so the scan carries bf16 weights and the
+    # casts are not repeated at every step (XLA does not hoist them out of the loop).
+    model = layers.with_compute_dtype_weights(model)
     cond, carry, lq_labels = _prepare(model, plan, lq, context, uncond_context,
                                       guidance_scale, key)
 
@@ -344,7 +347,7 @@ def sample_loop(model: SegSR, plan: SamplingPlan, lq, context, uncond_context, g
                 schedule: samplers.Schedule, key) -> SampleOutput:
     """Debug driver: the same step body as :func:`sample`, one jitted step per Python
     iteration (inspect or print the carry between steps)."""
-    graphdef, state = nnx.split(model)
+    graphdef, state = nnx.split(layers.with_compute_dtype_weights(model))
 
     @partial(jax.jit, static_argnums=0)
     def prepare(plan, state, lq, context, uncond_context, guidance_scale, key):

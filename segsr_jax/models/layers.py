@@ -40,6 +40,32 @@ def linear(in_f: int, out_f: int, *, use_bias: bool = True, dtype=jnp.float32,
                       rngs=rngs)
 
 
+def with_compute_dtype_weights(module: nnx.Module) -> nnx.Module:
+    """A copy of ``module`` whose conv, dense and embedding weights are in their layer's
+    compute dtype (``module`` itself is left as it is).
+
+    The layers keep float32 parameters and cast them on every call. Inside the sampler's
+    ``lax.scan`` those casts are loop-invariant, but XLA (CPU and GPU) keeps them in the loop
+    body: a bfloat16 SD-2-size step re-reads 4.8 GB of float32 weights and writes their
+    bfloat16 copies at every step. Casting once before the scan gives the same values (the
+    same cast), and the loop carries the bfloat16 weights instead. For traced use (inference);
+    training differentiates the float32 parameters.
+    """
+    graphdef, state = nnx.split(module)
+    copy = nnx.merge(graphdef, state)
+    for _, node in nnx.iter_graph(copy):
+        if not isinstance(node, (nnx.Conv, nnx.Linear, nnx.Embed)):
+            continue
+        dtype = getattr(node, "dtype", None)
+        if dtype is None:
+            continue
+        for name in ("kernel", "bias", "embedding"):
+            var = getattr(node, name, None)
+            if isinstance(var, nnx.Variable) and var[...].dtype != jnp.dtype(dtype):
+                var.set_value(var[...].astype(dtype))
+    return copy
+
+
 def group_norm(channels: int, groups: int, eps: float, *, dtype=jnp.float32,
                rngs: nnx.Rngs) -> GroupNorm:
     """GroupNorm over the last (channel) axis; statistics in float32 whatever ``dtype`` is."""

@@ -219,3 +219,61 @@ def test_seg_prior_modes_and_label_trajectory(coupled):
                               np.asarray(fixed.latent))
     with pytest.raises(ValueError, match="seg_prior"):
         sampling.make_plan((16, 16), 2, seg_prior="oracle")
+
+
+def _scan_eqn(jaxpr):
+    """The outermost ``scan`` equation of a jaxpr (the sampler's loop over the schedule)."""
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "scan":
+            return eqn
+        for param in eqn.params.values():
+            inner = getattr(param, "jaxpr", None)
+            if inner is not None and hasattr(inner, "eqns"):
+                found = _scan_eqn(inner)
+                if found is not None:
+                    return found
+    return None
+
+
+def test_bf16_sampler_casts_weights_once_before_the_scan(monkeypatch):
+    """A bfloat16 model's float32 weights are cast before the scan, not at every step, and
+    the result is the same as casting them inside each layer."""
+    from segsr_jax.models import layers
+    from segsr_jax.models.segsr import SegSR
+    from tests.tiny_segsr import tiny_config
+
+    model = perturb(SegSR(tiny_config(), dtype=jnp.bfloat16,
+                          rngs=nnx.Rngs(jax.random.key(0, impl="rbg"))), seed=2)
+    plan = sampling.make_plan((16, 16), 2, tile=96, guidance=False)
+    sched = samplers.make_schedule("ddim", 2)
+    lq, ctx, _ = _inputs(model, hw=(16, 16))
+    g, st = nnx.split(model)
+    args = (st, lq, ctx, None, 1.0, sched, jax.random.key(0))
+
+    def loop_weights(fn):
+        """dtypes of the 3x3 conv kernels the scan takes as loop constants."""
+        eqn = _scan_eqn(jax.jit(fn).trace(*args).jaxpr.jaxpr)
+        consts = eqn.invars[:eqn.params["num_consts"]]
+        return [str(v.aval.dtype) for v in consts
+                if v.aval.ndim == 4 and v.aval.shape[:2] == (3, 3)]
+
+    def fn(state, *a):
+        return sampling.sample(nnx.merge(g, state), plan, *a)
+
+    cast_once = loop_weights(fn)
+    assert cast_once and set(cast_once) == {"bfloat16"}, cast_once
+    # The parameters themselves stay float32.
+    assert model.unet.conv_in.kernel[...].dtype == jnp.float32
+    out = jax.jit(fn)(*args)
+
+    monkeypatch.setattr(layers, "with_compute_dtype_weights", lambda m: m)
+
+    def fn_per_step(state, *a):  # a new function: jit caches traces per function
+        return sampling.sample(nnx.merge(g, state), plan, *a)
+
+    per_step = loop_weights(fn_per_step)
+    assert per_step and set(per_step) == {"float32"}, per_step  # what the test guards against
+    ref = jax.jit(fn_per_step)(*args)
+    np.testing.assert_array_equal(np.asarray(out.latent, np.float32),
+                                  np.asarray(ref.latent, np.float32))  # the same casts
+    np.testing.assert_array_equal(out.labels, ref.labels)
