@@ -2,26 +2,29 @@
 
 ::
 
-    python benchmarks/gpu_all.py --out $OUT/gpu_results.json        # SD-2 size, bf16, ~5 min
-    python benchmarks/gpu_all.py --smoke --out /tmp/gpu_smoke.json  # CPU dry run, tiny config
+    python benchmarks/gpu_all.py --out $OUT/gpu_results.json           # everything, ~8 min
+    python benchmarks/gpu_all.py --quick --out $OUT/gpu_results.json   # 512 px batch 1, ~3.5 min
+    python benchmarks/gpu_all.py --rest --out $OUT/gpu_results.json    # the rest, ~5 min
+    python benchmarks/gpu_all.py --smoke [--quick|--rest] --out /tmp/gpu_smoke.json  # CPU dry run
 
 Measured (SD-2-size SegSR: the SD-2-base UNet and its latent ControlNet with diffusers'
 weights through our converter, SD VAE, SegFormer-B5, default SegDM / DMB; bfloat16):
 
 1. One step at 512 px and 1024 px, batch 1 and 8: diffusers UNet + ControlNet (SDPA, cuDNN
-   autotuning on) vs. our SRDM step and our full SegSR step (DMB + SRDM + SegDM + sampler
-   updates; no CFG doubling on either side), with FLOPs, achieved TFLOP/s and the share of
-   the card's dense bf16 peak, and memory.
+   autotuning on) vs. our full SegSR step (DMB + SRDM + SegDM + sampler updates) and, at
+   512 px, our SRDM step alone (no CFG doubling on either side), with FLOPs, achieved
+   TFLOP/s and the share of the card's dense bf16 peak, and memory. At 512 px batch 8 the
+   SegSR step is also profiled (``profile_summary.py``: device time per op and category).
 2. The whole jitted sampler at 512 px, batch 1, 50 DDPM steps, with CFG (SeeSR's default,
-   guidance 5.5) and without; plus 2-step runs of both, so that ``(t50 - t2) / 48`` is the
-   time of one step inside the scan (to compare with the stand-alone step programs, which get
-   their kernels pre-cast to bf16 like the torch models' weights).
+   guidance 5.5) and without; plus 2-step runs, so that ``(t50 - t2) / 48`` is the time of
+   one step inside the scan.
 
 Goals checked in the summary: SegSR step at 512 px / diffusers step <= 0.8; 50 steps end to
-end < 2.5 s; >= 40% of bf16 peak at batch 8. Programs of a phase are compiled concurrently
-(one thread each) before anything is timed; phases are skipped, and say so, once
-``--deadline`` seconds are near. A compile that fails inside cuDNN attention is retried with
-the XLA attention path (recorded as ``attention_fallback``).
+end < 2.5 s; >= 40% of bf16 peak at batch 8. Programs are compiled one at a time and each
+row is written when measured (an earlier version compiled a phase's programs concurrently
+and recorded nothing in 430 s); rows are skipped, and say so, once ``--deadline`` seconds
+have passed. A compile that fails inside cuDNN attention is retried with the XLA attention
+path (recorded as ``attention_fallback``).
 """
 
 from __future__ import annotations
@@ -220,6 +223,44 @@ def scan_kernel_dtypes(exe) -> dict:
     return {d: found.count(d) for d in set(found)}
 
 
+def job_list(mode: str, sizes, batches, steps) -> list[tuple]:
+    """What a run measures, in order: ``("steps", size, batch, with_srdm, profile)`` rows and
+    ``("sampler", n_steps, guided)`` rows. One program is compiled at a time and every row is
+    written as soon as it is measured, so a run cut short keeps what came first."""
+    (s0, s1), (b0, b1) = sizes, batches
+    if mode == "quick":   # the first lease's rows: 512 px batch 1, the 50-step samplers
+        return [("steps", s0, b0, True, False), ("sampler", steps, False),
+                ("sampler", steps, True)]
+    if mode == "rest":    # what --quick leaves: batch 8, 1024 px, the in-scan step, a profile
+        return [("steps", s0, b1, True, True), ("sampler", steps, False),
+                ("steps", s1, b0, False, False), ("steps", s1, b1, False, False),
+                ("sampler", 2, False), ("sampler", steps, True)]
+    return [("steps", s0, b0, True, False), ("steps", s0, b1, True, True),
+            ("sampler", steps, False), ("sampler", steps, True),
+            ("steps", s1, b0, False, False), ("steps", s1, b1, False, False),
+            ("sampler", 2, False), ("sampler", 2, True)]
+
+
+def profile_program(exe, args, name: str, out_dir: Path, calls: int = 3) -> dict:
+    """A ``jax.profiler`` trace of ``calls`` calls and its per-op summary
+    (``profile_summary.py``); the trace file is kept beside the results when small."""
+    import shutil
+    import tempfile
+
+    import profile_summary
+
+    with tempfile.TemporaryDirectory() as tmp:
+        with jax.profiler.trace(tmp):
+            for _ in range(calls):
+                jax.block_until_ready(exe(*args))
+        summary_ = profile_summary.summarise(tmp, top=40, calls=calls, hlo_text=exe.as_text())
+        pb = profile_summary.xplane_file(tmp)
+        if pb.stat().st_size < 15 * 2**20:
+            shutil.copy(pb, out_dir / f"{name}.xplane.pb")
+    print(profile_summary.format_summary(summary_), flush=True)
+    return summary_
+
+
 def run(args) -> None:
     import torch
 
@@ -230,9 +271,10 @@ def run(args) -> None:
     sizes = [64, 128] if args.smoke else [512, 1024]
     batches = [1, 2] if args.smoke else [1, 8]
     steps = 3 if args.smoke else 50
+    mode = "quick" if args.quick else "rest" if args.rest else "full"
     info = sb.machine_info(device)
     name = info.get("gpu", info["jax_device"])
-    res = Results(args.out, machine=info, config=config, dtype=dtype,
+    res = Results(args.out, machine=info, config=config, dtype=dtype, mode=mode,
                   bf16_peak_tflops=bf16_peak(name), jax_backend=jax.default_backend(),
                   matmul_bf16_tflops=matmul_tflops(device))
     unet_ref, cn_ref, model, build_s = bm.build_models(bm.CONFIGS[config], dtype, device, None)
@@ -244,88 +286,83 @@ def run(args) -> None:
     peak = res.data["bf16_peak_tflops"]
     step_model = bm.with_compute_dtype_kernels(model)
 
-    def measure_steps(size: int, batch: int, with_srdm: bool, phase: dict):
+    def step_rows(size: int, batch: int, with_srdm: bool, profile: bool) -> None:
         inputs = bm.step_inputs(cfg, batch, size // f)
         progs = sb.jax_programs(model, inputs, image=size, guidance=False, steps=2,
                                 step_model=step_model)
         key = f"{size}px_b{batch}"
-        phase[f"segsr_step_{key}"] = progs["jax_segsr_step"]
-        if with_srdm:
-            phase[f"srdm_step_{key}"] = progs["jax_srdm_step"]
-        return key, inputs
+        ref, ref_out = torch_block(unet_ref, cn_ref, inputs, device, args.repeats)
+        res[f"diffusers_step_{key}"] = ref
+        print(f"[{elapsed():.0f} s] diffusers_step_{key}: {ref['median_s'] * 1e3:.1f} ms",
+              flush=True)
+        if device == "cuda":
+            torch.cuda.empty_cache()
+        for kind in ("segsr", "srdm") if with_srdm else ("segsr",):
+            name = f"{kind}_step_{key}"
+            if elapsed() > args.deadline:
+                res[f"phase_{name}"] = f"skipped: {elapsed():.0f} s used of {args.deadline}"
+                continue
+            compiled = compile_all({name: progs[f"jax_{kind}_step"]}, res, 1)
+            if name not in compiled:
+                continue
+            exe, fargs, secs, flops = compiled[name]
+            row = {"compile_s": secs, **sb.xla_costs(exe),
+                   **time_program(exe, fargs, args.repeats), "flops_jaxpr": flops}
+            row["tflops_per_s"] = row["flops_jaxpr"] / row["median_s"] / 1e12
+            if peak:
+                row["peak_fraction"] = row["tflops_per_s"] / peak
+            if res.data["matmul_bf16_tflops"]:
+                row["matmul_fraction"] = row["tflops_per_s"] / res.data["matmul_bf16_tflops"]
+            row["ratio_to_diffusers"] = row["median_s"] / ref["median_s"]
+            if kind == "srdm":  # same computation? (bf16 on both sides: ~1e-2 expected)
+                ours = np.asarray(exe(*fargs), np.float32)
+                row["parity_rel_err"] = float(np.abs(ours - ref_out).max()
+                                              / max(np.abs(ref_out).max(), 1e-12))
+            stats = jax.devices()[0].memory_stats() or {}
+            row["jax_peak_bytes_so_far"] = int(stats.get("peak_bytes_in_use", 0))
+            res[name] = row
+            print(f"[{elapsed():.0f} s] {name}: {row['median_s'] * 1e3:.1f} ms, "
+                  f"{row['tflops_per_s']:.1f} TFLOP/s, diffusers {ref['median_s'] * 1e3:.1f} ms",
+                  flush=True)
+            if profile and kind == "segsr" and elapsed() < args.deadline:
+                try:
+                    res[f"profile_{name}"] = profile_program(exe, fargs, name, args.out.parent)
+                except Exception as e:  # noqa: BLE001 -- a profile is extra; the run goes on
+                    res[f"profile_error_{name}"] = f"{type(e).__name__}: {e}"[:2000]
+            del compiled
 
-    phases = [("512", [(sizes[0], batches[0], True), (sizes[0], batches[1], True)], True),
-              ("1024", [(sizes[1], batches[0], False), (sizes[1], batches[1], False)], False)]
-    budget = {"512": 240.0, "1024": 150.0}
-    sampler_runs = [(n, g) for n in (steps, 2) for g in (True, False)]
-    workers = None
-    if args.quick:  # batch 1 at 512 px, the no-CFG and CFG 50-step samplers; one compile at a time
-        phases = [("512", [(sizes[0], batches[0], True)], True)]
-        budget = {"512": 60.0}
-        sampler_runs = [(steps, False), (steps, True)]
-        workers = 1
-    for phase_name, shapes, with_sampler in phases:
-        if elapsed() + budget[phase_name] > args.deadline:
-            res[f"phase_{phase_name}"] = f"skipped: {elapsed():.0f} s used of {args.deadline}"
-            continue
-        programs, step_inputs = {}, {}
-        for size, batch, with_srdm in shapes:
-            key, inputs = measure_steps(size, batch, with_srdm, programs)
-            step_inputs[key] = inputs
-        t0 = time.perf_counter()
-        compiled = compile_all(programs, res, workers)
-        res[f"phase_{phase_name}_compile_wall_s"] = time.perf_counter() - t0
-        for key, inputs in step_inputs.items():
-            ref, ref_out = torch_block(unet_ref, cn_ref, inputs, device, args.repeats)
-            res[f"diffusers_step_{key}"] = ref
-            for kind in ("srdm", "segsr"):
-                name = f"{kind}_step_{key}"
-                if name not in compiled:
-                    continue
-                exe, fargs, secs, flops = compiled[name]
-                row = {"compile_s_concurrent": secs, **sb.xla_costs(exe),
-                       **time_program(exe, fargs, args.repeats), "flops_jaxpr": flops}
-                row["tflops_per_s"] = row["flops_jaxpr"] / row["median_s"] / 1e12
-                if peak:
-                    row["peak_fraction"] = row["tflops_per_s"] / peak
-                if res.data["matmul_bf16_tflops"]:
-                    row["matmul_fraction"] = row["tflops_per_s"] / res.data["matmul_bf16_tflops"]
-                row["ratio_to_diffusers"] = row["median_s"] / ref["median_s"]
-                if kind == "srdm":  # same computation? (bf16 on both sides: ~1e-2 expected)
-                    ours = np.asarray(exe(*fargs), np.float32)
-                    row["parity_rel_err"] = float(np.abs(ours - ref_out).max()
-                                                  / max(np.abs(ref_out).max(), 1e-12))
-                res[name] = row
-                print(f"[{elapsed():.0f} s] {name}: {row['median_s'] * 1e3:.1f} ms, "
-                      f"diffusers {ref['median_s'] * 1e3:.1f} ms", flush=True)
-        del compiled
-        # The samplers after the steps (one compile at a time in --quick), so that a run cut
-        # short keeps the step rows.
-        if with_sampler:
-            inputs = bm.step_inputs(cfg, 1, sizes[0] // f)
-            for n_steps, guided in sampler_runs:
-                if elapsed() > args.deadline:
-                    break
-                sname = f"sampler_{'cfg' if guided else 'nocfg'}_{n_steps}"
-                progs = sb.jax_programs(model, inputs, image=sizes[0], guidance=guided,
-                                        steps=n_steps)
-                compiled = compile_all({sname: progs["jax_sampler"]}, res, 1)
-                if sname not in compiled:
-                    continue
-                exe, fargs, secs, flops = compiled[sname]
-                row = {"compile_s": secs, **sb.xla_costs(exe), "flops_jaxpr": flops,
-                       **time_program(exe, fargs, max(3, args.repeats // 3)),
-                       "scan_carries_3x3_kernels": scan_kernel_dtypes(exe)}
-                res[sname] = row
-                print(f"[{elapsed():.0f} s] {sname}: {row['median_s']:.3f} s", flush=True)
+    def sampler_row(n_steps: int, guided: bool) -> None:
+        inputs = bm.step_inputs(cfg, 1, sizes[0] // f)
+        sname = f"sampler_{'cfg' if guided else 'nocfg'}_{n_steps}"
+        progs = sb.jax_programs(model, inputs, image=sizes[0], guidance=guided, steps=n_steps)
+        compiled = compile_all({sname: progs["jax_sampler"]}, res, 1)
+        if sname not in compiled:
+            return
+        exe, fargs, secs, flops = compiled[sname]
+        row = {"compile_s": secs, **sb.xla_costs(exe), "flops_jaxpr": flops,
+               **time_program(exe, fargs, max(3, args.repeats // 3)),
+               "scan_carries_3x3_kernels": scan_kernel_dtypes(exe)}
+        res[sname] = row
+        print(f"[{elapsed():.0f} s] {sname}: {row['median_s']:.3f} s", flush=True)
         for cfg_name in ("cfg", "nocfg"):
             long, short = f"sampler_{cfg_name}_{steps}", f"sampler_{cfg_name}_2"
             if long in res.data and short in res.data:
                 res[f"in_scan_step_{cfg_name}_s"] = ((res.data[long]["median_s"]
                                                       - res.data[short]["median_s"])
                                                      / (steps - 2))
+
+    for job in job_list(mode, sizes, batches, steps):
+        if elapsed() > args.deadline:
+            res[f"phase_{'_'.join(map(str, job))}"] = (f"skipped: {elapsed():.0f} s used of "
+                                                       f"{args.deadline}")
+            continue
+        try:
+            step_rows(*job[1:]) if job[0] == "steps" else sampler_row(*job[1:])
+        except Exception as e:  # noqa: BLE001 -- e.g. out of memory; the next row may fit
+            res[f"error_{'_'.join(map(str, job))}"] = traceback.format_exc()[-3000:]
+            print(f"[{elapsed():.0f} s] {job} failed: {type(e).__name__}: {e}"[:500], flush=True)
         stats = jax.devices()[0].memory_stats() or {}
-        res[f"jax_peak_bytes_after_{phase_name}"] = int(stats.get("peak_bytes_in_use", 0))
+        res["jax_peak_bytes"] = int(stats.get("peak_bytes_in_use", 0))
     res["total_s"] = elapsed()
     print(summary(res.data, sizes, batches, steps))
 
@@ -379,7 +416,15 @@ def summary(r: dict, sizes, batches, steps) -> str:
         lines.append(f"goal >= 40% of bf16 peak at {key8}: {100 * frac:.0f}% "
                      f"{goal(frac >= 0.4)} ({100 * r[f'segsr_step_{key8}']['matmul_fraction']:.0f}%"
                      f" of the measured matmul rate)")
-    errors = [k for k in r if k.startswith(("compile_error", "attention_fallback", "phase_"))
+    for k in r:
+        if k.startswith("profile_") and isinstance(r[k], dict):
+            cats = ", ".join(f"{c} {v:.1f}" for c, v in r[k]["categories_ms"].items())
+            lines.append(f"  {k}: {r[k]['device_ms_per_call']:.1f} ms of device ops per call "
+                         f"({cats} ms)")
+    if r.get("jax_peak_bytes"):
+        lines.append(f"  JAX peak memory {r['jax_peak_bytes'] / 2**30:.1f} GiB")
+    errors = [k for k in r if k.startswith(("compile_error", "attention_fallback", "phase_",
+                                            "error_", "profile_error"))
               and not k.endswith("_wall_s")]
     lines += [f"  {k}: {str(r[k])[:200]}" for k in errors]
     return "\n".join(lines)
@@ -392,6 +437,9 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true",
                    help="512 px batch 1 steps and the 50-step samplers only, compiled one at a "
                         "time (fits a few minutes of device time)")
+    p.add_argument("--rest", action="store_true",
+                   help="what --quick leaves: batch 8 (with a profile), 1024 px, the in-scan "
+                        "step and the CFG sampler, one compile at a time")
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--deadline", type=float, default=460.0,
                    help="seconds after which no new phase starts")
