@@ -324,11 +324,8 @@ def run(args) -> None:
             print(f"[{elapsed():.0f} s] {name}: {row['median_s'] * 1e3:.1f} ms, "
                   f"{row['tflops_per_s']:.1f} TFLOP/s, diffusers {ref['median_s'] * 1e3:.1f} ms",
                   flush=True)
-            if profile and kind == "segsr" and elapsed() < args.deadline:
-                try:
-                    res[f"profile_{name}"] = profile_program(exe, fargs, name, args.out.parent)
-                except Exception as e:  # noqa: BLE001 -- a profile is extra; the run goes on
-                    res[f"profile_error_{name}"] = f"{type(e).__name__}: {e}"[:2000]
+            if profile and kind == "segsr":  # profiled last: a trace that hangs loses nothing
+                to_profile[name] = (exe, fargs)
             del compiled
 
     def sampler_row(n_steps: int, guided: bool) -> None:
@@ -351,6 +348,7 @@ def run(args) -> None:
                                                       - res.data[short]["median_s"])
                                                      / (steps - 2))
 
+    to_profile = {}
     for job in job_list(mode, sizes, batches, steps):
         if elapsed() > args.deadline:
             res[f"phase_{'_'.join(map(str, job))}"] = (f"skipped: {elapsed():.0f} s used of "
@@ -363,6 +361,14 @@ def run(args) -> None:
             print(f"[{elapsed():.0f} s] {job} failed: {type(e).__name__}: {e}"[:500], flush=True)
         stats = jax.devices()[0].memory_stats() or {}
         res["jax_peak_bytes"] = int(stats.get("peak_bytes_in_use", 0))
+    for name, (exe, fargs) in to_profile.items():
+        if elapsed() > args.deadline:
+            res[f"phase_profile_{name}"] = f"skipped: {elapsed():.0f} s used of {args.deadline}"
+            continue
+        try:
+            res[f"profile_{name}"] = profile_program(exe, fargs, name, args.out.parent)
+        except Exception as e:  # noqa: BLE001 -- a profile is extra
+            res[f"profile_error_{name}"] = f"{type(e).__name__}: {e}"[:2000]
     res["total_s"] = elapsed()
     print(summary(res.data, sizes, batches, steps))
 
