@@ -11,11 +11,7 @@ set -euo pipefail
 # shellcheck source=launch/tpu/gcloud.sh
 source "$(dirname "$0")/gcloud.sh"
 
-while (($#)); do
-  common_flag "$1" || usage 2
-  shift
-done
-require_settings
+only_common_flags "$@"
 mapfile -t where < <(tpu_where)
 spot=()
 if ((SPOT)); then spot=(--spot); fi

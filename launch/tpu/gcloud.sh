@@ -44,6 +44,15 @@ common_flag() {
   esac
 }
 
+# The whole command line of a script that takes only the common flags, then the settings check.
+only_common_flags() {
+  while (($#)); do
+    common_flag "$1" || usage 2
+    shift
+  done
+  require_settings
+}
+
 require_settings() {
   [[ -n "$PROJECT_ID" ]] || die "set PROJECT_ID (launch/tpu/settings.sh or the environment)"
   [[ "$BUCKET" == gs://?* ]] || die "BUCKET must be a gs:// URL, got '$BUCKET'"

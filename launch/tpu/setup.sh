@@ -14,11 +14,7 @@ set -euo pipefail
 # shellcheck source=launch/tpu/gcloud.sh
 source "$(dirname "$0")/gcloud.sh"
 
-while (($#)); do
-  common_flag "$1" || usage 2
-  shift
-done
-require_settings
+only_common_flags "$@"
 mapfile -t where < <(tpu_where)
 read -r -a extra <<<"$SSH_FLAGS"
 commit=$(local_commit)
