@@ -233,11 +233,6 @@ def step_inputs(cfg: SegSRConfig, batch: int, latent: int, seed: int = 0) -> dic
 
 def with_compute_dtype_kernels(model: SegSR) -> SegSR:
     """A copy of ``model`` with its weights in each layer's compute dtype
-    (:func:`segsr_jax.models.layers.with_compute_dtype_weights`, jitted: one program instead
-    of one eager cast per parameter shape). The stand-alone step programs get these, like
-    the torch models' bfloat16 weights; the sampler casts once before its scan itself.
-    """
-    graphdef, state = nnx.split(model)
-    cast = jax.jit(lambda st: nnx.state(layers.with_compute_dtype_weights(
-        nnx.merge(graphdef, st))))
-    return nnx.merge(graphdef, cast(state))
+    (:func:`segsr_jax.models.layers.inference_weights`, what ``Restorer`` does). The
+    stand-alone step programs get these, like the torch models' bfloat16 weights."""
+    return layers.inference_weights(model)

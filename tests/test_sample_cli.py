@@ -163,3 +163,30 @@ def test_restorer_returns_label_trajectories(ckpt):
     f = restorer.config.latent_factor
     assert sr.shape == (24, 32, 3) and traj.shape == (3, 24 // f, 32 // f)
     np.testing.assert_array_equal(traj[-1], labels)
+
+
+def test_bf16_restorer_holds_weights_in_bf16(ckpt, monkeypatch):
+    """A bfloat16 Restorer keeps its conv / dense weights in bfloat16 (half the memory) and
+    gives the result of the float32-parameter model computing in bfloat16."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from segsr_jax.inference import Restorer
+    from segsr_jax.models import layers
+
+    restorer = Restorer.from_checkpoint(ckpt, dtype="bfloat16")
+    model = nnx.merge(restorer.graphdef, restorer.state)
+    assert model.unet.conv_in.kernel[...].dtype == jnp.bfloat16
+    assert model.vae.decoder.conv_out.kernel[...].dtype == jnp.bfloat16
+    assert model.unet.conv_norm_out.scale[...].dtype == jnp.float32   # norms stay float32
+    lq = data.astronaut()[::16, ::16][:24]
+    opts = restorer.options(steps=2)
+    (sr, labels), = restorer.restore_batch([lq], (24, 32), opts)[0]
+
+    monkeypatch.setattr(layers, "inference_weights", lambda m: m)
+    per_call = Restorer.from_checkpoint(ckpt, dtype="bfloat16")
+    assert nnx.merge(per_call.graphdef, per_call.state).unet.conv_in.kernel[...].dtype == \
+        jnp.float32
+    (sr_ref, labels_ref), = per_call.restore_batch([lq], (24, 32), opts)[0]
+    np.testing.assert_array_equal(sr, sr_ref)
+    np.testing.assert_array_equal(labels, labels_ref)

@@ -40,6 +40,21 @@ def linear(in_f: int, out_f: int, *, use_bias: bool = True, dtype=jnp.float32,
                       rngs=rngs)
 
 
+def _casts(module: nnx.Module):
+    """``(variable, dtype)`` for each conv / dense / embedding weight of ``module`` whose
+    dtype is not its layer's compute dtype."""
+    for _, node in nnx.iter_graph(module):
+        if not isinstance(node, (nnx.Conv, nnx.Linear, nnx.Embed)):
+            continue
+        dtype = getattr(node, "dtype", None)
+        if dtype is None:
+            continue
+        for name in ("kernel", "bias", "embedding"):
+            var = getattr(node, name, None)
+            if isinstance(var, nnx.Variable) and var[...].dtype != jnp.dtype(dtype):
+                yield var, dtype
+
+
 def with_compute_dtype_weights(module: nnx.Module) -> nnx.Module:
     """A copy of ``module`` whose conv, dense and embedding weights are in their layer's
     compute dtype (``module`` itself is left as it is).
@@ -49,21 +64,25 @@ def with_compute_dtype_weights(module: nnx.Module) -> nnx.Module:
     body: a bfloat16 SD-2-size step re-reads 4.8 GB of float32 weights and writes their
     bfloat16 copies at every step. Casting once before the scan gives the same values (the
     same cast), and the loop carries the bfloat16 weights instead. For traced use (inference);
-    training differentiates the float32 parameters.
+    training differentiates the float32 parameters. See :func:`inference_weights` for the
+    eager, jitted form.
     """
     graphdef, state = nnx.split(module)
     copy = nnx.merge(graphdef, state)
-    for _, node in nnx.iter_graph(copy):
-        if not isinstance(node, (nnx.Conv, nnx.Linear, nnx.Embed)):
-            continue
-        dtype = getattr(node, "dtype", None)
-        if dtype is None:
-            continue
-        for name in ("kernel", "bias", "embedding"):
-            var = getattr(node, name, None)
-            if isinstance(var, nnx.Variable) and var[...].dtype != jnp.dtype(dtype):
-                var.set_value(var[...].astype(dtype))
+    for var, dtype in list(_casts(copy)):
+        var.set_value(var[...].astype(dtype))
     return copy
+
+
+def inference_weights(module: nnx.Module) -> nnx.Module:
+    """:func:`with_compute_dtype_weights` outside a trace, as one jitted program; ``module``
+    itself when nothing needs a cast (float32 models). A bfloat16 model built for sampling
+    then holds half the weight memory (once the float32 original is dropped)."""
+    if next(_casts(module), None) is None:
+        return module
+    graphdef, state = nnx.split(module)
+    cast = jax.jit(lambda st: nnx.state(with_compute_dtype_weights(nnx.merge(graphdef, st))))
+    return nnx.merge(graphdef, cast(state))
 
 
 def group_norm(channels: int, groups: int, eps: float, *, dtype=jnp.float32,
