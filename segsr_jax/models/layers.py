@@ -68,7 +68,7 @@ def with_compute_dtype_weights(module: nnx.Module) -> nnx.Module:
     eager, jitted form.
     """
     graphdef, state = nnx.split(module)
-    copy = nnx.merge(graphdef, state)
+    copy = nnx.merge(graphdef, state, copy=True)   # new Variables: the caller's stay float32
     for var, dtype in list(_casts(copy)):
         var.set_value(var[...].astype(dtype))
     return copy

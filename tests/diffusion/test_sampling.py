@@ -277,3 +277,29 @@ def test_bf16_sampler_casts_weights_once_before_the_scan(monkeypatch):
     np.testing.assert_array_equal(np.asarray(out.latent, np.float32),
                                   np.asarray(ref.latent, np.float32))  # the same casts
     np.testing.assert_array_equal(out.labels, ref.labels)
+
+
+def test_compute_dtype_weights_copy_leaves_the_model_alone():
+    """The bf16 weight copy is a copy: eagerly and under nnx.jit the model keeps float32."""
+    from segsr_jax.models import layers
+    from segsr_jax.models.segsr import SegSR
+    from tests.tiny_segsr import tiny_config
+
+    model = SegSR(tiny_config(), dtype=jnp.bfloat16,
+                  rngs=nnx.Rngs(jax.random.key(0, impl="rbg")))
+    kernel = lambda m: m.unet.conv_in.kernel[...]
+    copy = layers.with_compute_dtype_weights(model)
+    assert kernel(copy).dtype == jnp.bfloat16
+    assert kernel(model).dtype == jnp.float32
+    np.testing.assert_array_equal(np.asarray(kernel(copy), np.float32),
+                                  np.asarray(kernel(model).astype(jnp.bfloat16), np.float32))
+
+    @nnx.jit
+    def cast_inside(m):
+        return kernel(layers.with_compute_dtype_weights(m)).dtype == jnp.bfloat16
+
+    assert cast_inside(model)
+    assert kernel(model).dtype == jnp.float32
+    assert layers.inference_weights(model) is not model
+    f32 = SegSR(tiny_config(), rngs=nnx.Rngs(jax.random.key(0, impl="rbg")))
+    assert layers.inference_weights(f32) is f32   # nothing to cast: no copy, no compile
