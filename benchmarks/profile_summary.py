@@ -2,7 +2,7 @@
 
 ::
 
-    python benchmarks/profile_summary.py TRACE_DIR_OR_XPLANE_PB [--top 30]
+    python benchmarks/profile_summary.py TRACE_DIR_OR_XPLANE_PB [--hlo PROGRAM.txt.gz] [--top 30]
 
 or, in a script, ``with jax.profiler.trace(d): ...`` then ``summarise(d)``. The device's
 op events are read with ``jax.profiler.ProfileData`` (no TensorBoard needed): on a GPU the
@@ -20,8 +20,8 @@ import re
 from pathlib import Path
 
 CATEGORIES = (  # first match wins; matched against "op name | kernel name", lower case
-    ("attention", r"fmha|flash|attention|dot_product_attention|cudnn.*sdpa|custom-call"),
-    ("convolution", r"conv|cudnn(?!.*fmha)|implicit_gemm|wgrad|dgrad|fprop"),
+    ("attention", r"fmha|flash|attention|dot_product_attention|sdpa"),
+    ("convolution", r"conv(?!ert)|implicit_gemm|wgrad|dgrad|fprop"),
     ("matmul", r"gemm|dot|matmul|cublas|cutlass|sm90_xmma|nvjet|triton_gemm"),
     ("copy/transpose", r"copy|transpose|bitcast"),
     ("reduce/norm", r"reduce|norm"),
@@ -113,7 +113,8 @@ def hlo_categories(hlo_text: str) -> dict[str, str]:
             found.add("reduce/norm")
         if "__triton_gemm" in rest:
             found.add("matmul")
-        if depth < 8 and opcode in ("fusion", "call", "custom-call", "async-start"):
+        if depth < 8 and (opcode in ("fusion", "call", "custom-call")
+                          or opcode.endswith("-start")):
             for c in called:
                 for sub in comps.get(c, []):
                     found |= kinds(sub, depth + 1)
@@ -175,9 +176,19 @@ def main(argv=None):
     p.add_argument("trace", type=Path)
     p.add_argument("--top", type=int, default=30)
     p.add_argument("--calls", type=int, default=1, help="calls of the program in the trace")
+    p.add_argument("--hlo", type=Path,
+                   help="the program's compiled text (.txt or .txt.gz, as gpu_all.py saves "
+                        "it): categories by what each op contains, not by its name")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
-    s = summarise(args.trace, args.top, args.calls)
+    hlo = None
+    if args.hlo:
+        import gzip
+
+        opener = gzip.open if args.hlo.suffix == ".gz" else open
+        with opener(args.hlo, "rt") as fh:
+            hlo = fh.read()
+    s = summarise(args.trace, args.top, args.calls, hlo_text=hlo)
     print(json.dumps(s, indent=1) if args.json else format_summary(s))
 
 
