@@ -65,7 +65,7 @@ ENTRY %main (k: f32[3,3,4,4], i: bf16[1,8,8,4], m: bf16[8,8]) -> bf16[8,8] {
   %fusion-start.7 = ((bf16[8,8]{1,0}, bf16[8,8]{1,0}), bf16[8,8]{1,0}) fusion-start(%m, %m), calls=%async_body
   ROOT %fusion-done.8 = bf16[8,8]{1,0} fusion-done(%fusion-start.7)
 }
-"""
+"""  # noqa: E501 -- HLO text has one instruction per line
 
 
 def test_gpu_like_hlo_categories():
