@@ -89,7 +89,10 @@ def read_checkpoint_config(directory: str | os.PathLike, step: int | None = None
     mgr = _manager(directory, read_only=True)
     step = mgr.latest_step() if step is None else step
     if step is None:
-        raise FileNotFoundError(f"no finished checkpoint in {directory}")
+        hint = Path(directory) / "checkpoints"  # a training workdir holds them there
+        raise FileNotFoundError(f"no finished checkpoint in {directory}" + (
+            f"; did you mean {hint}?" if not str(directory).startswith("gs://")
+            and hint.is_dir() else ""))
     cfg = mgr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
     mgr.close()
     if not isinstance(cfg, dict) or cfg.get("format") != FORMAT:

@@ -7,17 +7,24 @@ With no flags it runs the bundled tiny model on the bundled demo images. Per inp
 * ``NAME_seg.png`` / ``NAME_seg_labels.png``: the segmentation in colour / as raw labels,
 * ``NAME_sheet.png``: LQ | SR | segmentation side by side.
 
-Outputs are written atomically; an image whose outputs all exist is skipped unless
-``--overwrite`` (so a killed batch resumes where it stopped). A bad input is reported on one
-line naming the file, the others go on, and the exit status is 1 if any failed.
+Inputs whose names differ only in the extension (``pic.jpg``, ``pic.png``) get it in their
+output names (``pic_jpg_sr.png``, ``pic_png_sr.png``). Outputs are written atomically; an
+image whose outputs all exist is skipped unless ``--overwrite`` (so a killed or interrupted
+batch resumes where it stopped: Ctrl-C stops at once, exit status 130). A bad input is
+reported on one line naming the file, the others go on, and the exit status is 1 if any
+failed.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import itertools
+import math
 import os
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,10 +60,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sampler", default=None, choices=("ddpm", "ddim", "dpmpp_2m"),
                    help="default: the checkpoint's, else ddpm (SeeSR)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--tile", type=int, default=96, help="latent tile size")
-    p.add_argument("--tile-overlap", type=int, default=32, help="latent tile overlap")
-    p.add_argument("--tiles-per-call", type=int, default=4,
-                   help="tiles denoised together (memory vs. speed)")
+    p.add_argument("--tile", type=int, default=None,
+                   help="latent tile size (default: the checkpoint's, else 96)")
+    p.add_argument("--tile-overlap", type=int, default=None,
+                   help="latent tile overlap (default: the checkpoint's, else 32)")
+    p.add_argument("--tiles-per-call", type=int, default=None,
+                   help="tiles denoised together (memory vs. speed; default: the "
+                        "checkpoint's, else 1 on CPU, where more is slower, and 4 on GPU/TPU)")
     p.add_argument("--color-fix", default=None, choices=("adain", "wavelet", "none"),
                    help="default: the checkpoint's, else adain")
     p.add_argument("--min-side", type=int, default=None,
@@ -74,7 +84,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "written segmentation is the LQ segmenter's; default: the checkpoint's, "
                         "else diffusion")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
-                   help="compute dtype (parameters stay float32)")
+                   help="compute dtype; bfloat16 also stores the conv / dense / embedding "
+                        "weights in bfloat16 (norms stay float32): half the memory, for "
+                        "GPU/TPU; on CPU it is slower than float32")
     p.add_argument("--batch-size", type=int, default=1,
                    help="images of the same size sampled together")
     p.add_argument("--overwrite", action="store_true", help="redo images already done")
@@ -82,13 +94,20 @@ def parse_args(argv=None) -> argparse.Namespace:
         "SEGSR_JAX_CACHE", str(Path.home() / ".cache" / "segsr_jax" / "xla")),
         help="persistent XLA compilation cache ('' to disable)")
     args = p.parse_args(argv)
-    if args.upscale <= 0:
-        p.error("--upscale must be positive")
-    if args.steps is not None and args.steps < 1:
-        p.error("--steps must be >= 1")
-    if args.batch_size < 1 or args.tiles_per_call < 1:
-        p.error("--batch-size and --tiles-per-call must be >= 1")
-    if not 0 <= args.tile_overlap < args.tile:
+    if not (math.isfinite(args.upscale) and args.upscale > 0):
+        p.error(f"--upscale must be a positive number, not {args.upscale}")
+    if args.guidance is not None and not (math.isfinite(args.guidance) and args.guidance >= 0):
+        p.error(f"--guidance must be a number >= 0, not {args.guidance}")
+    for flag in ("steps", "tile", "tiles_per_call", "batch_size"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            p.error(f"--{flag.replace('_', '-')} must be >= 1, not {value}")
+    if args.min_side is not None and args.min_side < 0:
+        p.error(f"--min-side must be >= 0, not {args.min_side}")
+    if args.tile_overlap is not None and args.tile_overlap < 0:
+        p.error(f"--tile-overlap must be >= 0, not {args.tile_overlap}")
+    if args.tile is not None and args.tile_overlap is not None and \
+            args.tile_overlap >= args.tile:
         p.error("--tile-overlap must be in [0, --tile)")
     return args
 
@@ -113,9 +132,18 @@ def plan_job(path: Path, lq: np.ndarray, upscale: float, min_side: int) -> Job:
     return Job(path, lq, out_hw, work_hw)
 
 
-def outputs_of(out_dir: Path, path: Path) -> list[Path]:
-    """The files written for input ``path``."""
-    return [out_dir / f"{path.stem}{s}" for s in OUTPUT_SUFFIXES]
+def output_names(files: list[Path]) -> dict[Path, str]:
+    """The output name of each input: its stem, or ``stem_ext`` when another input has the
+    same stem (compared case-insensitively, as some file systems do), so none overwrites
+    another's outputs."""
+    counts = collections.Counter(f.stem.casefold() for f in files)
+    return {f: f"{f.stem}_{f.suffix.lstrip('.')}" if counts[f.stem.casefold()] > 1 else f.stem
+            for f in files}
+
+
+def outputs_of(out_dir: Path, name: str) -> list[Path]:
+    """The files written for the input whose output name (:func:`output_names`) is ``name``."""
+    return [out_dir / f"{name}{s}" for s in OUTPUT_SUFFIXES]
 
 
 def enable_compilation_cache(cache_dir: str) -> None:
@@ -129,9 +157,52 @@ def enable_compilation_cache(cache_dir: str) -> None:
     compilation_cache.reset_cache()
 
 
+def quiet_library_logs() -> None:
+    """Hide library log lines that mean nothing to a user of this command: orbax's absl
+    warnings (e.g. "Given directory is read only" for the installed bundled checkpoint) and
+    transformers' "PyTorch was not found". Their errors still show; ours are printed."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # read when transformers loads
+    from absl import logging as absl_logging
+
+    absl_logging.set_verbosity(absl_logging.ERROR)
+
+
+@dataclass
+class Progress:
+    """What a run has done so far, for the message when it is interrupted."""
+
+    written: int = 0
+    total: int = 0
+
+
+def _interrupt_once(signum, frame):
+    # Ignore further SIGINTs (a second Ctrl-C; `timeout -s INT` signals twice) so that the
+    # way out is not interrupted again halfway, printing tracebacks.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    raise KeyboardInterrupt
+
+
 def main(argv=None) -> int:
-    """Run the command; returns the exit status."""
+    """Run the command; returns the exit status (130 when interrupted by Ctrl-C)."""
     args = parse_args(argv)
+    progress = Progress()
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, _interrupt_once) if in_main_thread else None
+    try:
+        return run(args, progress)
+    except KeyboardInterrupt:
+        # Outputs are written atomically: nothing partial is left, and a rerun resumes.
+        print(f"interrupted: {progress.written} of {progress.total} images written; rerun the "
+              "same command to resume", file=sys.stderr)
+        return 130
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGINT, previous)
+
+
+def run(args: argparse.Namespace, progress: Progress) -> int:
+    """:func:`main` on parsed ``args``; counts the images written in ``progress``."""
+    quiet_library_logs()
     from segsr_jax import images
     from segsr_jax.inference import Restorer  # heavy imports after argument parsing
 
@@ -146,14 +217,28 @@ def main(argv=None) -> int:
         print(f"error: no images ({', '.join(images.IMAGE_SUFFIXES)}) in {args.input}",
               file=sys.stderr)
         return 2
+    # Before loading the model, so that a wrong --output fails in a second, not after sampling.
     out_dir = Path(args.output)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        print(f"error: cannot use --output {out_dir} as the output folder: {e}",
+              file=sys.stderr)
+        return 2
+    names = output_names(files)
+    renamed = [f for f in files if names[f] != f.stem]
+    if renamed:
+        shown = ", ".join(f.name for f in renamed[:6]) + (", ..." if len(renamed) > 6 else "")
+        print(f"note: inputs with the same name ({shown}) get their extension in their output "
+              f"names, e.g. {renamed[0].name} -> {names[renamed[0]]}_sr.png", file=sys.stderr)
     todo = [f for f in files
-            if args.overwrite or not all(p.exists() for p in outputs_of(out_dir, f))]
+            if args.overwrite or not all(p.exists() for p in outputs_of(out_dir, names[f]))]
     skipped = len(files) - len(todo)
     if skipped:
         print(f"skipping {skipped} image(s) already done in {out_dir} (--overwrite to redo)")
     if not todo:
         return 0
+    progress.total = len(todo)
     try:
         restorer = Restorer.from_checkpoint(args.checkpoint, dtype=args.dtype)
     except (OSError, ValueError) as e:
@@ -164,6 +249,10 @@ def main(argv=None) -> int:
                                tile=args.tile, tile_overlap=args.tile_overlap,
                                tiles_per_call=args.tiles_per_call, color_fix=args.color_fix,
                                min_side=args.min_side, seg_prior=args.seg_prior)
+    if not 0 <= options.tile_overlap < options.tile:   # one of them from the checkpoint
+        print(f"error: tile overlap {options.tile_overlap} must be in [0, tile {options.tile}) "
+              "(--tile, --tile-overlap)", file=sys.stderr)
+        return 2
     print(f"model: {args.checkpoint} | sampler {options.sampler}, {options.steps} steps, "
           f"guidance {options.guidance}, seg prior {options.seg_prior}, {args.dtype}")
 
@@ -183,37 +272,37 @@ def main(argv=None) -> int:
     batches = [chunk[i:i + args.batch_size]
                for _, group in itertools.groupby(jobs, key=lambda j: j.work_hw)
                for chunk in [list(group)] for i in range(0, len(chunk), args.batch_size)]
-    bar = tqdm(total=len(jobs) * options.steps, unit="step", desc="sampling",
-               disable=None, dynamic_ncols=True)
-    for batch in batches:
-        t0 = time.perf_counter()
-        try:
-            results, compile_s = restorer.restore_batch([j.lq for j in batch],
-                                                        batch[0].work_hw, options,
-                                                        seed=args.seed)
-        except (ValueError, MemoryError) as e:
-            names = ", ".join(str(j.path) for j in batch)
-            print(f"error: {names}: {e}", file=sys.stderr)
-            failed += len(batch)
+    with tqdm(total=len(jobs) * options.steps, unit="step", desc="sampling",
+              disable=None, dynamic_ncols=True) as bar:
+        for batch in batches:
+            t0 = time.perf_counter()
+            try:
+                results, compile_s = restorer.restore_batch([j.lq for j in batch],
+                                                            batch[0].work_hw, options,
+                                                            seed=args.seed)
+            except (ValueError, MemoryError) as e:
+                print(f"error: {', '.join(str(j.path) for j in batch)}: {e}", file=sys.stderr)
+                failed += len(batch)
+                bar.update(len(batch) * options.steps)
+                continue
+            run_s = time.perf_counter() - t0 - compile_s
+            for job, result in zip(batch, results, strict=True):
+                write_outputs(outputs_of(out_dir, names[job.path]), job, result,
+                              restorer.num_classes)
+                progress.written += 1
             bar.update(len(batch) * options.steps)
-            continue
-        run_s = time.perf_counter() - t0 - compile_s
-        for job, result in zip(batch, results, strict=True):
-            write_outputs(out_dir, job, result, restorer.num_classes)
-        bar.update(len(batch) * options.steps)
-        msg = f"{', '.join(j.path.name for j in batch)}: {run_s:.2f} s"
-        if compile_s:
-            msg += f" (+ {compile_s:.1f} s compile)"
-        bar.write(msg)
-    bar.close()
-    done = len(jobs) - sum(1 for j in jobs if not all(p.exists()
-                                                      for p in outputs_of(out_dir, j.path)))
+            msg = f"{', '.join(j.path.name for j in batch)}: {run_s:.2f} s"
+            if compile_s:
+                msg += f" (+ {compile_s:.1f} s compile)"
+            bar.write(msg)
+    done = sum(1 for j in jobs if all(p.exists() for p in outputs_of(out_dir, names[j.path])))
     print(f"wrote {done} image(s) to {out_dir}" + (f"; {failed} failed" if failed else ""))
     return 1 if failed else 0
 
 
-def write_outputs(out_dir: Path, job: Job, result, num_classes: int) -> None:
-    """Write the four files of one image (each atomically; the sheet last)."""
+def write_outputs(paths: list[Path], job: Job, result, num_classes: int) -> None:
+    """Write the four files of one image to ``paths`` (:func:`outputs_of`), each atomically,
+    the sheet last."""
     from segsr_jax import images
 
     sr, labels = result
@@ -222,7 +311,7 @@ def write_outputs(out_dir: Path, job: Job, result, num_classes: int) -> None:
                               resample=images.Image.NEAREST)
     seg = images.colorize(labels_hr, num_classes)
     lq_big = images.resize(job.lq, job.out_hw, resample=images.Image.NEAREST)
-    sr_p, seg_p, lab_p, sheet_p = outputs_of(out_dir, job.path)
+    sr_p, seg_p, lab_p, sheet_p = paths
     images.write_png(sr_p, sr)
     images.write_png(seg_p, seg)
     images.write_png(lab_p, labels_hr)
@@ -230,4 +319,12 @@ def write_outputs(out_dir: Path, job: Job, result, num_classes: int) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    status = main()
+    if status == 130:
+        # The interrupted sampler call still runs on XLA's threads (JAX cannot cancel it), and
+        # a normal interpreter exit waits for it, then may crash tearing it down. Every file
+        # written is complete (written atomically), so leave at once.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    sys.exit(status)

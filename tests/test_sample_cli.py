@@ -190,3 +190,169 @@ def test_bf16_restorer_holds_weights_in_bf16(ckpt, monkeypatch):
     (sr_ref, labels_ref), = per_call.restore_batch([lq], (24, 32), opts)[0]
     np.testing.assert_array_equal(sr, sr_ref)
     np.testing.assert_array_equal(labels, labels_ref)
+
+
+def test_ctrl_c_stops_with_one_line_and_a_rerun_resumes(ckpt, inputs, tmp_path, capsys,
+                                                         monkeypatch):
+    from segsr_jax.inference import Restorer
+
+    d = tmp_path / "two"
+    d.mkdir()
+    for n in ("rgb.png", "gray.jpg"):
+        (d / n).write_bytes((inputs / n).read_bytes())
+    real = Restorer.restore_batch
+    calls = []
+
+    def interrupted_second(self, *args, **kwargs):  # Ctrl-C while sampling the 2nd image
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Restorer, "restore_batch", interrupted_second)
+    out = tmp_path / "out"
+    assert sample.main(_args(ckpt, d, out, tmp_path)) == 130
+    err = capsys.readouterr().err
+    assert "interrupted: 1 of 2 images written; rerun the same command to resume" in err
+    assert len(sorted(out.iterdir())) == len(sample.OUTPUT_SUFFIXES)   # one image, no temps
+    monkeypatch.undo()
+    assert sample.main(_args(ckpt, d, out, tmp_path)) == 0
+    assert "skipping 1 image(s)" in capsys.readouterr().out
+    assert len(sorted(out.iterdir())) == 2 * len(sample.OUTPUT_SUFFIXES)
+
+
+def test_ctrl_c_in_a_real_run_exits_at_once_and_quietly(tmp_path):
+    """SIGINT while the compiled sampler runs: the CLI exits well before the image would be
+    done (it polls instead of blocking in JAX), with one line and no traceback; library
+    warnings (orbax's absl lines, transformers') are not shown."""
+    import re
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "segsr_jax.sample", "--output", str(tmp_path / "out"),
+         "--cache-dir", str(tmp_path / "xla"), "--steps", "150"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        for line in proc.stdout:   # the first image's line: "scene0.png: 7.12 s (+ ...)"
+            if m := re.search(r"\.png: ([0-9.]+) s", line):
+                break
+        else:
+            pytest.fail(f"no result line; stderr: {proc.stderr.read()}")
+        image_s = float(m.group(1))
+        t0 = time.perf_counter()
+        proc.send_signal(signal.SIGINT)
+        rc = proc.wait(timeout=120)
+        exit_s = time.perf_counter() - t0
+        err = proc.stderr.read()
+    finally:
+        proc.kill()
+    assert rc == 130, err
+    assert "interrupted: 1 of 3 images written" in err
+    assert "Traceback" not in err and "WARNING" not in err and "PyTorch" not in err, err
+    assert exit_s < max(1.0, image_s / 3), (exit_s, image_s)
+    assert len(list((tmp_path / "out").iterdir())) == len(sample.OUTPUT_SUFFIXES)
+
+
+def test_inputs_with_the_same_stem_get_their_extension_in_output_names(ckpt, tmp_path,
+                                                                       capsys):
+    d = tmp_path / "in"
+    d.mkdir()
+    photo = data.astronaut()[::16, ::16][:24]
+    Image.fromarray(photo).save(d / "pic.png")
+    Image.fromarray(photo[:, ::-1]).save(d / "pic.jpg")
+    Image.fromarray(photo).save(d / "other.png")
+    out = tmp_path / "out"
+    assert sample.main(_args(ckpt, d, out, tmp_path)) == 0
+    err = capsys.readouterr().err
+    assert err.count("note:") == 1 and "pic.jpg -> pic_jpg_sr.png" in err
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        f"{s}{suf}" for s in ("pic_jpg", "pic_png", "other") for suf in sample.OUTPUT_SUFFIXES)
+    a = np.asarray(Image.open(out / "pic_png_sr.png"))
+    b = np.asarray(Image.open(out / "pic_jpg_sr.png"))
+    assert not np.array_equal(a, b)
+    assert sample.main(_args(ckpt, d, out, tmp_path)) == 0
+    assert "skipping 3 image(s)" in capsys.readouterr().out
+
+
+def test_output_that_is_a_file_fails_before_loading_the_model(ckpt, inputs, tmp_path, capsys,
+                                                              monkeypatch):
+    from segsr_jax.inference import Restorer
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(Restorer, "from_checkpoint", no_loading)
+    taken = tmp_path / "taken"
+    taken.write_text("mine")
+    for out in (taken, taken / "sub"):
+        assert sample.main(_args(ckpt, inputs / "rgb.png", out, tmp_path)) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error:") and str(out) in err and "Traceback" not in err
+    assert taken.read_text() == "mine"
+
+
+@pytest.mark.parametrize("flags", [
+    ["--guidance", "nan"], ["--guidance", "inf"], ["--guidance", "-1"], ["--upscale", "nan"],
+    ["--upscale", "inf"], ["--steps", "0"], ["--tile", "-1"], ["--tiles-per-call", "-2"],
+    ["--batch-size", "0"], ["--min-side", "-1"], ["--tile", "16", "--tile-overlap", "16"]])
+def test_bad_numbers_are_refused_by_argparse(flags, capsys):
+    with pytest.raises(SystemExit) as e:
+        sample.parse_args(flags)
+    assert e.value.code == 2 and flags[0] in capsys.readouterr().err
+    assert sample.parse_args(["--guidance", "0", "--steps", "1", "--min-side", "0"]).steps == 1
+
+
+def test_workdir_instead_of_its_checkpoints_folder_gets_a_hint(inputs, tmp_path, capsys):
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    assert sample.main(_args(run, inputs / "rgb.png", tmp_path / "o", tmp_path)) == 2
+    err = capsys.readouterr().err
+    assert f"no finished checkpoint in {run}; did you mean {run / 'checkpoints'}?" in err
+
+
+def test_help_describes_dtype_and_tiles_per_call(capsys):
+    with pytest.raises(SystemExit):
+        sample.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "parameters stay float32" not in text
+    assert "weights in bfloat16" in text and "on CPU it is slower" in text
+    assert "else 1 on CPU" in text
+
+
+def test_tiles_per_call_defaults_to_1_on_cpu_unless_set(ckpt, monkeypatch):
+    from segsr_jax import inference
+
+    restorer = inference.Restorer.from_checkpoint(ckpt)
+    assert inference.jax.default_backend() == "cpu"
+    assert restorer.options().tiles_per_call == 1
+    assert restorer.options(tiles_per_call=3).tiles_per_call == 3
+    restorer.defaults["tiles_per_call"] = 2        # the checkpoint's sampling defaults
+    assert restorer.options().tiles_per_call == 2
+    del restorer.defaults["tiles_per_call"]
+    monkeypatch.setattr(inference.jax, "default_backend", lambda: "gpu")
+    assert restorer.options().tiles_per_call == 4
+
+
+def test_tiles_come_from_the_checkpoint_unless_given(ckpt, inputs, tmp_path, capsys,
+                                                      monkeypatch):
+    """--tile/--tile-overlap left out: the checkpoint's sampling defaults (configs/tiny.py
+    sets tiles for its small model) apply, not the SD-sized 96/32; a tile that conflicts with
+    the checkpoint's overlap is a clear error before sampling."""
+    from segsr_jax.inference import Restorer
+
+    args = sample.parse_args([])
+    assert args.tile is None and args.tile_overlap is None
+    restorer = Restorer.from_checkpoint(ckpt)
+    restorer.defaults.update(tile=24, tile_overlap=6)
+    opts = restorer.options(tile=args.tile, tile_overlap=args.tile_overlap)
+    assert (opts.tile, opts.tile_overlap) == (24, 6)
+    assert restorer.options(tile=40).tile == 40
+    # No checkpoint default: the overlap is 32, so a 16-latent tile alone cannot work.
+    rc = sample.main(_args(ckpt, inputs, tmp_path / "out", tmp_path, "--tile", "16"))
+    assert rc == 2
+    assert "tile overlap 32 must be in [0, tile 16)" in capsys.readouterr().err
+    assert not list((tmp_path / "out").glob("*.png"))
