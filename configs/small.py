@@ -30,6 +30,10 @@ PREVIOUS = {"sr": "vae", "seg": "sr", "joint": "seg"}
 # stage: (steps, learning rate, modules trained besides the stage's own)
 STAGES = {"vae": (20_000, 2e-4, ()), "sr": (60_000, 1e-4, ("unet",)),
           "seg": (10_000, 1e-4, ("segformer",)), "joint": (20_000, 5e-5, ("unet",))}
+# Sampling defaults the checkpoint carries for `python -m segsr_jax.sample` (the validation grid
+# ignores them): the model is trained on 64 px LQ crops, so inputs are enlarged only below
+# 64 px instead of the sampler's SD-sized 128.
+INFERENCE = dict(min_side=64)
 
 
 def model_config() -> SegSRConfig:
@@ -102,5 +106,6 @@ def get_config(stage: str = "vae") -> ConfigDict:
     c.log = ConfigDict(dict(every=50, tensorboard=True))
     c.sample = ConfigDict(dict(every=0 if stage == "vae" else 5000, num_images=8,
                                options=dict(sampler="ddim", steps=50, guidance=1.0, prompt="",
-                                            negative_prompt="", color_fix="adain", seed=0)))
+                                            negative_prompt="", color_fix="adain", seed=0,
+                                            **INFERENCE)))
     return c

@@ -33,6 +33,7 @@ import json
 import math
 import os
 import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -298,8 +299,14 @@ def evaluate_folders(pred: str | os.PathLike, gt: str | os.PathLike, *,
     columns += [c for c, acc in (("semantic_miou", semantic), ("seg_miou", own)) if acc]
     missing = {"labels": [], "seg_pred": []}
 
+    if labels is not None:
+        _warn_unused_labels(labels, label_index, [stem for stem, _, _ in pairs],
+                            segmenter is not None or seg_pred is not None, warn)
+
     rows = []
-    for stem, pred_path, gt_path in tqdm(pairs, desc="evaluate", unit="img", disable=not progress):
+    # disable=None: no bar when stderr is not a terminal (a log file, a pipe).
+    for stem, pred_path, gt_path in tqdm(pairs, desc="evaluate", unit="img",
+                                         disable=None if progress else True):
         sr, hr = _read(pred_path), _read(gt_path)
         if sr.shape != hr.shape:
             raise EvaluationError(f"{pred_path.name} is {sr.shape[1]}x{sr.shape[0]} but "
@@ -360,6 +367,20 @@ def evaluate_folders(pred: str | os.PathLike, gt: str | os.PathLike, *,
               "missing_labels": missing["labels"], "missing_seg_pred": missing["seg_pred"]}
     return Evaluation(name or Path(pred).name, columns, rows, mean, per_class, settings, counts,
                       notes)
+
+
+def _warn_unused_labels(labels, label_index: dict, stems: list[str], scored: bool,
+                        warn) -> None:
+    """Warn when ``--labels`` cannot give an mIoU: nothing to score it with, or no label file
+    that matches a prediction (all mIoU values would be missing)."""
+    if not scored:
+        warn(f"warning: --labels {labels} is used only with --segmenter or --seg-pred; no mIoU "
+             "without them")
+    elif not any(stem in label_index for stem in stems):
+        warn(f"warning: no label map in {labels} matches a prediction ({len(label_index)} "
+             "label files), so no mIoU: a label file is matched by its stem without the "
+             "suffix _label or _labels (scene0_sr.png <-> scene0_label.png, scene0_labels.png "
+             "or scene0.png)")
 
 
 def _str(path) -> str | None:
@@ -426,10 +447,24 @@ def load_niqe_params(path: str | os.PathLike) -> dict:
         raise EvaluationError(f"--niqe-params {path}: not found")
     if path.suffix == ".mat":
         from scipy.io import loadmat
+        from scipy.io.matlab import MatReadError
 
-        data = loadmat(path)
+        try:
+            data = loadmat(path)
+        # scipy's errors for a file that is not a MATLAB file, or a damaged one.
+        except (MatReadError, OSError, ValueError, TypeError) as e:
+            raise EvaluationError(f"--niqe-params {path}: not a readable MATLAB .mat file "
+                                  f"({type(e).__name__}: {e})") from e
     else:
-        with np.load(path) as npz:
+        try:
+            loaded = np.load(path)
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:  # numpy: not an npz
+            raise EvaluationError(f"--niqe-params {path}: not a readable .npz file "
+                                  f"({type(e).__name__}: {e})") from e
+        if not isinstance(loaded, np.lib.npyio.NpzFile):  # a bare .npy array
+            raise EvaluationError(f"--niqe-params {path}: a single array, not an .npz with "
+                                  "mu_prisparam and cov_prisparam")
+        with loaded as npz:
             data = dict(npz)
     out = {}
     for key in ("mu_prisparam", "cov_prisparam"):

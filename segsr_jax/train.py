@@ -1,16 +1,22 @@
-"""``python -m segsr_jax.train --config configs/NAME.py[:STAGE] --workdir DIR [--config.x=y]``
+"""``python -m segsr_jax.train --config configs/NAME.py[:RUN] --workdir DIR [--config.x=y]``
 
-Trains one stage of SegSR (``vae``, ``sr``, ``seg`` or ``joint``; DESIGN §4) and writes into
-``DIR``: ``checkpoints/`` (Orbax; sampleable with ``python -m segsr_jax.sample --checkpoint
-DIR/checkpoints``), ``metrics.jsonl``, ``tensorboard/`` and ``samples/``. ``DIR`` may be a
+Trains one run of a config and writes into ``DIR``: ``checkpoints/`` (Orbax; sampleable with
+``python -m segsr_jax.sample --checkpoint DIR/checkpoints``), ``metrics.jsonl``,
+``tensorboard/`` and ``samples/``. ``RUN`` names a stage of SegSR (``vae``, ``sr``, ``seg``,
+``joint``: the autoencoder, the ControlNet, the segmentation branch, then all of it together),
+an experiment arm (``sronly``, ``prior``) or the evaluation ``segmenter``; each config's
+docstring lists the runs it offers and their order (configs/tiny.py: all seven;
+configs/small.py: vae, sr, seg, joint; configs/segsr_sd2.py: sr, seg, joint). A run that
+starts from another one's checkpoint reads it from ``--config.init_from``. ``DIR`` may be a
 local folder or ``gs://BUCKET/PATH`` (needs ``pip install -e '.[gcs]'``); remote logs are
 staged locally and uploaded at every checkpoint (see :mod:`segsr_jax.training.metrics_log`).
 
 Re-running the same command resumes from the latest readable checkpoint: same params, EMA,
 optimizer state, RNG and data position, so the result equals an uninterrupted run bit for
-bit. SIGTERM (preemption) saves a checkpoint at the next step boundary and exits with status
-143. A NaN/Inf loss, gradient or parameter stops the run with an error naming the step,
-before anything bad is saved.
+bit. SIGTERM (preemption) or Ctrl-C saves a checkpoint at the next step boundary and exits
+with status 143 (SIGTERM) or 130 (Ctrl-C); a second Ctrl-C stops at once without saving. A
+NaN/Inf loss, gradient or parameter stops the run with an error naming the step, before
+anything bad is saved.
 
 Multi-host: ``--distributed`` calls ``jax.distributed.initialize()`` (TPU pods, SLURM: the
 cluster is auto-detected); ``--coordinator_address/--num_processes/--process_id`` give it
@@ -19,6 +25,7 @@ explicitly (a CPU run on localhost uses gloo collectives).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import signal
@@ -48,7 +55,71 @@ from segsr_jax.training.losses import LossConfig
 from segsr_jax.training.validation import ValidationConfig, Validator
 
 PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM: "stopped by the scheduler, resume me"
+INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT: Ctrl-C
+BAD_INPUT_EXIT_CODE = 2
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+class MissingInitCheckpointError(FileNotFoundError):
+    """``config.init_from`` holds no checkpoint (e.g. the previous stage has not run yet)."""
+
+    def __init__(self, init_from: str, reason: str):
+        super().__init__(reason)
+        self.init_from, self.reason = init_from, reason
+
+
+def missing_init_message(init_from: str, reason: str, config_file: str | None) -> str:
+    """The one-line error for a missing ``init_from`` checkpoint: what is missing, which run
+    writes it and how to point elsewhere. The repository's configs start a run from
+    ``runs/NAME/RUN/checkpoints``, the checkpoints of run ``RUN`` trained into
+    ``runs/NAME/RUN``; where ``init_from`` has that shape the command is spelled out."""
+    path = epath.Path(init_from)
+    if path.name == "checkpoints" and config_file:
+        workdir = path.parent
+        made_by = (f"it is written by run {workdir.name!r}: train that first (python -m "
+                   f"segsr_jax.train --config {config_file}:{workdir.name} --workdir {workdir})")
+    else:
+        made_by = ("it must be a converted checkpoint (python -m segsr_jax.convert) or a "
+                   "previous run's WORKDIR/checkpoints")
+    return (f"this run starts from the checkpoint in {init_from}, which is missing ({reason}); "
+            f"{made_by}, or pass --config.init_from=DIR to start from a checkpoint elsewhere")
+
+
+def validation_config(options: ConfigDict) -> ValidationConfig:
+    """The validation grid's sampler settings out of ``config.sample.options`` (which also
+    holds inference-only defaults, e.g. ``min_side`` and tiling, for the checkpoint)."""
+    known = {f.name for f in dataclasses.fields(ValidationConfig)}
+    return ValidationConfig(**{k: v for k, v in options.items() if k in known})
+
+
+@contextlib.contextmanager
+def stop_signals(enabled: bool):
+    """Within the block, SIGTERM and SIGINT (Ctrl-C) are recorded instead of stopping the
+    process: yields the list of received signal numbers, which the loop checks after every
+    step. A second Ctrl-C stops at once, without saving. The previous handlers come back on
+    exit (``enabled=False``: nothing is installed)."""
+    received: list[int] = []
+    if not enabled:
+        yield received
+        return
+
+    def handle(signum, frame):
+        del frame
+        if received and signum == signal.SIGINT:
+            print("second Ctrl-C: stopped at once; nothing saved since the last checkpoint",
+                  file=sys.stderr, flush=True)
+            os._exit(INTERRUPTED_EXIT_CODE)  # now: no waiting for the step or any thread
+        if signum == signal.SIGINT:
+            print("Ctrl-C: saving a checkpoint after this step (Ctrl-C again to stop at once, "
+                  "without saving)", file=sys.stderr, flush=True)
+        received.append(signum)
+
+    previous = {s: signal.signal(s, handle) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield received
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def make_source(cfg: ConfigDict, num_classes: int):
@@ -114,25 +185,37 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> int:
     """Run (or resume) the training described by ``config`` in ``workdir``.
 
     Returns the exit status: 0 when ``config.num_steps`` are done, ``PREEMPTED_EXIT_CODE``
-    after a SIGTERM-triggered save. Raises :class:`step_lib.NonFiniteError` on NaN/Inf.
+    after a SIGTERM-triggered save, ``INTERRUPTED_EXIT_CODE`` after a Ctrl-C-triggered one.
+    Raises :class:`step_lib.NonFiniteError` on NaN/Inf and
+    :class:`MissingInitCheckpointError` when ``config.init_from`` holds no checkpoint.
     ``workdir`` is a local folder or a ``gs://`` URI (every file goes through epath).
     """
-    workdir = workdir_lib.open_workdir(workdir)  # fails fast on gs:// without gcsfs
     if config.tokenizer == "from_init" and not config.init_from:
         raise ValueError("this config starts from a converted checkpoint (tokenizer "
                          "'from_init'): pass --config.init_from=CHECKPOINT_DIR")
-    # Closed (a remote workdir: uploaded) also when training raises, e.g. on NaN/Inf.
-    with metrics_log.MetricsLog(workdir, enabled=jax.process_index() == 0,
-                                tensorboard=config.log.tensorboard) as log:
-        return _train(config, workdir, log)
-
-
-def _train(config: ConfigDict, workdir: epath.Path, log: metrics_log.MetricsLog) -> int:
-    """The body of :func:`train_and_evaluate`, writing to an open ``log``."""
-    model_cfg = SegSRConfig.from_dict(config.model.to_dict())
+    init_config = None
     if config.init_from:
+        try:
+            init_config = checkpoint.read_checkpoint_config(config.init_from)
+        except FileNotFoundError as e:
+            raise MissingInitCheckpointError(config.init_from, str(e)) from e
+    workdir = workdir_lib.open_workdir(workdir)  # fails fast on gs:// without gcsfs
+    # Closed (a remote workdir: uploaded) also when training raises, e.g. on NaN/Inf; the
+    # stack restores the signal handlers that the loop installs.
+    with metrics_log.MetricsLog(workdir, enabled=jax.process_index() == 0,
+                                tensorboard=config.log.tensorboard) as log, \
+            contextlib.ExitStack() as stack:
+        return _train(config, workdir, log, init_config, stack)
+
+
+def _train(config: ConfigDict, workdir: epath.Path, log: metrics_log.MetricsLog,
+           init_config: dict | None, stack: contextlib.ExitStack) -> int:
+    """The body of :func:`train_and_evaluate`, writing to an open ``log``; ``init_config``
+    is the config of ``config.init_from``'s checkpoint (None: no init_from)."""
+    model_cfg = SegSRConfig.from_dict(config.model.to_dict())
+    if init_config is not None:
         # A converted checkpoint knows its segmenter's class names (the prompts' tags).
-        names = checkpoint.read_checkpoint_config(config.init_from)["model"].get("class_names")
+        names = init_config["model"].get("class_names")
         if names:
             model_cfg = dataclasses.replace(model_cfg, class_names=tuple(names))
     stage, also_train = config.train.stage, tuple(config.train.also_train)
@@ -208,19 +291,18 @@ def _train(config: ConfigDict, workdir: epath.Path, log: metrics_log.MetricsLog)
             config.data, "sr", global_batch_size=config.sample.num_images,
             seed=config.data.seed + 1, shuffle=False, prefetch_batches=0))))
         validator = Validator(nnx.graphdef(abstract), model_cfg, val_batch, tokenizer,
-                              ValidationConfig(**config.sample.options), mesh)
+                              validation_config(config.sample.options), mesh)
         seconds = validator.compile(state_lib.merge_trees(train_state.ema_params, frozen))
         log.event("compile_sampler", start, seconds=round(seconds, 2))
 
-    # SIGTERM (preemption): finish the current step, save, exit. Multi-host runs agree on
-    # the step through JAX's preemption sync (the coordination service watches SIGTERM).
-    sigterm = []
-    if jax.process_count() == 1:
-        signal.signal(signal.SIGTERM, lambda *_: sigterm.append(True))
+    # SIGTERM (preemption) or Ctrl-C: finish the current step, save, exit. Multi-host runs
+    # agree on the step through JAX's preemption sync (the coordination service watches
+    # SIGTERM; Ctrl-C keeps Python's default there).
+    received = stack.enter_context(stop_signals(jax.process_count() == 1))
 
     def preempted(step: int) -> bool:
         if jax.process_count() == 1:
-            return bool(sigterm)
+            return bool(received)
         return multihost_utils.reached_preemption_sync_point(step)
 
     pending = step_lib.PendingMetrics()
@@ -256,12 +338,18 @@ def _train(config: ConfigDict, workdir: epath.Path, log: metrics_log.MetricsLog)
                               "sampling": config.sample.options.to_dict()})
             log.event("checkpoint", step, path=str(ckpt_dir / str(step)))
             log.flush()  # a remote workdir: upload the logs with every checkpoint
-    if stopped:
+    ckpt.close()  # waits for an async save: the messages below are true once it returns
+    interrupted = stopped and bool(received) and received[0] == signal.SIGINT
+    if interrupted:
+        log.event("interrupted", step, message=f"checkpoint saved in {ckpt_dir / str(step)}; "
+                  "run the same command again to resume")
+    elif stopped:
         log.event("preempted", step, message="checkpoint saved; run again to resume")
-    ckpt.close()
     if hasattr(data_iter, "close"):
         data_iter.close()  # stop grain's prefetch threads before the interpreter does
-    return PREEMPTED_EXIT_CODE if stopped else 0
+    if not stopped:
+        return 0
+    return INTERRUPTED_EXIT_CODE if interrupted else PREEMPTED_EXIT_CODE
 
 
 FLAGS = flags.FLAGS
@@ -285,12 +373,25 @@ def main(argv) -> None:
             kwargs = dict(coordinator_address=FLAGS.coordinator_address,
                           num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
         jax.distributed.initialize(**kwargs)
-    sys.exit(train_and_evaluate(FLAGS.config, FLAGS.workdir))
+    try:
+        status = train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    except MissingInitCheckpointError as e:
+        # The flag's file name still carries ":RUN" (the argument of get_config).
+        config_file = config_flags.get_config_filename(FLAGS["config"]).split(":", 1)[0]
+        print("error: " + missing_init_message(e.init_from, e.reason, config_file),
+              file=sys.stderr)
+        sys.exit(BAD_INPUT_EXIT_CODE)
+    except KeyboardInterrupt:  # Ctrl-C before the training loop (which handles it itself)
+        print("interrupted (Ctrl-C) before training started; nothing saved", file=sys.stderr)
+        sys.exit(INTERRUPTED_EXIT_CODE)
+    sys.exit(status)
 
 
 if __name__ == "__main__":
-    config_flags.DEFINE_config_file("config", None, "training config (configs/NAME.py[:ARG])",
-                                    lock_config=True)
+    config_flags.DEFINE_config_file(
+        "config", None, "training config, configs/NAME.py[:RUN]; RUN is one of the runs "
+        "that the config's docstring lists (configs/tiny.py: vae, sr, seg, joint, sronly, "
+        "prior, segmenter)", lock_config=True)
     flags.DEFINE_string("workdir", None, "output folder (checkpoints, logs, samples)")
     flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize() (auto-detect)")
     flags.DEFINE_string("coordinator_address", None, "host:port of process 0")
@@ -300,4 +401,7 @@ if __name__ == "__main__":
         "SEGSR_JAX_CACHE", str(Path.home() / ".cache" / "segsr_jax" / "xla")),
         "persistent XLA compilation cache ('' to disable)")
     flags.mark_flags_as_required(["config", "workdir"])
+    if any(arg in ("-h", "--help", "-?") for arg in sys.argv[1:]):
+        # absl's --help exits with status 1, but asking for help is not an error.
+        app.usage(shorthelp=True, writeto_stdout=True, exitcode=0)
     app.run(main)

@@ -265,6 +265,48 @@ def test_cli_errors_name_the_files(folders, capsys):
     assert not (root / "pred" / "metrics.json").exists()
 
 
+@pytest.mark.parametrize("content", [b"", b"not numpy", b"PK\x03\x04 broken zip",
+                                     "npy", b"MATLAB 5.0 nonsense"],
+                         ids=["empty", "text", "zip", "npy", "mat"])
+def test_cli_unreadable_niqe_params_is_a_one_line_error(folders, content, capsys):
+    root, _, _ = folders
+    path = root / ("p.mat" if content == b"MATLAB 5.0 nonsense" else "p.npz")
+    if content == "npy":
+        np.save(root / "p.npy", np.zeros(36))
+        (root / "p.npy").rename(path)
+    else:
+        path.write_bytes(content)
+    assert E.main(["--pred", str(root / "pred"), "--gt", str(root / "gt"), "--no-pyiqa",
+                   "--niqe-params", str(path)]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"error: --niqe-params {path}: ")
+
+
+def test_labels_matching_no_prediction_are_reported(folders):
+    root, _, _ = folders
+    other = root / "other_labels"
+    for stem in ("x", "y"):
+        _save(other / f"{stem}_label.png", np.zeros((128, 128), np.uint8))
+    warnings = []
+    ev = E.evaluate_folders(root / "pred", root / "gt", labels=other, seg_pred=root / "pred",
+                            use_pyiqa=False, progress=False, warn=warnings.append)
+    assert all(np.isnan(r["seg_miou"]) for r in ev.rows)
+    (warning,) = [w for w in warnings if "matches a prediction" in w]
+    assert f"no label map in {other} matches a prediction (2 label files)" in warning
+    assert "scene0_sr.png <-> scene0_label.png" in warning
+    # Labels that match: no such warning. Labels with nothing to score them: said so.
+    warnings.clear()
+    E.evaluate_folders(root / "pred", root / "gt", labels=root / "labels",
+                       seg_pred=root / "pred", use_pyiqa=False, progress=False,
+                       warn=warnings.append)
+    label_warnings = lambda: [w for w in warnings if "label map" in w or "--labels" in w]
+    assert not label_warnings()
+    E.evaluate_folders(root / "pred", root / "gt", labels=root / "labels", use_pyiqa=False,
+                       progress=False, warn=warnings.append)
+    assert label_warnings() == [f"warning: --labels {root / 'labels'} is used only with "
+                                "--segmenter or --seg-pred; no mIoU without them"]
+
+
 def test_pairing_prefers_sr_and_ignores_sampler_outputs(folders):
     root, _, _ = folders
     preds = E.find_predictions(root / "pred")

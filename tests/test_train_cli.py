@@ -1,10 +1,13 @@
 """``python -m segsr_jax.train`` as real processes: exact resume after SIGTERM, a two-process
-run with ``jax.distributed`` over gloo, and errors for bad configs.
+run with ``jax.distributed`` over gloo, Ctrl-C, ``--help``, errors for bad configs and for a
+missing init checkpoint, and the from-scratch configs' sampling defaults.
 
 The runs use the tiny test model in stage ``seg`` (tests/training/tiny_train_config.py) and
 share one persistent compilation cache, so only the first process compiles from scratch.
 """
 
+import dataclasses
+import importlib.util
 import json
 import os
 import signal
@@ -137,3 +140,101 @@ def test_bad_config_is_refused_before_training(tmp_path, cache_dir):
     assert rc != 0 and "stage 'srr' is not one of" in err
     rc, _, err = _finish(_start(tmp_path, cache_dir, "--config.optim.lr=1"))
     assert rc != 0 and "lr" in err
+
+
+def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(tmp_path, cache_dir):
+    """A first Ctrl-C (SIGINT) stops as SIGTERM does, with the Ctrl-C status 130."""
+    init = write_init_checkpoint(tmp_path / "init")
+    work = tmp_path / "work"
+    proc = _start(work, cache_dir, "--config.num_steps=100000", "--config.log.every=1",
+                  "--config.checkpoint.every=1000", f"--config.init_from={init}")
+    deadline = time.time() + 240
+    while not any(r["step"] >= 2 for r in _records(work)):
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() < deadline, "no training step logged in time"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    rc, out, err = _finish(proc)
+    assert rc == 130, err[-3000:]
+    assert "Traceback" not in err
+    (k,) = [r["step"] for r in _records(work, "checkpoint")]
+    (line,) = [x for x in out.splitlines() if x.startswith("[interrupted]")]
+    assert f"checkpoint saved in {work / 'checkpoints' / str(k)}" in line
+    assert "run the same command again to resume" in line
+    assert (work / "checkpoints" / str(k)).is_dir()
+
+
+def test_second_ctrl_c_stops_at_once():
+    code = ("import os, signal, time\n"
+            "from segsr_jax.train import stop_signals\n"
+            "with stop_signals(True) as received:\n"
+            "    os.kill(os.getpid(), signal.SIGINT)\n"
+            "    time.sleep(0.1)\n"
+            "    assert received == [signal.SIGINT], received\n"
+            "    os.kill(os.getpid(), signal.SIGINT)\n"
+            "    time.sleep(5)\n"
+            "print('not stopped')\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=_env(1),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 130, proc.stderr[-3000:]
+    assert "second Ctrl-C: stopped at once" in proc.stderr and "not stopped" not in proc.stdout
+
+
+def test_stop_signals_restores_the_previous_handlers():
+    from segsr_jax.train import stop_signals
+
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    with stop_signals(True) as received:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.05)
+    assert received == [signal.SIGTERM]
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+
+
+def test_missing_init_checkpoint_is_a_one_line_error(tmp_path, cache_dir):
+    """A run started before the run it starts from exists: exit 2, no traceback, naming the
+    folder, the command that writes it and the init_from override."""
+    missing = tmp_path / "runs" / "tiny" / "seg" / "checkpoints"
+    rc, _, err = _finish(_start(tmp_path / "joint", cache_dir,
+                                f"--config.init_from={missing}"))
+    assert rc == 2, err[-3000:]
+    assert "Traceback" not in err
+    (line,) = [x for x in err.splitlines() if x.startswith("error:")]
+    assert f"starts from the checkpoint in {missing}, which is missing" in line
+    assert (f"--config tests/training/tiny_train_config.py:seg --workdir {missing.parent}"
+            in line)
+    assert "--config.init_from=DIR" in line
+
+
+def test_help_lists_the_runs_and_exits_0():
+    proc = subprocess.run([sys.executable, "-m", "segsr_jax.train", "--help"], cwd=ROOT,
+                          env=_env(1), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for run in ("vae", "sr", "seg", "joint", "sronly", "prior", "segmenter"):
+        assert f"``{run}``" in proc.stdout
+    assert "--workdir" in proc.stdout and "DESIGN" not in proc.stdout
+
+
+def _load_config(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "configs" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize(("name", "run", "min_side"),
+                         [("tiny", "joint", 32), ("tiny", "prior", 32), ("small", "joint", 64)])
+def test_from_scratch_configs_give_checkpoints_small_image_sampling_defaults(name, run,
+                                                                             min_side):
+    """The sampler's defaults (min_side 128, 96-latent tiles) suit SD-2-sized models; the
+    from-scratch configs' checkpoints carry their own (train.py saves sample.options as the
+    checkpoint's sampling defaults: tests/training/test_train_loop.py)."""
+    from segsr_jax.inference import SampleOptions
+    from segsr_jax.training.validation import ValidationConfig
+
+    options = _load_config(name).get_config(run).sample.options.to_dict()
+    assert options["min_side"] == min_side
+    known = {f.name for f in dataclasses.fields(SampleOptions)}
+    known |= {f.name for f in dataclasses.fields(ValidationConfig)}
+    assert set(options) <= known
+    assert "tiles_per_call" not in options

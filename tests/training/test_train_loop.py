@@ -113,3 +113,19 @@ def test_experiment_stages_train_only_their_modules(stage, tmp_path, init_checkp
                if any(not np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(
                    jax.tree.leaves(before[name]), jax.tree.leaves(after[name]), strict=True))}
     assert changed == {"prior": {"controlnet", "bridge"}, "segmenter": {"segformer"}}[stage]
+
+
+def test_checkpoint_carries_the_configs_sampling_defaults(tmp_path, init_checkpoint):
+    """sample.options, inference-only defaults (min_side, tiling) included, become the
+    checkpoint's sampling defaults; the validation grid samples with the options it knows."""
+    c = get_config("seg")
+    c.init_from = str(init_checkpoint)
+    c.num_steps = c.checkpoint.every = c.sample.every = 1
+    c.sample.options.update(min_side=32, tile=8, tile_overlap=2)
+    assert train.train_and_evaluate(c, str(tmp_path)) == 0
+    assert checkpoint.read_checkpoint_config(tmp_path / "checkpoints")["sampling"] == \
+        c.sample.options.to_dict()
+    assert _records(tmp_path, "compile_sampler")
+    restorer = Restorer.from_checkpoint(tmp_path / "checkpoints")
+    options = restorer.options()
+    assert (options.min_side, options.tile, options.tile_overlap) == (32, 8, 2)
