@@ -69,17 +69,22 @@ def _checkpoint(workdir, step):
     return items
 
 
+def _wait_for_step(proc, workdir, step: int, timeout: float = 240) -> None:
+    """Until the run in ``workdir`` has logged ``step`` (it must keep running)."""
+    deadline = time.time() + timeout
+    while not any(r["step"] >= step for r in _records(workdir)):
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() < deadline, "no training step logged in time"
+        time.sleep(0.05)
+
+
 def test_sigterm_then_resume_equals_an_uninterrupted_run(tmp_path, cache_dir):
     interrupted, straight = tmp_path / "interrupted", tmp_path / "straight"
     init = write_init_checkpoint(tmp_path / "init")
     common = ["--config.log.every=1", "--config.checkpoint.every=1000",
               f"--config.init_from={init}"]
     proc = _start(interrupted, cache_dir, "--config.num_steps=100000", *common)
-    deadline = time.time() + 240
-    while not any(r["step"] >= 4 for r in _records(interrupted)):
-        assert proc.poll() is None, proc.communicate()
-        assert time.time() < deadline, "no training step logged in time"
-        time.sleep(0.05)
+    _wait_for_step(proc, interrupted, 4)
     proc.send_signal(signal.SIGTERM)
     rc, out, err = _finish(proc)
     assert rc == 143, err[-3000:]
@@ -148,11 +153,7 @@ def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(tmp_path, cache_dir):
     work = tmp_path / "work"
     proc = _start(work, cache_dir, "--config.num_steps=100000", "--config.log.every=1",
                   "--config.checkpoint.every=1000", f"--config.init_from={init}")
-    deadline = time.time() + 240
-    while not any(r["step"] >= 2 for r in _records(work)):
-        assert proc.poll() is None, proc.communicate()
-        assert time.time() < deadline, "no training step logged in time"
-        time.sleep(0.05)
+    _wait_for_step(proc, work, 2)
     proc.send_signal(signal.SIGINT)
     rc, out, err = _finish(proc)
     assert rc == 130, err[-3000:]
