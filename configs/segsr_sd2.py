@@ -13,7 +13,7 @@ a pseudo-labelled dataset prepared with ``python -m segsr_jax.label`` and
     python -m segsr_jax.train --config configs/segsr_sd2.py:joint --workdir runs/sd2/joint \\
         --config.init_from=runs/sd2/seg/checkpoints --config.data.path=...
 
-Optimiser: SeeSR's (DESIGN §7): AdamW lr 5e-5, betas (0.9, 0.999), weight decay 1e-2, grad
+Optimiser: SeeSR's: AdamW lr 5e-5, betas (0.9, 0.999), weight decay 1e-2, grad
 clip 1.0, constant after 500 warm-up steps, effective batch 32, text dropped with p = 0.5.
 Parallelism: bf16 compute with float32 master weights; FSDP over 4 devices (the UNet and
 ControlNet kernels split their output channels), data parallel over the rest; the global batch
@@ -35,7 +35,7 @@ NUM_CLASSES = 150  # ADE20K
 
 
 def model_config() -> SegSRConfig:
-    """SD-2-base + SegFormer-B5 with DESIGN §2's SegDM and bridge (1.75 B parameters)."""
+    """SD-2-base + SegFormer-B5 with the default SegDM and bridge (1.75 B parameters)."""
     unet = UNetConfig.sd2_base()
     bridge = BridgeConfig(latent_channels=4, seg_channels=16, hidden_channels=128,
                           num_blocks=2, c_channels=4, i_channels=64, norm_groups=32)
