@@ -13,7 +13,7 @@ a pseudo-labelled dataset prepared with ``python -m segsr_jax.label`` and
     python -m segsr_jax.train --config configs/segsr_sd2.py:joint --workdir runs/sd2/joint \\
         --config.init_from=runs/sd2/seg/checkpoints --config.data.path=...
 
-Optimiser: SeeSR's: AdamW lr 5e-5, betas (0.9, 0.999), weight decay 1e-2, grad
+Optimiser (SeeSR's): AdamW lr 5e-5, betas (0.9, 0.999), weight decay 1e-2, grad
 clip 1.0, constant after 500 warm-up steps, effective batch 32, text dropped with p = 0.5.
 Parallelism: bf16 compute with float32 master weights; FSDP over 4 devices (the UNet and
 ControlNet kernels split their output channels), data parallel over the rest; the global batch
