@@ -176,11 +176,22 @@ def matmul_tflops(device: str) -> float | None:
     return 10 * 2 * 8192**3 / (time.perf_counter() - t0) / 1e12
 
 
+def pipelined(call, n: int, wait) -> float:
+    """Seconds per call of ``n`` calls dispatched back to back and waited for once (``wait``):
+    the device's rate without the host's per-call latency between them, as inside a loop."""
+    t0 = time.perf_counter()
+    for _ in range(n):
+        out = call()
+    wait(out)
+    return (time.perf_counter() - t0) / n
+
+
 def time_program(exe, args, repeats: int) -> dict:
     exe_call = lambda: exe(*args)
     sb.time_calls(exe_call, 2)
     wall, _ = sb.time_calls(exe_call, repeats)
-    return {"median_s": statistics.median(wall), "min_s": min(wall), "times_s": wall}
+    return {"median_s": statistics.median(wall), "min_s": min(wall), "times_s": wall,
+            "pipelined_s": pipelined(exe_call, repeats, jax.block_until_ready)}
 
 
 def torch_block(unet_ref, cn_ref, inputs, device, repeats: int) -> tuple[dict, np.ndarray]:
@@ -195,6 +206,9 @@ def torch_block(unet_ref, cn_ref, inputs, device, repeats: int) -> tuple[dict, n
     result = step().float().cpu().numpy().transpose(0, 2, 3, 1)
     out = {"median_s": statistics.median(wall), "min_s": min(wall), "times_s": wall,
            "flops_torch_counter": sb.torch_flops(step)}
+    if device == "cuda":
+        out["pipelined_s"] = pipelined(sb.torch_step(unet_ref, cn_ref, inputs, device, False),
+                                       repeats, lambda _: torch.cuda.synchronize())
     if device == "cuda":
         out["peak_bytes"] = int(torch.cuda.max_memory_allocated())
     return out, result
@@ -227,20 +241,25 @@ def scan_kernel_dtypes(exe) -> dict:
 
 def job_list(mode: str, sizes, batches, steps) -> list[tuple]:
     """What a run measures, in order: ``("steps", size, batch, with_srdm, profile)`` rows and
-    ``("sampler", n_steps, guided)`` rows. One program is compiled at a time and every row is
+    ``("sampler", n_steps, guided, batch)`` rows. One program is compiled at a time and every row is
     written as soon as it is measured, so a run cut short keeps what came first."""
     (s0, s1), (b0, b1) = sizes, batches
     if mode == "quick":   # the first lease's rows: 512 px batch 1, the 50-step samplers
-        return [("steps", s0, b0, True, False), ("sampler", steps, False),
-                ("sampler", steps, True)]
+        return [("steps", s0, b0, True, False), ("sampler", steps, False, b0),
+                ("sampler", steps, True, b0)]
     if mode == "rest":    # what --quick leaves: batch 8, 1024 px, the in-scan step, a profile
-        return [("steps", s0, b1, True, True), ("sampler", steps, False),
+        return [("steps", s0, b1, True, True), ("sampler", steps, False, b0),
                 ("steps", s1, b0, False, False), ("steps", s1, b1, False, False),
-                ("sampler", 2, False), ("sampler", steps, True)]
+                ("sampler", 2, False, b0), ("sampler", steps, True, b0)]
+    if mode == "scan":    # the batch-8 step as the sampler runs it: inside the scan
+        short = max(3, steps // 5)
+        return [("steps", s0, b1, False, False), ("sampler", 2, False, b1),
+                ("sampler", short, False, b1)]
     return [("steps", s0, b0, True, False), ("steps", s0, b1, True, True),
-            ("sampler", steps, False), ("sampler", steps, True),
+            ("sampler", steps, False, b0), ("sampler", steps, True, b0),
             ("steps", s1, b0, False, False), ("steps", s1, b1, False, False),
-            ("sampler", 2, False), ("sampler", 2, True)]
+            ("sampler", 2, False, b0), ("sampler", 2, True, b0),
+            ("sampler", max(3, steps // 5), False, b1)]
 
 
 def profile_program(exe, args, name: str, out_dir: Path, calls: int = 3) -> dict:
@@ -277,7 +296,8 @@ def run(args) -> None:
     sizes = [64, 128] if args.smoke else [512, 1024]
     batches = [1, 2] if args.smoke else [1, 8]
     steps = 3 if args.smoke else 50
-    mode = "quick" if args.quick else "rest" if args.rest else "full"
+    mode = ("quick" if args.quick else "rest" if args.rest else "scan" if args.scan
+            else "full")
     info = sb.machine_info(device)
     name = info.get("gpu", info["jax_device"])
     res = Results(args.out, machine=info, config=config, dtype=dtype, mode=mode,
@@ -340,9 +360,10 @@ def run(args) -> None:
                 res[f"profile_error_{pname}"] = f"{type(e).__name__}: {e}"[:2000]
             del to_profile[pname]
 
-    def sampler_row(n_steps: int, guided: bool) -> None:
-        inputs = bm.step_inputs(cfg, 1, sizes[0] // f)
-        sname = f"sampler_{'cfg' if guided else 'nocfg'}_{n_steps}"
+    def sampler_row(n_steps: int, guided: bool, batch: int) -> None:
+        inputs = bm.step_inputs(cfg, batch, sizes[0] // f)
+        sname = f"sampler_{'cfg' if guided else 'nocfg'}_{n_steps}" + (
+            f"_b{batch}" if batch != batches[0] else "")
         progs = sb.jax_programs(model, inputs, image=sizes[0], guidance=guided, steps=n_steps)
         compiled = compile_all({sname: progs["jax_sampler"]}, res, 1)
         if sname not in compiled:
@@ -353,12 +374,8 @@ def run(args) -> None:
                "scan_carries_3x3_kernels": scan_kernel_dtypes(exe)}
         res[sname] = row
         print(f"[{elapsed():.0f} s] {sname}: {row['median_s']:.3f} s", flush=True)
-        for cfg_name in ("cfg", "nocfg"):
-            long, short = f"sampler_{cfg_name}_{steps}", f"sampler_{cfg_name}_2"
-            if long in res.data and short in res.data:
-                res[f"in_scan_step_{cfg_name}_s"] = ((res.data[long]["median_s"]
-                                                      - res.data[short]["median_s"])
-                                                     / (steps - 2))
+        for key, value in in_scan_steps(res.data, steps).items():
+            res[key] = value
 
     to_profile = {}
     for job in job_list(mode, sizes, batches, steps):
@@ -377,6 +394,23 @@ def run(args) -> None:
     print(summary(res.data, sizes, batches, steps))
 
 
+def in_scan_steps(r: dict, steps: int) -> dict:
+    """One reverse step inside the sampler's scan, from two sampler rows that differ only in
+    their number of steps: ``(t_long - t_2) / (long - 2)``, keyed like the sampler rows
+    (``in_scan_step_nocfg_s``, ``in_scan_step_nocfg_b8_s``); the longest pair wins."""
+    out = {}
+    for name in sorted(r, key=lambda k: -int(k.split("_")[2]) if k.startswith("sampler_")
+                       else 0):
+        parts = name.split("_")
+        if not name.startswith("sampler_") or len(parts) < 3 or not parts[2].isdigit():
+            continue
+        n, rest = int(parts[2]), "_".join([parts[1], *parts[3:]])
+        short = "_".join(["sampler", parts[1], "2", *parts[3:]])
+        if n > 2 and short in r and f"in_scan_step_{rest}_s" not in out:
+            out[f"in_scan_step_{rest}_s"] = (r[name]["median_s"] - r[short]["median_s"]) / (n - 2)
+    return out
+
+
 def summary(r: dict, sizes, batches, steps) -> str:
     """The measured rows and the three goals."""
     m = r["machine"]
@@ -390,7 +424,9 @@ def summary(r: dict, sizes, batches, steps) -> str:
             ref = r.get(f"diffusers_step_{key}")
             if not ref:
                 continue
-            lines.append(f"  {key}: diffusers {ref['median_s'] * 1e3:8.1f} ms")
+            piped = lambda row: (f" (pipelined {row['pipelined_s'] * 1e3:.1f} ms)"
+                                 if "pipelined_s" in row else "")
+            lines.append(f"  {key}: diffusers {ref['median_s'] * 1e3:8.1f} ms{piped(ref)}")
             for kind in ("srdm", "segsr"):
                 row = r.get(f"{kind}_step_{key}")
                 if row:
@@ -399,19 +435,15 @@ def summary(r: dict, sizes, batches, steps) -> str:
                         f"    {kind:5s} {row['median_s'] * 1e3:8.1f} ms  ratio "
                         f"{row['ratio_to_diffusers']:.3f}  {row['flops_jaxpr'] / 1e9:.1f} GFLOP"
                         f"  {row['tflops_per_s']:.2f} TFLOP/s"
-                        + (f" ({100 * frac:.0f}% of peak)" if frac else "")
+                        + (f" ({100 * frac:.0f}% of peak)" if frac else "") + piped(row)
                         + (f"  parity {row['parity_rel_err']:.1e}" if "parity_rel_err" in row
                            else ""))
-    for name in (f"sampler_cfg_{steps}", f"sampler_nocfg_{steps}", "sampler_cfg_2",
-                 "sampler_nocfg_2"):
-        if name in r:
-            lines.append(f"  {name}: {r[name]['median_s']:.3f} s (compile "
-                         f"{r[name]['compile_s']:.0f} s); loop carries 3x3 kernels "
-                         f"{r[name]['scan_carries_3x3_kernels']}")
-    for cfg_name in ("cfg", "nocfg"):
-        if f"in_scan_step_{cfg_name}_s" in r:
-            lines.append(f"  one step inside the scan ({cfg_name}, (t{steps} - t2) / "
-                         f"{steps - 2}): {r[f'in_scan_step_{cfg_name}_s'] * 1e3:.1f} ms")
+    for name in sorted(k for k in r if k.startswith("sampler_")):
+        lines.append(f"  {name}: {r[name]['median_s']:.3f} s (compile "
+                     f"{r[name]['compile_s']:.0f} s); loop carries 3x3 kernels "
+                     f"{r[name]['scan_carries_3x3_kernels']}")
+    for name in sorted(k for k in r if k.startswith("in_scan_step_")):
+        lines.append(f"  one step inside the scan ({name[13:-2]}): {r[name] * 1e3:.1f} ms")
     goal = lambda ok: "MET" if ok else "NOT MET"
     key = f"{sizes[0]}px_b{batches[0]}"
     if f"segsr_step_{key}" in r:
@@ -421,11 +453,20 @@ def summary(r: dict, sizes, batches, steps) -> str:
         t = r[f"sampler_cfg_{steps}"]["median_s"]
         lines.append(f"goal {steps} steps end to end (CFG) < 2.5 s: {t:.2f} s {goal(t < 2.5)}")
     key8 = f"{sizes[0]}px_b{batches[1]}"
-    if r.get(f"segsr_step_{key8}", {}).get("peak_fraction") is not None:
-        frac = r[f"segsr_step_{key8}"]["peak_fraction"]
-        mm = r[f"segsr_step_{key8}"].get("matmul_fraction")
+    row8 = r.get(f"segsr_step_{key8}", {})
+    if row8.get("peak_fraction") is not None:
+        frac = row8["peak_fraction"]
+        mm = row8.get("matmul_fraction")
         lines.append(f"goal >= 40% of bf16 peak at {key8}: {100 * frac:.0f}% {goal(frac >= 0.4)}"
                      + (f" ({100 * mm:.0f}% of the measured matmul rate)" if mm else ""))
+        peak = r.get("bf16_peak_tflops")
+        for how, secs in (("pipelined calls", row8.get("pipelined_s")),
+                          ("inside the sampler's scan",
+                           r.get(f"in_scan_step_nocfg_b{batches[1]}_s"))):
+            if secs and peak:
+                frac = row8["flops_jaxpr"] / secs / 1e12 / peak
+                lines.append(f"  the same step {how}: {secs * 1e3:.1f} ms, {100 * frac:.0f}% of "
+                             f"peak {goal(frac >= 0.4)}")
     for k in r:
         if k.startswith("profile_") and isinstance(r[k], dict):
             cats = ", ".join(f"{c} {v:.1f}" for c, v in r[k]["categories_ms"].items())
@@ -450,6 +491,10 @@ def main(argv=None):
     p.add_argument("--rest", action="store_true",
                    help="what --quick leaves: batch 8 (with a profile), 1024 px, the in-scan "
                         "step and the CFG sampler, one compile at a time")
+    p.add_argument("--scan", action="store_true",
+                   help="the batch-8 step three ways: one call at a time, calls dispatched back "
+                        "to back, and inside the sampler's scan (samplers of 2 and steps/5 "
+                        "steps at batch 8)")
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--deadline", type=float, default=460.0,
                    help="seconds after which no new phase starts")

@@ -137,8 +137,9 @@ def jax_programs(model: SegSR, inputs: dict, *, image: int, guidance: bool, step
             "jax_sampler": (sampling.make_sample_fn(graphdef, plan), sample_args)}
 
 
-def torch_step(unet_ref, cn_ref, inputs: dict, device: str):
-    """The diffusers SRDM step as a no-argument callable (synchronised on CUDA)."""
+def torch_step(unet_ref, cn_ref, inputs: dict, device: str, sync: bool = True):
+    """The diffusers SRDM step as a no-argument callable (synchronised on CUDA unless
+    ``sync`` is false)."""
     import torch
 
     dtype = next(unet_ref.parameters()).dtype
@@ -154,7 +155,7 @@ def torch_step(unet_ref, cn_ref, inputs: dict, device: str):
         down, mid = cn_ref(z, t, ctx, cond, return_dict=False)
         out = unet_ref(z, t, ctx, down_block_additional_residuals=down,
                        mid_block_additional_residual=mid, return_dict=False)[0]
-        if device == "cuda":
+        if device == "cuda" and sync:
             torch.cuda.synchronize()
         return out
 
