@@ -374,7 +374,7 @@ def run(args) -> None:
                "scan_carries_3x3_kernels": scan_kernel_dtypes(exe)}
         res[sname] = row
         print(f"[{elapsed():.0f} s] {sname}: {row['median_s']:.3f} s", flush=True)
-        for key, value in in_scan_steps(res.data, steps).items():
+        for key, value in in_scan_steps(res.data).items():
             res[key] = value
 
     to_profile = {}
@@ -394,18 +394,18 @@ def run(args) -> None:
     print(summary(res.data, sizes, batches, steps))
 
 
-def in_scan_steps(r: dict, steps: int) -> dict:
+def in_scan_steps(r: dict) -> dict:
     """One reverse step inside the sampler's scan, from two sampler rows that differ only in
     their number of steps: ``(t_long - t_2) / (long - 2)``, keyed like the sampler rows
     (``in_scan_step_nocfg_s``, ``in_scan_step_nocfg_b8_s``); the longest pair wins."""
-    out = {}
-    for name in sorted(r, key=lambda k: -int(k.split("_")[2]) if k.startswith("sampler_")
-                       else 0):
+    rows = []  # (steps, kind and batch, name) of the rows named sampler_{kind}_{steps}[_bN]
+    for name in r:
         parts = name.split("_")
-        if not name.startswith("sampler_") or len(parts) < 3 or not parts[2].isdigit():
-            continue
-        n, rest = int(parts[2]), "_".join([parts[1], *parts[3:]])
-        short = "_".join(["sampler", parts[1], "2", *parts[3:]])
+        if name.startswith("sampler_") and len(parts) >= 3 and parts[2].isdigit():
+            rows.append((int(parts[2]), "_".join([parts[1], *parts[3:]]), name))
+    out = {}
+    for n, rest, name in sorted(rows, reverse=True):
+        short = "sampler_" + rest.replace("_", "_2_", 1) if "_" in rest else f"sampler_{rest}_2"
         if n > 2 and short in r and f"in_scan_step_{rest}_s" not in out:
             out[f"in_scan_step_{rest}_s"] = (r[name]["median_s"] - r[short]["median_s"]) / (n - 2)
     return out

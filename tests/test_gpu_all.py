@@ -18,7 +18,7 @@ def test_in_scan_step_from_two_sampler_rows_of_the_same_kind_and_batch():
     rows = {"sampler_nocfg_50": _sampler(0.50), "sampler_nocfg_2": _sampler(0.02),
             "sampler_cfg_50": _sampler(0.70),  # no 2-step CFG row: no CFG in-scan step
             "sampler_nocfg_10_b8": _sampler(0.35), "sampler_nocfg_2_b8": _sampler(0.15)}
-    got = gpu_all.in_scan_steps(rows, 50)
+    got = gpu_all.in_scan_steps(rows)
     assert set(got) == {"in_scan_step_nocfg_s", "in_scan_step_nocfg_b8_s"}
     assert abs(got["in_scan_step_nocfg_s"] - 0.48 / 48) < 1e-12
     assert abs(got["in_scan_step_nocfg_b8_s"] - 0.20 / 8) < 1e-12
@@ -41,7 +41,7 @@ def test_summary_reports_the_peak_goal_three_ways():
          "diffusers_step_512px_b8": {"median_s": 0.05},
          "segsr_step_512px_b8": step,
          "sampler_nocfg_2_b8": _sampler(0.1), "sampler_nocfg_10_b8": _sampler(0.3)}
-    r.update(gpu_all.in_scan_steps(r, 50))
+    r.update(gpu_all.in_scan_steps(r))
     text = gpu_all.summary(r, (512, 1024), (1, 8), 50)
     assert "at 512px_b8: 25% NOT MET" in text
     assert "pipelined calls: 30.0 ms, 33% of peak NOT MET" in text
