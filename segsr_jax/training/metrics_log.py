@@ -24,6 +24,7 @@ import os
 import pathlib
 import sys
 import time
+import uuid
 from collections.abc import Mapping
 
 import numpy as np
@@ -66,12 +67,7 @@ class MetricsLog:
         self._local = local
         self._jsonl = open(local / METRICS_FILE, "a", buffering=1)
         if tensorboard:
-            try:
-                from tensorboardX import SummaryWriter
-            except ImportError as e:
-                raise ImportError("TensorBoard logging needs tensorboardX (pip install "
-                                  "tensorboardX), or set --config.log.tensorboard=False") from e
-            self._tb = SummaryWriter(str(local / "tensorboard"))
+            self._tb = _EventFile(local / "tensorboard")
 
     def __enter__(self) -> MetricsLog:
         return self
@@ -104,7 +100,7 @@ class MetricsLog:
         self.text(f"step {step}: {shown}")
         if self._tb is not None:
             for k, v in values.items():
-                self._tb.add_scalar(f"train/{k}", v, step)
+                self._tb.scalar(f"train/{k}", v, step)
 
     def image(self, step: int, name: str, image: np.ndarray) -> epath.Path | None:
         """Write a uint8 ``[H, W, 3]`` image as ``samples/<name>_step<step>.png`` (and to
@@ -114,7 +110,7 @@ class MetricsLog:
         rel = f"samples/{name}_step{step:07d}.png"
         images.write_png(self._local / rel, image)
         if self._tb is not None:
-            self._tb.add_image(name, image, step, dataformats="HWC")
+            self._tb.image(name, image, step)
         if self._staging is not None:
             self._sync_light()
         return self.workdir / rel
@@ -152,6 +148,45 @@ class MetricsLog:
         if (self._staging is not None
                 and time.monotonic() - self._last_sync >= self.sync_every_s):
             self._sync_light()
+
+
+class _EventFile:
+    """A TensorBoard event file written in the caller's thread.
+
+    tensorboardX's ``SummaryWriter`` hands events to a background thread, and its ``flush()``
+    does not wait for that thread's queue: an upload right after a flush could miss the last
+    events. Here an event is in the file when :meth:`scalar` or :meth:`image` returns, and on
+    disk after :meth:`flush`."""
+
+    def __init__(self, folder: pathlib.Path):
+        try:
+            from tensorboardX import summary
+            from tensorboardX.event_file_writer import EventsWriter
+            from tensorboardX.proto import event_pb2
+        except ImportError as e:
+            raise ImportError("TensorBoard logging needs tensorboardX (pip install "
+                              "tensorboardX), or set --config.log.tensorboard=False") from e
+        folder.mkdir(parents=True, exist_ok=True)
+        self._summary, self._event = summary, event_pb2.Event
+        # a random suffix: two runs started in the same second get two files, not one
+        self._writer = EventsWriter(str(folder / "events"), f".{uuid.uuid4().hex[:8]}")
+
+    def _add(self, value, step: int) -> None:
+        self._writer.write_event(self._event(wall_time=time.time(), step=int(step),
+                                             summary=value))
+
+    def scalar(self, tag: str, value: float, step: int) -> None:
+        self._add(self._summary.scalar(tag, float(value)), step)
+
+    def image(self, tag: str, image: np.ndarray, step: int) -> None:
+        """A uint8 ``[H, W, 3]`` image."""
+        self._add(self._summary.image(tag, image, dataformats="HWC"), step)
+
+    def flush(self) -> None:
+        self._writer.flush()
+
+    def close(self) -> None:
+        self._writer.close()
 
 
 def _fmt(v: float) -> str:

@@ -2,6 +2,7 @@
 
 import json
 import struct
+import threading
 
 import numpy as np
 from tensorboardX.proto import event_pb2
@@ -40,6 +41,30 @@ def test_scalars_images_and_events(tmp_path, capsys):
     assert png.is_file()
     tags = {(v.tag, e.step) for e in _events(tmp_path / "tensorboard") for v in e.summary.value}
     assert {("train/loss", 10), ("train/lr", 10), ("samples", 10)} <= tags
+
+
+def test_events_are_on_disk_after_flush_without_a_background_thread(tmp_path):
+    # tensorboardX's SummaryWriter queues events for a thread and its flush() does not wait
+    # for it, so a checkpoint's upload right after a flush could miss the newest events
+    threads = threading.active_count()
+    log = MetricsLog(tmp_path, tensorboard=True)
+    assert threading.active_count() == threads
+    for step in range(1, 4):
+        log.scalars(step, {"loss": 1.0 / step})
+        log.flush()
+        tags = {(v.tag, e.step) for e in _events(tmp_path / "tensorboard")
+                for v in e.summary.value}
+        assert ("train/loss", step) in tags
+    log.close()
+
+
+def test_two_logs_in_one_second_write_two_event_files(tmp_path):
+    for step in (1, 2):
+        with MetricsLog(tmp_path, tensorboard=True) as log:
+            log.scalars(step, {"loss": 1.0})
+    files = list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    assert len(files) == 2
+    assert sorted(e.step for f in files for e in read_event_file(f) if e.summary.value) == [1, 2]
 
 
 def test_other_processes_write_nothing(tmp_path, capsys):
