@@ -209,7 +209,6 @@ def torch_block(unet_ref, cn_ref, inputs, device, repeats: int) -> tuple[dict, n
     if device == "cuda":
         out["pipelined_s"] = pipelined(sb.torch_step(unet_ref, cn_ref, inputs, device, False),
                                        repeats, lambda _: torch.cuda.synchronize())
-    if device == "cuda":
         out["peak_bytes"] = int(torch.cuda.max_memory_allocated())
     return out, result
 
