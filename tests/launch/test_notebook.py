@@ -8,6 +8,8 @@ environment variables the notebook honours, so the test does not need the bundle
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import jax
 import nbformat
@@ -66,6 +68,45 @@ def test_structure(notebook):
     install = [c for c in cells if "install" in tags(c)]
     assert len(install) == 1 and "segsr_jax @ git+" in install[0].source
     assert any("convert.main" in c.source for c in cells if "drive" in tags(c))
+
+
+def run_install_cell(source: str, monkeypatch) -> list[list[str]]:
+    """Execute the install cell's code here, with subprocess.run recording the commands
+    instead of running them (no pip, no network); returns them."""
+    calls = []
+
+    def record(cmd, *args, **kwargs):
+        calls.append([str(c) for c in cmd])
+        return subprocess.CompletedProcess(cmd, 1)   # nvidia-smi: "no GPU"
+
+    monkeypatch.setattr(subprocess, "run", record)
+    exec(compile(source, "install-cell", "exec"), {"__name__": "__main__"})
+    return calls
+
+
+def install_source(notebook) -> str:
+    [cell] = [c for c in notebook.cells if "install" in tags(c)]
+    return cell.source
+
+
+def test_install_cell_refuses_the_placeholder_repository(notebook, monkeypatch):
+    source = install_source(notebook)
+    assert source.startswith("# The segsr_jax repository"), "the setting opens the cell"
+    with pytest.raises(ValueError) as err:
+        run_install_cell(source, monkeypatch)
+    message = str(err.value)
+    assert "REPO_URL is still the placeholder 'https://github.com/OWNER/segsr_jax'" in message
+    assert "set REPO_URL at the top of this cell" in message
+
+
+def test_install_cell_installs_from_the_repository_set(notebook, monkeypatch):
+    source = install_source(notebook)
+    setting = '\nREPO_URL = "https://github.com/OWNER/segsr_jax"'
+    assert source.count(setting) == 1
+    source = source.replace(setting, '\nREPO_URL = "https://example.org/me/segsr_jax"')
+    calls = run_install_cell(source, monkeypatch)
+    assert calls[-1] == [sys.executable, "-m", "pip", "install", "-q",
+                         "segsr_jax @ git+https://example.org/me/segsr_jax@main", "jax"]
 
 
 def test_runs_end_to_end_on_cpu(notebook, tmp_path, monkeypatch):
