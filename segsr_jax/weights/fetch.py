@@ -362,6 +362,7 @@ def _write(out_dir: Path, tensors: dict[str, np.ndarray], config: dict) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = out_dir / "model.safetensors.tmp"
     save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp))
+    tmp.chmod(0o644)   # safetensors creates its files owner-only
     tmp.replace(out_dir / "model.safetensors")
     (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
