@@ -65,12 +65,21 @@ class SampleOptions:
 
 
 class Restorer:
-    """A SegSR model, its tokenizer and a cache of compiled samplers."""
+    """A SegSR model, its tokenizer and a cache of compiled samplers.
 
-    def __init__(self, model: SegSR, tokenizer, defaults: dict | None = None):
+    With ``mesh``, the model's weights are already laid out on it (e.g. FSDP-sharded by
+    :meth:`from_checkpoint` with ``fsdp > 1``) and stay there: the sampler takes them in that
+    sharding, and splits each batch over the mesh's ``data`` axis when it divides evenly
+    (otherwise every data group samples the whole batch).
+    """
+
+    def __init__(self, model: SegSR, tokenizer, defaults: dict | None = None,
+                 mesh: jax.sharding.Mesh | None = None):
         self.config: SegSRConfig = model.config
         # Weights in their compute dtype once (bfloat16: half the memory, no casts per step).
         self.graphdef, self.state = nnx.split(layers.inference_weights(model))
+        self.mesh = mesh
+        self._state_shardings = None if mesh is None else sampling.shardings_of(self.state)
         self.tokenizer = tokenizer
         self.defaults = dict(defaults or {})
         self._compiled: dict = {}
@@ -79,13 +88,28 @@ class Restorer:
                                .encode_prompts(ids))
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, dtype: str = "float32") -> Restorer:
+    def from_checkpoint(cls, path: str | Path, dtype: str = "float32",
+                        fsdp: int = 1) -> Restorer:
         """Load a checkpoint folder (its config decides the architecture; its ``tokenizer/``
-        sub-folder the prompts' tokens). ``path`` may be a ``gs://`` URI."""
+        sub-folder the prompts' tokens). ``path`` may be a ``gs://`` URI.
+
+        ``fsdp > 1`` restores the weights straight into shards over ``fsdp`` devices (a
+        ``('data', 'fsdp')`` mesh of all devices; :data:`parallel.FSDP_RULES` split the big
+        UNet / ControlNet / text-encoder kernels), for a model that does not fit one device;
+        no device ever holds the whole model.
+        """
         from segsr_jax.training import workdir
 
         if dtype not in DTYPES:
             raise ValueError(f"dtype {dtype!r}: choose one of {sorted(DTYPES)}")
+        if fsdp < 1:
+            raise ValueError(f"fsdp must be >= 1, not {fsdp}")
+        mesh = None
+        if fsdp > 1:
+            if jax.device_count() % fsdp:
+                raise ValueError(f"--fsdp {fsdp} does not divide the {jax.device_count()} "
+                                 f"devices ({jax.default_backend()})")
+            mesh = parallel.make_mesh(-1, fsdp)
 
         def build(cfg: dict) -> SegSR:
             if "model" not in cfg:
@@ -95,12 +119,14 @@ class Restorer:
             return SegSR(SegSRConfig.from_dict(cfg["model"]), dtype=DTYPES[dtype],
                          rngs=ShapeOnlyRngs())
 
-        model, cfg = checkpoint.restore_model(path, build)
+        shardings = None if mesh is None else (
+            lambda target: parallel.tree_shardings(target, mesh, parallel.FSDP_RULES))
+        model, cfg = checkpoint.restore_model(path, build, shardings=shardings)
         # A gs:// checkpoint (Orbax reads it natively) keeps its tokenizer there too.
         folder = f"{str(path).rstrip('/')}/tokenizer" if workdir.is_remote(path) else (
             Path(path) / "tokenizer")
         tokenizer = workdir.load_tokenizer(folder)
-        return cls(model, tokenizer, defaults=cfg.get("sampling", {}))
+        return cls(model, tokenizer, defaults=cfg.get("sampling", {}), mesh=mesh)
 
     @property
     def num_classes(self) -> int:
@@ -121,6 +147,20 @@ class Restorer:
             ids = jnp.asarray(self.tokenizer([prompt]))
             self._contexts[prompt] = self._encode(self.state, ids)
         return jnp.tile(self._contexts[prompt], (batch, 1, 1))
+
+    def _placement(self, n: int):
+        """``(mesh, batch sharding)`` for a batch of ``n``: the Restorer's own mesh (batch
+        over ``'data'`` when it divides, else replicated), else all devices' ``data`` mesh
+        when ``n`` divides over them, else ``(None, None)`` (one device)."""
+        if self.mesh is not None:
+            split = n % self.mesh.shape["data"] == 0
+            return self.mesh, (parallel.batch_sharding(self.mesh) if split
+                               else parallel.replicated(self.mesh))
+        ndev = jax.device_count()
+        if ndev > 1 and n % ndev == 0:
+            mesh = parallel.make_mesh()
+            return mesh, parallel.batch_sharding(mesh)
+        return None, None
 
     def restore_batch(self, lqs: list[np.ndarray], work_hw: tuple[int, int],
                       options: SampleOptions, seed: int = 0, record_labels: bool = False):
@@ -156,8 +196,7 @@ class Restorer:
         sched = samplers.make_schedule(
             options.sampler, options.steps,
             NoiseConfig(prediction_type=self.config.prediction_type))
-        ndev = jax.device_count()
-        mesh = parallel.make_mesh() if ndev > 1 and n % ndev == 0 else None
+        mesh, batch_sharding = self._placement(n)
         ctx = self._context(options.prompt, n)
         uctx = self._context(options.negative_prompt, n) if guided else None
         key = jax.random.key(seed)
@@ -167,7 +206,8 @@ class Restorer:
         compile_s = 0.0
         if cache_key not in self._compiled:
             t0 = time.perf_counter()
-            fn = sampling.make_sample_fn(self.graphdef, plan, mesh)
+            fn = sampling.make_sample_fn(self.graphdef, plan, mesh, self._state_shardings,
+                                         batch_sharding)
             self._compiled[cache_key] = fn.lower(*args).compile()
             compile_s = time.perf_counter() - t0
         out = jax.device_get(wait_ready(self._compiled[cache_key](*args)))

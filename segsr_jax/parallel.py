@@ -88,8 +88,23 @@ class ShardingRules:
                 raise ValueError(f"logical axis name(s) {missing} have no logical_rules entry")
 
 
+# FSDP for sampling a converted or trained SD-2-size model (``python -m segsr_jax.sample
+# --fsdp N``): the rules configs/segsr_sd2.py trains with: the UNet's and ControlNet's conv
+# and linear kernels, the text encoder's projections and its token embedding split their
+# output (or vocabulary) axis over 'fsdp'; small leaves stay replicated.
+FSDP_RULES = ShardingRules(
+    param_axes=((r"(unet|controlnet)/.*kernel$", ("in", "out")),
+                (r"text_encoder/.*(q_proj|k_proj|v_proj|out_proj|fc1|fc2)/kernel$",
+                 ("in", "out")),
+                (r"text_encoder/.*token_embedding/embedding$", ("vocab", "embed"))),
+    logical_rules=(("in", None), ("out", "fsdp"), ("vocab", "fsdp"), ("embed", None)),
+    min_size=2**18)
+
+
 def path_str(path) -> str:
-    """A jax key path as ``"a/b/0/c"`` (dict keys, attribute names and indices alike)."""
+    """A jax key path as ``"a/b/0/c"`` (dict keys, attribute names and indices alike). The
+    ``.value`` attribute that ends the paths of an ``nnx.State``'s leaves is left out, so a
+    State and its ``nnx.to_pure_dict`` have the same paths (and shardings)."""
     parts = []
     for k in path:
         for attr in ("key", "name", "idx"):
@@ -98,6 +113,8 @@ def path_str(path) -> str:
                 break
         else:
             parts.append(str(k))
+    if path and isinstance(path[-1], jax.tree_util.GetAttrKey) and path[-1].name == "value":
+        parts.pop()
     return "/".join(parts)
 
 

@@ -87,6 +87,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="compute dtype; bfloat16 also stores the conv / dense / embedding "
                         "weights in bfloat16 (norms stay float32): half the memory, for "
                         "GPU/TPU; on CPU it is slower than float32")
+    p.add_argument("--fsdp", type=int, default=1,
+                   help="shard the model's weights over this many devices (FSDP) for a model "
+                        "that does not fit one; the device count must be a multiple of it, "
+                        "and a batch is split over the remaining devices (default 1: every "
+                        "device holds the whole model)")
     p.add_argument("--batch-size", type=int, default=1,
                    help="images of the same size sampled together")
     p.add_argument("--overwrite", action="store_true", help="redo images already done")
@@ -98,7 +103,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--upscale must be a positive number, not {args.upscale}")
     if args.guidance is not None and not (math.isfinite(args.guidance) and args.guidance >= 0):
         p.error(f"--guidance must be a number >= 0, not {args.guidance}")
-    for flag in ("steps", "tile", "tiles_per_call", "batch_size"):
+    for flag in ("steps", "tile", "tiles_per_call", "batch_size", "fsdp"):
         value = getattr(args, flag)
         if value is not None and value < 1:
             p.error(f"--{flag.replace('_', '-')} must be >= 1, not {value}")
@@ -240,7 +245,8 @@ def run(args: argparse.Namespace, progress: Progress) -> int:
         return 0
     progress.total = len(todo)
     try:
-        restorer = Restorer.from_checkpoint(args.checkpoint, dtype=args.dtype)
+        restorer = Restorer.from_checkpoint(args.checkpoint, dtype=args.dtype,
+                                            fsdp=args.fsdp)
     except (OSError, ValueError) as e:
         print(f"error: cannot load checkpoint {args.checkpoint}: {e}", file=sys.stderr)
         return 2

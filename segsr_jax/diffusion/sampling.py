@@ -322,12 +322,17 @@ def sample(model: SegSR, plan: SamplingPlan, lq: jax.Array, context: jax.Array,
 
 
 def make_sample_fn(graphdef: nnx.GraphDef, plan: SamplingPlan, mesh: jax.sharding.Mesh | None
-                   = None):
+                   = None, state_shardings=None, batch_sharding=None):
     """``fn(state, lq, context, uncond_context, guidance_scale, schedule, key)`` jitted.
 
-    With a mesh, the batch axis of the images, contexts and outputs is sharded over
-    ``'data'`` and everything else (params, schedule, key) is replicated; the batch must be a
-    multiple of the mesh's ``data`` size. Compiles once per (plan, batch, step count).
+    With a mesh, the batch axis of the images, contexts and outputs is split by
+    ``batch_sharding`` (default: over ``'data'``; the batch must then be a multiple of the
+    mesh's ``data`` size), and the parameters keep ``state_shardings``: a pytree of shardings
+    matching ``state`` (e.g. the FSDP layout a training run holds them in, from
+    :func:`shardings_of`, or ``parallel.tree_shardings`` of a sharding-rule table), so a
+    model too big for one device samples where it lies. Without ``state_shardings`` the
+    parameters are replicated. The schedule and key are replicated. Compiles once per
+    (plan, batch, step count, shardings).
     """
 
     def fn(state, lq, context, uncond_context, guidance_scale, schedule, key):
@@ -336,11 +341,19 @@ def make_sample_fn(graphdef: nnx.GraphDef, plan: SamplingPlan, mesh: jax.shardin
 
     if mesh is None:
         return jax.jit(fn)
-    rep, batch = parallel.replicated(mesh), parallel.batch_sharding(mesh)
+    rep = parallel.replicated(mesh)
+    batch = batch_sharding or parallel.batch_sharding(mesh)
+    params = rep if state_shardings is None else state_shardings
     out = SampleOutput(image=batch, labels=batch, lq_labels=batch, latent=batch,
                        trajectory=batch if plan.record_labels else None)
-    return jax.jit(fn, in_shardings=(rep, batch, batch, batch, rep, rep, rep),
+    return jax.jit(fn, in_shardings=(params, batch, batch, batch, rep, rep, rep),
                    out_shardings=out)
+
+
+def shardings_of(tree):
+    """The sharding of every array in ``tree`` (for :func:`make_sample_fn`'s
+    ``state_shardings``: parameters stay where they are)."""
+    return jax.tree.map(lambda x: x.sharding, tree)
 
 
 def sample_loop(model: SegSR, plan: SamplingPlan, lq, context, uncond_context, guidance_scale,

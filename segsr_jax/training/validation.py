@@ -1,8 +1,9 @@
 """Periodic sample grids on a fixed validation batch (LQ | SR | segmentation | HR).
 
 The sampler is the inference one (:func:`segsr_jax.diffusion.sampling.make_sample_fn`), run
-on the EMA params put over the frozen ones, so a grid shows what the checkpoint saved at the
-same step would produce. It is compiled once, before training starts.
+on the EMA params put over the frozen ones, in the layout training holds them in (FSDP
+shards stay sharded), so a grid shows what the checkpoint saved at the same step would
+produce. It is compiled once, before training starts.
 """
 
 from __future__ import annotations
@@ -89,7 +90,7 @@ class Validator:
         self._encode = jax.jit(lambda p, i: nnx.merge(graphdef, p).encode_prompts(i),
                                out_shardings=rows)
         self._ids = (ids, uids)
-        self._sample = sampling.make_sample_fn(graphdef, self.plan, mesh)
+        self._graphdef, self._mesh = graphdef, mesh
         self._compiled = None
 
     def _args(self, params: dict):
@@ -100,9 +101,13 @@ class Validator:
                 jax.random.key(self.config.seed))
 
     def compile(self, params: dict) -> float:
-        """Compile the sampler for these params' shapes; returns the seconds it took."""
+        """Compile the sampler for these params' shapes and shardings (the training layout,
+        FSDP included: nothing is gathered or replicated first); returns the seconds it
+        took. Later calls must hand over params in the same layout."""
         t0 = time.perf_counter()
-        self._compiled = self._sample.lower(*self._args(params)).compile()
+        fn = sampling.make_sample_fn(self._graphdef, self.plan, self._mesh,
+                                     state_shardings=sampling.shardings_of(params))
+        self._compiled = fn.lower(*self._args(params)).compile()
         return time.perf_counter() - t0
 
     def __call__(self, params: dict) -> np.ndarray:
