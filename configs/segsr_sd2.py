@@ -22,6 +22,7 @@ is split over every device.
 
 from ml_collections import ConfigDict
 
+from segsr_jax import parallel
 from segsr_jax.models.bridge import BridgeConfig
 from segsr_jax.models.controlnet import controlnet_config_from_unet
 from segsr_jax.models.seg_encoder import SegFormerConfig
@@ -62,7 +63,9 @@ def get_config(stage: str = "sr") -> ConfigDict:
     c.init_from = ""  # required: the converted checkpoint, or the previous stage's run
     c.tokenizer = "from_init"
 
-    c.train = ConfigDict(dict(stage=stage, also_train=(), accum_steps=1,
+    # remat: 'blocks' recomputes each ResNet / transformer block in the backward pass (see
+    # segsr_jax/models/remat.py and the memory plan in benchmarks/RESULTS.md).
+    c.train = ConfigDict(dict(stage=stage, also_train=(), accum_steps=1, remat="blocks",
                               prompt=dict(mode="tags", text="", dropout=0.5, max_tags=8)))
     c.loss = ConfigDict(dict(lambda_seg=1.0, lambda_lq_seg=0.0, kl_weight=1e-6,
                              num_train_timesteps=1000, beta_schedule="scaled_linear",
@@ -77,15 +80,13 @@ def get_config(stage: str = "sr") -> ConfigDict:
                              prefetch_batches=2))
 
     c.mesh = ConfigDict(dict(data=-1, fsdp=4))
+    # Conv / linear kernels of the UNet and ControlNet ([kh, kw, in, out], [in, out]) and the
+    # text encoder's projections split their output channels over 'fsdp' (all multiples of
+    # 64), its token embedding its vocabulary: parallel.FSDP_RULES, as `sample --fsdp` uses.
     c.sharding = ConfigDict(dict(
-        # Conv kernels [kh, kw, in, out] and linear kernels [in, out] of the UNet and the
-        # ControlNet: split the output channels over 'fsdp' (all are multiples of 64).
-        param_axes=[(r"(unet|controlnet)/.*kernel$", ("in", "out")),
-                    (r"text_encoder/.*(q_proj|k_proj|v_proj|out_proj|fc1|fc2)/kernel$",
-                     ("in", "out")),
-                    (r"text_encoder/.*token_embedding/embedding$", ("vocab", "embed"))],
-        logical_rules=[("in", None), ("out", "fsdp"), ("vocab", "fsdp"), ("embed", None)],
-        min_size=2**18))
+        param_axes=[(p, list(n)) for p, n in parallel.FSDP_RULES.param_axes],
+        logical_rules=[list(r) for r in parallel.FSDP_RULES.logical_rules],
+        min_size=parallel.FSDP_RULES.min_size))
 
     c.checkpoint = ConfigDict(dict(every=2000, keep_last=3, keep_every=20_000,
                                    async_save=True))

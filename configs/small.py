@@ -80,7 +80,7 @@ def get_config(stage: str = "vae") -> ConfigDict:
     c.init_from = f"runs/small/{PREVIOUS[stage]}/checkpoints" if stage in PREVIOUS else ""
     c.tokenizer = "char"
 
-    c.train = ConfigDict(dict(stage=stage, also_train=also_train, accum_steps=1,
+    c.train = ConfigDict(dict(stage=stage, also_train=also_train, accum_steps=1, remat="none",
                               prompt=dict(mode="tags", text="", dropout=0.5, max_tags=4)))
     c.loss = ConfigDict(dict(lambda_seg=1.0, lambda_lq_seg=1.0 if stage == "seg" else 0.0,
                              kl_weight=1e-6, num_train_timesteps=1000,

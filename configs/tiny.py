@@ -115,7 +115,7 @@ def get_config(name: str = "vae") -> ConfigDict:
     c.init_from = f"runs/tiny/{PREVIOUS[name]}/checkpoints" if name in PREVIOUS else ""
     c.tokenizer = "char"
 
-    c.train = ConfigDict(dict(stage=stage, also_train=also_train, accum_steps=1,
+    c.train = ConfigDict(dict(stage=stage, also_train=also_train, accum_steps=1, remat="none",
                               prompt=dict(mode="tags", text="", dropout=0.5, max_tags=3)))
     c.loss = ConfigDict(dict(lambda_seg=1.0, lambda_lq_seg=1.0 if stage == "seg" else 0.0,
                              kl_weight=1e-6, num_train_timesteps=1000,

@@ -46,6 +46,7 @@ from segsr_jax.data.pipeline import PipelineConfig, make_dataset, to_global_arra
 from segsr_jax.data.sources import ArrayRecordSource, ImageFolderSource
 from segsr_jax.data.synthetic import SceneConfig, SyntheticSource
 from segsr_jax.data.transforms import CropConfig
+from segsr_jax.models import remat
 from segsr_jax.models.segsr import SegSRConfig
 from segsr_jax.training import metrics_log, prompts
 from segsr_jax.training import state as state_lib
@@ -227,10 +228,12 @@ def _train(config: ConfigDict, workdir: epath.Path, log: metrics_log.MetricsLog,
     mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp)
     rules = sharding_rules(config.sharding)
     log.text(f"devices: {jax.device_count()} ({jax.process_count()} processes), mesh "
-             f"{dict(mesh.shape)}; stage {stage}")
+             f"{dict(mesh.shape)}; stage {stage}; remat {config.train.get('remat', 'none')}")
 
     # The model, split into trainable params and frozen variables, and their shardings.
     abstract = state_lib.abstract_model(model_cfg, dtype)
+    sample_graphdef = nnx.graphdef(abstract)  # the validation sampler: no rematerialisation
+    remat.set_remat(abstract, config.train.get("remat", "none"))
     graphdef, abs_params, abs_frozen = state_lib.split_model(abstract, stage, also_train)
     optimizer = state_lib.make_optimizer(step_cfg.optimizer)
     abs_state = jax.eval_shape(lambda p: state_lib.init_train_state(p, optimizer, config.seed),
@@ -290,7 +293,7 @@ def _train(config: ConfigDict, workdir: epath.Path, log: metrics_log.MetricsLog,
         val_batch = next(iter(make_dataset(source, pipeline_config(
             config.data, "sr", global_batch_size=config.sample.num_images,
             seed=config.data.seed + 1, shuffle=False, prefetch_batches=0))))
-        validator = Validator(nnx.graphdef(abstract), model_cfg, val_batch, tokenizer,
+        validator = Validator(sample_graphdef, model_cfg, val_batch, tokenizer,
                               validation_config(config.sample.options), mesh)
         seconds = validator.compile(state_lib.merge_trees(train_state.ema_params, frozen))
         log.event("compile_sampler", start, seconds=round(seconds, 2))

@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from segsr_jax.models.remat import BLOCK, boundary
+
 PARAM_DTYPE = jnp.float32
 
 
@@ -184,6 +186,7 @@ class ResnetBlock2D(nnx.Module):
                               if in_ch != out_ch else None)
         self.output_scale_factor = output_scale_factor
 
+    @boundary(BLOCK)
     def __call__(self, x: jax.Array, temb: jax.Array | None = None) -> jax.Array:
         """``x [B, H, W, Cin]``, ``temb [B, T]`` -> ``[B, H, W, Cout]``."""
         h = self.conv1(jax.nn.silu(self.norm1(x)))

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from segsr_jax.models import layers
+from segsr_jax.models.remat import BLOCK, boundary
 
 IGNORE_INDEX = 255
 
@@ -61,6 +62,7 @@ class SelfAttentionBlock(nnx.Module):
         self.attn = layers.Attention(channels, heads=heads, dim_head=channels // heads,
                                      qkv_bias=True, dtype=dtype, rngs=rngs)
 
+    @boundary(BLOCK)
     def __call__(self, x: jax.Array) -> jax.Array:
         b, h, w, c = x.shape
         y = self.attn(self.norm(x).reshape(b, h * w, c)).reshape(b, h, w, c)

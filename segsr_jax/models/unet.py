@@ -263,5 +263,5 @@ class UNet2DCondition(nnx.Module):
             block_skips, skips = skips[-n:], skips[:-n]
             # Upsample to the next skip's size, so odd latent sizes work as in diffusers.
             size = skips[-1].shape[1:3] if i < len(self.up_blocks) - 1 else None
-            h = block(h, block_skips, temb, context, size)
+            h = block(h, block_skips, temb, context, upsample_size=size)
         return self.conv_out(jax.nn.silu(self.conv_norm_out(h)))

@@ -23,6 +23,7 @@ from segsr_jax.models.layers import (
     layer_norm,
     linear,
 )
+from segsr_jax.models.remat import BLOCK, STAGE, boundary
 
 
 class GEGLU(nnx.Module):
@@ -94,6 +95,7 @@ class Transformer2DModel(nnx.Module):
                                   dtype=dtype, rngs=rngs)
             for _ in range(num_layers)])
 
+    @boundary(BLOCK)
     def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
         """``x [B, H, W, C]``, ``context [B, L, D]`` -> ``[B, H, W, C]``."""
         b, h, w, _ = x.shape
@@ -129,6 +131,7 @@ class DownBlock2D(nnx.Module):
         self.downsamplers = (_downsampler(out_channels, downsample_padding, dtype, rngs)
                              if add_downsample else None)
 
+    @boundary(STAGE)
     def __call__(self, x: jax.Array, temb: jax.Array, context: jax.Array | None = None):
         """``x [B, H, W, Cin]`` -> ``(x [B, H', W', Cout], skips)``; ``context`` is unused."""
         skips = []
@@ -163,6 +166,7 @@ class CrossAttnDownBlock2D(nnx.Module):
         self.downsamplers = (_downsampler(out_channels, downsample_padding, dtype, rngs)
                              if add_downsample else None)
 
+    @boundary(STAGE)
     def __call__(self, x: jax.Array, temb: jax.Array, context: jax.Array):
         """``x [B, H, W, Cin]``, ``context [B, L, D]`` -> ``(x, skips)``."""
         skips = []
@@ -194,6 +198,7 @@ class UNetMidBlock2DCrossAttn(nnx.Module):
                                rngs=rngs)
             for _ in range(num_layers)])
 
+    @boundary(STAGE)
     def __call__(self, x: jax.Array, temb: jax.Array, context: jax.Array) -> jax.Array:
         """``x [B, h, w, C]`` -> ``[B, h, w, C]``."""
         x = self.resnets[0](x, temb)
@@ -218,6 +223,7 @@ class UpBlock2D(nnx.Module):
         self.upsamplers = (nnx.List([Upsample2D(out_channels, dtype=dtype, rngs=rngs)])
                            if add_upsample else None)
 
+    @boundary(STAGE)
     def __call__(self, x: jax.Array, skips: tuple, temb: jax.Array,
                  context: jax.Array | None = None, upsample_size=None) -> jax.Array:
         """``x [B, h, w, C]``, ``skips``: this block's ``len(resnets)`` skip tensors;
@@ -252,6 +258,7 @@ class CrossAttnUpBlock2D(nnx.Module):
         self.upsamplers = (nnx.List([Upsample2D(out_channels, dtype=dtype, rngs=rngs)])
                            if add_upsample else None)
 
+    @boundary(STAGE)
     def __call__(self, x: jax.Array, skips: tuple, temb: jax.Array, context: jax.Array,
                  upsample_size=None) -> jax.Array:
         """As :meth:`UpBlock2D.__call__`, with ``context [B, L, D]`` for cross-attention."""

@@ -26,6 +26,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
+from segsr_jax.models import remat
 from segsr_jax.training import losses
 from segsr_jax.training.state import (
     OptimizerConfig,
@@ -99,7 +100,10 @@ def train_step(graphdef: nnx.GraphDef, cfg: StepConfig, batch_sharding: NamedSha
 
     def loss_fn(params, micro, k):
         model = nnx.merge(graphdef, params, frozen)
-        return losses.compute_loss(model, micro, k, cfg.loss)
+        # Block activations stay split over the batch devices (FSDP: kernels are gathered
+        # per layer, activations are never split over channels; see models.remat).
+        with remat.activation_sharding(batch_sharding):
+            return losses.compute_loss(model, micro, k, cfg.loss)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     if cfg.accum_steps == 1:

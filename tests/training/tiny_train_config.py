@@ -29,7 +29,7 @@ def get_config(stage: str = "seg") -> ConfigDict:
     c.model = model_config().to_dict()
     c.init_from = ""
     c.tokenizer = "char"
-    c.train = ConfigDict(dict(stage=stage, also_train=(), accum_steps=1,
+    c.train = ConfigDict(dict(stage=stage, also_train=(), accum_steps=1, remat="none",
                               prompt=dict(mode="tags", text="", dropout=0.5, max_tags=2)))
     c.loss = ConfigDict(dict(lambda_seg=1.0, lambda_lq_seg=0.0, kl_weight=1e-6))
     c.optim = ConfigDict(dict(learning_rate=1e-3, warmup_steps=2, schedule="constant",
