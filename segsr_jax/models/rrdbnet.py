@@ -172,6 +172,7 @@ def upscale(model: RRDBNet, x: jax.Array, *, tile: int | None = 128, overlap: in
 
     For scales 2 and 1 the tile, the overlap and ``H``, ``W`` must be multiples of the
     pixel-unshuffle factor. Returns ``[B, scale*H, scale*W, num_out_ch]`` (not clipped).
+    Call it under ``jax.jit`` / ``nnx.jit`` (eagerly, every call traces the RRDB scan anew).
     """
     if tile is None:
         return model(x)

@@ -142,14 +142,17 @@ def _pip_download(src: Source, dest: Path, index_url: str | None, timeout: float
     if proc.returncode != 0 or not path.is_file():
         log = proc.stdout + proc.stderr
         where = index_url or "pip's configured index"
-        unreachable = re.search(r"Could not fetch URL (\S+?):? (.*) - skipping", log)
-        if unreachable:
-            errno = re.search(r"\[Errno -?\d+\][^'\")]*", unreachable.group(2))
-            reason = errno.group(0) if errno else unreachable.group(2)[:200]
+        failed = re.search(r"Could not fetch URL (\S+?):? (.*) - skipping", log)
+        if failed and re.search(r"connection error|Errno|timed out|SSLError|ProxyError",
+                                failed.group(2)):
+            errno = re.search(r"\[Errno -?\d+\][^'\")]*", failed.group(2))
+            reason = errno.group(0) if errno else failed.group(2)[:200]
             raise FetchError(f"cannot reach the package index {where} to download "
                              f"{src.project}=={src.version}: {reason}")
         errors = [ln.strip() for ln in log.splitlines() if ln.strip().startswith("ERROR")]
         detail = errors[0] if errors else (log.strip().splitlines() or ["no output"])[-1]
+        if failed:   # e.g. "404 Client Error": the index answered, without the project
+            detail += f" ({failed.group(1)}: {failed.group(2)[:120]})"
         raise FetchError(f"pip could not download {src.project}=={src.version} from {where}: "
                          f"{detail}")
     return path

