@@ -125,13 +125,16 @@ def test_two_processes_train_and_checkpoint(tmp_path, cache_dir):
     procs = [_start(tmp_path, cache_dir, f"--coordinator_address=127.0.0.1:{port}",
                     f"--config.init_from={init}",
                     "--num_processes=2", f"--process_id={i}", "--config.num_steps=3",
-                    "--config.checkpoint.every=3", "--config.log.every=1", devices=4)
+                    "--config.checkpoint.every=3", "--config.log.every=1",
+                    # FSDP across the two processes' devices, and a validation grid.
+                    "--config.mesh.fsdp=2", "--config.sample.every=3", devices=4)
              for i in range(2)]
     results = [_finish(p) for p in procs]
     for rc, _, err in results:
         assert rc == 0, err[-3000:]
     (out0, _), (out1, _) = [(r[1], r[2]) for r in results]
-    assert "devices: 8 (2 processes)" in out0
+    assert "devices: 8 (2 processes), mesh {'data': 4, 'fsdp': 2}" in out0
+    assert len(list((tmp_path / "samples").glob("samples_step0000003.png"))) == 1
     assert "step 3:" in out0 and "step" not in out1       # only process 0 logs
     assert [r["step"] for r in _records(tmp_path)] == [1, 2, 3]
     data = tmp_path / "checkpoints" / "3" / "data"
