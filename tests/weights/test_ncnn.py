@@ -5,9 +5,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from segsr_jax.models.rrdbnet import RRDBNet, RRDBNetConfig
+from segsr_jax.models.rrdbnet import RRDBNet, RRDBNetConfig, rrdbnet_from_tensors
 from segsr_jax.weights import ncnn
-from segsr_jax.weights.torch_mapping import load_state_dict
 
 FP16_TAG = (0x01306B47).to_bytes(4, "little")
 
@@ -111,7 +110,7 @@ def random_rrdbnet_tensors(cfg: RRDBNetConfig, rng, *, fp16: bool = True) -> dic
 
 
 def model_from(tensors: dict, cfg: RRDBNetConfig) -> RRDBNet:
-    return load_state_dict(lambda: RRDBNet(cfg, rngs=nnx.Rngs(0)), tensors)
+    return rrdbnet_from_tensors(cfg, tensors)
 
 
 SMALL = RRDBNetConfig(num_feat=16, num_grow_ch=8, num_block=2)
