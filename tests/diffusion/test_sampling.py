@@ -1,6 +1,5 @@
 """The one-scan sampler: drivers agree, compile once, zero bridge = SRDM only, sharding, tiling."""
 
-import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -57,19 +56,17 @@ def test_scan_equals_python_loop(coupled):
 
 
 def test_compiles_once_for_images_of_one_shape(coupled):
+    """The production sampler (make_sample_fn, as Restorer and Validator build it) traces and
+    compiles once for two batches of one shape."""
     plan = sampling.make_plan((16, 16), 2, tile=96, guidance=False)
     g, st = nnx.split(coupled)
-
-    def fn(state, lq, context, uncond, scale, schedule, key):
-        return sampling.sample(nnx.merge(g, state), plan, lq, context, uncond, scale, schedule,
-                               key)
-
-    jitted = jax.jit(chex.assert_max_traces(fn, n=1))
+    fn = sampling.make_sample_fn(g, plan)
     sched = samplers.make_schedule("ddpm", 2)
     outs = []
     for seed in (0, 1):
         lq, ctx, _ = _inputs(coupled, hw=(16, 16), seed=seed)
-        outs.append(jitted(st, lq, ctx, None, 1.0, sched, jax.random.key(seed)).image)
+        outs.append(fn(st, lq, ctx, None, 1.0, sched, jax.random.key(seed)).image)
+    assert fn._cache_size() == 1
     assert not np.allclose(outs[0], outs[1])
 
 
