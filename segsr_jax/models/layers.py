@@ -258,7 +258,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, heads: int) -> jax.Array
     ``jax.nn.dot_product_attention`` transposes the whole ``[Lq, Lk]`` probability matrix of
     every head between the two matmuls, which cost 4.5x the time at 1024 tokens (see
     ``benchmarks/RESULTS.md``). Score blocks above :data:`MAX_SCORE_ELEMENTS` are computed
-    in query chunks.
+    in query chunks, and gradients recompute the scores rather than store them.
     """
     b, lq, inner = q.shape
     lk = k.shape[1]
@@ -276,15 +276,20 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, heads: int) -> jax.Array
     v = v.reshape(b, lk, heads, d).transpose(0, 2, 1, 3)                 # [B, H, Lk, D]
     limit = MAX_SCORE_ELEMENTS.get(jax.default_backend(), DEFAULT_MAX_SCORE_ELEMENTS)
     chunk = limit // (b * heads * lk)
+    # Rematerialised: a backward pass recomputes each block's scores instead of keeping the
+    # float32 [Lq, Lk] probabilities of every layer (320 MiB per SD-2 attention layer at
+    # 512 px and batch 1; they were most of a train step's memory, measured with
+    # benchmarks/memory_plan.py), as flash attention does; forward passes are unchanged.
+    attend = jax.checkpoint(_softmax_attention)
     if chunk >= lq:
-        out = _softmax_attention(q, k, v)
+        out = attend(q, k, v)
     else:
         chunk = max(8, chunk // 8 * 8)
         n = -(-lq // chunk)
         # Zero-padded queries give finite rows that are cut off again below.
         qc = jnp.pad(q, ((0, 0), (0, 0), (0, n * chunk - lq), (0, 0)))
         qc = qc.reshape(b, heads, n, chunk, d).transpose(2, 0, 1, 3, 4)
-        out = jax.lax.map(lambda qi: _softmax_attention(qi, k, v), qc)   # [n, B, H, chunk, D]
+        out = jax.lax.map(lambda qi: attend(qi, k, v), qc)   # [n, B, H, chunk, D]
         out = out.transpose(1, 2, 0, 3, 4).reshape(b, heads, n * chunk, d)[:, :, :lq]
     return out.transpose(0, 2, 1, 3).reshape(b, lq, inner)
 

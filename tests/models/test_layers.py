@@ -91,3 +91,31 @@ def test_mapper_round_trip_and_errors():
     extra = dict(sd, **{"conv3.weight": np.zeros(3, np.float32)})
     with pytest.raises(CheckpointError, match="conv3.weight"):
         load_state_dict(make, extra)
+
+
+@pytest.mark.parametrize("lq", [64, 4096])    # one block; query chunks on CPU
+def test_attention_gradients_recompute_scores_instead_of_storing_them(lq, np_rng):
+    """The backward pass of ``layers.attention`` equals plain softmax attention's and keeps
+    no [Lq, Lk] probabilities: at 4096 tokens its temporaries are a fraction of the stored
+    score matrix (the flash-attention memory pattern)."""
+    import jax
+
+    heads, d, lk = 2, 8, lq
+    q, k, v = (jnp.asarray(np_rng.standard_normal((1, n, heads * d)), jnp.float32)
+               for n in (lq, lk, lk))
+
+    def plain(q, k, v):
+        qh, kh, vh = (x.reshape(1, -1, heads, d) for x in (q, k, v))
+        return jax.nn.dot_product_attention(qh, kh, vh).reshape(1, lq, heads * d)
+
+    def loss(fn):
+        return jax.jit(jax.grad(lambda q, k, v: jnp.sum(jnp.sin(fn(q, k, v, *(
+            () if fn is plain else (heads,))))), argnums=(0, 1, 2)))
+
+    ours, ref = loss(layers.attention), loss(plain)
+    for a, b in zip(ours(q, k, v), ref(q, k, v), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=2e-5)
+    scores_bytes = heads * lq * lk * 4
+    temp = ours.lower(q, k, v).compile().memory_analysis().temp_size_in_bytes
+    if lq == 4096:
+        assert temp < scores_bytes / 4, (temp, scores_bytes)
