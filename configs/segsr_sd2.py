@@ -24,7 +24,6 @@ from ml_collections import ConfigDict
 
 from segsr_jax import parallel
 from segsr_jax.models.bridge import BridgeConfig
-from segsr_jax.models.controlnet import controlnet_config_from_unet
 from segsr_jax.models.seg_encoder import SegFormerConfig
 from segsr_jax.models.segdm import SegDMConfig
 from segsr_jax.models.segsr import SegSRConfig
@@ -36,21 +35,19 @@ NUM_CLASSES = 150  # ADE20K
 
 
 def model_config() -> SegSRConfig:
-    """SD-2-base + SegFormer-B5 with the default SegDM and bridge (1.75 B parameters)."""
-    unet = UNetConfig.sd2_base()
+    """SD-2-base + SegFormer-B5 with the default SegDM and bridge (1.75 B parameters): the
+    architecture ``python -m segsr_jax.convert`` writes (``SegSRConfig.compose``), so the
+    converted checkpoint restores into it."""
     bridge = BridgeConfig(latent_channels=4, seg_channels=16, hidden_channels=128,
                           num_blocks=2, c_channels=4, i_channels=64, norm_groups=32)
-    controlnet = controlnet_config_from_unet(unet, {
-        "conditioning": "latent", "conditioning_channels": 4 + bridge.c_channels,
-        "conditioning_embedding_out_channels": (64, 128)})
     segformer = SegFormerConfig.b5(NUM_CLASSES)
     segdm = SegDMConfig(num_classes=NUM_CLASSES, embed_dim=16,
                         feat_channels=segformer.decoder_hidden_size, cond_channels=64,
                         hidden_channels=256, num_blocks=4, attention_blocks=(1, 3),
                         num_heads=4, norm_groups=32, bit_scale=0.01)
-    return SegSRConfig(vae=VAEConfig.sd2(), text=CLIPTextConfig.sd2(), unet=unet,
-                       controlnet=controlnet, segformer=segformer, segdm=segdm, bridge=bridge,
-                       class_names=segformer.id2label)
+    return SegSRConfig.compose(vae=VAEConfig.sd2(), text=CLIPTextConfig.sd2(),
+                               unet=UNetConfig.sd2_base(), segformer=segformer, segdm=segdm,
+                               bridge=bridge, class_names=segformer.id2label)
 
 
 def get_config(stage: str = "sr") -> ConfigDict:

@@ -93,3 +93,22 @@ def test_fsdp_covers_the_big_kernels(layout):
     assert not [k for k in sharded if "/segdm/" in k or "/vae/" in k or "segformer/" in k]
     # FSDP over 4 cuts per-device bytes well below the replicated total.
     assert layout["bytes_per_device"] < 0.45 * layout["total_bytes"]
+
+
+def test_segsr_sd2_architecture_is_what_convert_writes():
+    """`python -m segsr_jax.convert` composes the model from the pipeline's parts with the
+    default SegDM and bridge; the SD-2 config must describe the same architecture, or its
+    first stage cannot restore the converted checkpoint (found by scripts/sd2_smoke.py)."""
+    import dataclasses
+
+    from segsr_jax.models.seg_encoder import SegFormerConfig
+    from segsr_jax.models.text_encoder import CLIPTextConfig
+    from segsr_jax.models.unet import UNetConfig
+    from segsr_jax.models.vae import VAEConfig
+
+    converted = SegSRConfig.compose(vae=VAEConfig.sd2(), text=CLIPTextConfig.sd2(),
+                                    unet=UNetConfig.sd2_base(),
+                                    segformer=SegFormerConfig.b5(150))
+    configured = SegSRConfig.from_dict(_config().model.to_dict())
+    assert dataclasses.replace(configured, class_names=()) == \
+        dataclasses.replace(converted, class_names=())
