@@ -13,12 +13,19 @@ image whose outputs all exist is skipped unless ``--overwrite`` (so a killed or 
 batch resumes where it stopped: Ctrl-C stops at once, exit status 130). A bad input is
 reported on one line naming the file, the others go on, and the exit status is 1 if any
 failed.
+
+A device out-of-memory (at compile or at run time) is retried with less at once: fewer tiles
+per call (halved down to 1), then a smaller latent tile (halved down to :data:`MIN_TILE`, the
+overlap shrinking with it), then one image at a time; one line says each change, the reduced
+setting is kept for the following images, and an image that fails even so is reported as
+failed (exit status 1) while the others go on.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import itertools
 import math
 import os
@@ -36,6 +43,10 @@ DEFAULT_NEGATIVE = "dotted, noise, blur, lowres, smooth"  # SeeSR's negative pro
 # (segsr_jax.inference.SampleOptions holds the same defaults; this module avoids importing
 # JAX before the arguments are parsed, so --help is instant.)
 OUTPUT_SUFFIXES = ("_sr.png", "_seg.png", "_seg_labels.png", "_sheet.png")
+# After a device out-of-memory the latent tile is halved down to this (in latent pixels).
+MIN_TILE = 16
+# What XLA's out-of-memory errors say (status RESOURCE_EXHAUSTED, "Out of memory ...").
+OOM_MARKERS = ("resource_exhausted", "out of memory")
 
 
 def bundled_paths() -> tuple[Path, Path]:
@@ -278,9 +289,17 @@ def run(args: argparse.Namespace, progress: Progress) -> int:
     batches = [chunk[i:i + args.batch_size]
                for _, group in itertools.groupby(jobs, key=lambda j: j.work_hw)
                for chunk in [list(group)] for i in range(0, len(chunk), args.batch_size)]
+    latent_factor = restorer.config.latent_factor
+    max_batch = args.batch_size      # lowered to 1 after an out-of-memory (see shrink_after_oom)
+    pending = collections.deque(batches)
     with tqdm(total=len(jobs) * options.steps, unit="step", desc="sampling",
               disable=None, dynamic_ncols=True) as bar:
-        for batch in batches:
+        while pending:
+            batch = pending.popleft()
+            if len(batch) > max_batch:
+                pending.extendleft(reversed([batch[i:i + max_batch]
+                                             for i in range(0, len(batch), max_batch)]))
+                continue
             t0 = time.perf_counter()
             try:
                 results, compile_s = restorer.restore_batch([j.lq for j in batch],
@@ -290,6 +309,23 @@ def run(args: argparse.Namespace, progress: Progress) -> int:
                 print(f"error: {', '.join(str(j.path) for j in batch)}: {e}", file=sys.stderr)
                 failed += len(batch)
                 bar.update(len(batch) * options.steps)
+                continue
+            except RuntimeError as e:
+                if not is_out_of_memory(e):
+                    raise
+                latent_hw = tuple(-(-s // latent_factor) for s in batch[0].work_hw)
+                now = describe_setting(options, len(batch), latent_hw)
+                smaller = shrink_after_oom(options, len(batch), latent_hw)
+                if smaller is None:
+                    bar.write(f"error: {', '.join(str(j.path) for j in batch)}: out of memory "
+                              f"even at {now}, the smallest setting; skipped", file=sys.stderr)
+                    failed += len(batch)
+                    bar.update(len(batch) * options.steps)
+                    continue
+                options, n, change = smaller
+                max_batch = min(max_batch, n)
+                bar.write(f"out of memory at {now}: retrying with {change}", file=sys.stderr)
+                pending.appendleft(batch)
                 continue
             run_s = time.perf_counter() - t0 - compile_s
             for job, result in zip(batch, results, strict=True):
@@ -304,6 +340,59 @@ def run(args: argparse.Namespace, progress: Progress) -> int:
     done = sum(1 for j in jobs if all(p.exists() for p in outputs_of(out_dir, names[j.path])))
     print(f"wrote {done} image(s) to {out_dir}" + (f"; {failed} failed" if failed else ""))
     return 1 if failed else 0
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` is XLA's device out-of-memory (a ``jax.errors.JaxRuntimeError`` with
+    status RESOURCE_EXHAUSTED), raised when compiling or running a program too big for the
+    device."""
+    import jax
+
+    text = str(error).lower()
+    return isinstance(error, jax.errors.JaxRuntimeError) and any(m in text
+                                                                 for m in OOM_MARKERS)
+
+
+def _tile_setting(options, latent_hw: tuple[int, int]) -> tuple[int, int]:
+    """``(tile, tiles per call)`` as the sampler uses them on a latent of ``latent_hw``: the
+    tile clamped to the latent, the tiles per call to the number of tiles."""
+    from segsr_jax.diffusion import tiling
+
+    plan = tiling.plan_tiles(*latent_hw, options.tile, options.tile_overlap)
+    return max(plan.tile), max(1, min(options.tiles_per_call, len(plan.origins)))
+
+
+def describe_setting(options, n_images: int, latent_hw: tuple[int, int]) -> str:
+    """E.g. ``"tile 96, 4 tiles per call"`` (``", 2 images per call"`` for a batch)."""
+    tile, per_call = _tile_setting(options, latent_hw)
+    text = f"tile {tile}, {per_call} tile{'s' if per_call > 1 else ''} per call"
+    return text + (f", {n_images} images per call" if n_images > 1 else "")
+
+
+def shrink_after_oom(options, n_images: int, latent_hw: tuple[int, int]):
+    """The next, smaller setting to try after sampling ``n_images`` of latent size
+    ``latent_hw`` with ``options`` ran out of device memory: ``(options, images per call,
+    what changed)``, or None when nothing is left to shrink.
+
+    In order: halve the tiles per call (down to 1); then halve the latent tile (down to
+    :data:`MIN_TILE`; the overlap shrinks in proportion, so it stays below the tile); then one
+    image at a time. A step that would not change the compiled program (e.g. fewer tiles per
+    call when the latent is one tile) is skipped.
+    """
+    tile, per_call = _tile_setting(options, latent_hw)
+    if per_call > 1:
+        fewer = per_call // 2
+        return (dataclasses.replace(options, tiles_per_call=fewer), n_images,
+                f"{fewer} tile{'s' if fewer > 1 else ''} per call")
+    smaller = max(MIN_TILE, tile // 2)
+    if smaller < tile:
+        overlap = options.tile_overlap * smaller // options.tile
+        return (dataclasses.replace(options, tile=smaller, tile_overlap=overlap,
+                                    tiles_per_call=1), n_images,
+                f"tile {smaller} (overlap {overlap})")
+    if n_images > 1:
+        return options, 1, "one image at a time"
+    return None
 
 
 def write_outputs(paths: list[Path], job: Job, result, num_classes: int) -> None:
