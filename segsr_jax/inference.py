@@ -88,15 +88,15 @@ class Restorer:
                                .encode_prompts(ids))
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, dtype: str = "float32",
-                        fsdp: int = 1) -> Restorer:
+    def from_checkpoint(cls, path: str | Path, dtype: str = "float32", fsdp: int = 1,
+                        rules: parallel.ShardingRules = parallel.FSDP_RULES) -> Restorer:
         """Load a checkpoint folder (its config decides the architecture; its ``tokenizer/``
         sub-folder the prompts' tokens). ``path`` may be a ``gs://`` URI.
 
         ``fsdp > 1`` restores the weights straight into shards over ``fsdp`` devices (a
         ``('data', 'fsdp')`` mesh of all devices; :data:`parallel.FSDP_RULES` split the big
-        UNet / ControlNet / text-encoder kernels), for a model that does not fit one device;
-        no device ever holds the whole model.
+        UNet / ControlNet / text-encoder kernels; ``rules`` to choose others), for a model
+        that does not fit one device; no device ever holds the whole model.
         """
         from segsr_jax.training import workdir
 
@@ -120,7 +120,7 @@ class Restorer:
                          rngs=ShapeOnlyRngs())
 
         shardings = None if mesh is None else (
-            lambda target: parallel.tree_shardings(target, mesh, parallel.FSDP_RULES))
+            lambda target: parallel.tree_shardings(target, mesh, rules))
         model, cfg = checkpoint.restore_model(path, build, shardings=shardings)
         # A gs:// checkpoint (Orbax reads it natively) keeps its tokenizer there too.
         folder = f"{str(path).rstrip('/')}/tokenizer" if workdir.is_remote(path) else (
@@ -200,8 +200,10 @@ class Restorer:
         ctx = self._context(options.prompt, n)
         uctx = self._context(options.negative_prompt, n) if guided else None
         key = jax.random.key(seed)
-        args = (self.state, jnp.asarray(batch), ctx, uctx, jnp.float32(options.guidance),
-                sched, key)
+        lq = jnp.asarray(batch)
+        if batch_sharding is not None:   # contexts from sharded text weights come out sharded
+            lq, ctx, uctx = jax.device_put((lq, ctx, uctx), batch_sharding)
+        args = (self.state, lq, ctx, uctx, jnp.float32(options.guidance), sched, key)
         cache_key = (plan, n, options.steps, options.sampler, mesh is not None)
         compile_s = 0.0
         if cache_key not in self._compiled:
