@@ -60,9 +60,9 @@ def get_config(stage: str = "sr") -> ConfigDict:
     c.init_from = ""  # required: the converted checkpoint, or the previous stage's run
     c.tokenizer = "from_init"
 
-    # remat: 'blocks' recomputes each ResNet / transformer block in the backward pass (see
-    # segsr_jax/models/remat.py and the memory plan in benchmarks/RESULTS.md).
-    c.train = ConfigDict(dict(stage=stage, also_train=(), accum_steps=1, remat="blocks",
+    # remat 'none': on the CPU memory plan (benchmarks/RESULTS.md) 'blocks' did not lower the
+    # peak (0.7 GiB higher at per-chip batch 1); try --config.train.remat=blocks on hardware.
+    c.train = ConfigDict(dict(stage=stage, also_train=(), accum_steps=1, remat="none",
                               prompt=dict(mode="tags", text="", dropout=0.5, max_tags=8)))
     c.loss = ConfigDict(dict(lambda_seg=1.0, lambda_lq_seg=0.0, kl_weight=1e-6,
                              num_train_timesteps=1000, beta_schedule="scaled_linear",
