@@ -32,15 +32,20 @@ def _loss_and_grad(policy: str):
 @pytest.fixture(scope="module")
 def plain():
     fn, args = _loss_and_grad("none")
-    return fn(*args)
+    return fn(*args), _checkpoints(fn, args)
+
+
+def _checkpoints(fn, args) -> int:
+    """Rematerialised regions in the step's jaxpr (attention always has some of its own)."""
+    return str(jax.make_jaxpr(fn)(*args)).count("remat")
 
 
 @pytest.mark.parametrize("policy", ["blocks", "full"])
 def test_remat_gradients_equal_the_plain_step(plain, policy):
-    loss0, grads0 = plain
+    (loss0, grads0), plain_checkpoints = plain
     fn, args = _loss_and_grad(policy)
-    jaxpr = str(jax.make_jaxpr(fn)(*args))
-    assert "checkpoint" in jaxpr or "remat" in jaxpr       # really rematerialised
+    # Really rematerialised: more checkpointed regions than the plain step's attention ones.
+    assert _checkpoints(fn, args) > plain_checkpoints
     loss, grads = fn(*args)
     np.testing.assert_allclose(float(loss), float(loss0), rtol=1e-6)
     flat0 = jax.tree_util.tree_leaves_with_path(grads0)
