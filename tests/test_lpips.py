@@ -52,25 +52,20 @@ class TorchLPIPS(nn.Module):
 _CONV_IDX = [i for i, m in enumerate(TorchLPIPS().features) if isinstance(m, nn.Conv2d)]
 
 
+# (our tensor name, the reference module's state-dict name), both directions.
+_NAMES = ([(f"convs.{i}.{p}", f"features.{idx}.{p}") for i, idx in enumerate(_CONV_IDX)
+           for p in ("weight", "bias")] + [(f"lins.{k}.weight", f"lins.{k}.weight")
+                                            for k in range(5)])
+
+
 def to_ours(ref: TorchLPIPS) -> dict:
     sd = {k: v.detach().numpy() for k, v in ref.state_dict().items()}
-    out = {}
-    for i, idx in enumerate(_CONV_IDX):
-        out[f"convs.{i}.weight"] = sd[f"features.{idx}.weight"]
-        out[f"convs.{i}.bias"] = sd[f"features.{idx}.bias"]
-    for k in range(5):
-        out[f"lins.{k}.weight"] = sd[f"lins.{k}.weight"]
-    return out
+    return {ours: sd[theirs] for ours, theirs in _NAMES}
 
 
 def from_ours(tensors: dict) -> TorchLPIPS:
     ref = TorchLPIPS().eval()
-    sd = {}
-    for i, idx in enumerate(_CONV_IDX):
-        sd[f"features.{idx}.weight"] = tensors[f"convs.{i}.weight"]
-        sd[f"features.{idx}.bias"] = tensors[f"convs.{i}.bias"]
-    for k in range(5):
-        sd[f"lins.{k}.weight"] = tensors[f"lins.{k}.weight"]
+    sd = {theirs: tensors[ours] for ours, theirs in _NAMES}
     ref.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in sd.items()},
                         strict=False)
     return ref
