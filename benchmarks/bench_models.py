@@ -47,63 +47,115 @@ class BenchConfig:
 
 def _sd_vae(widths: tuple[int, ...], layers: int) -> VAEConfig:
     n = len(widths)
-    return VAEConfig(down_block_types=("DownEncoderBlock2D",) * n,
-                     up_block_types=("UpDecoderBlock2D",) * n, block_out_channels=widths,
-                     layers_per_block=layers, latent_channels=4)
+    return VAEConfig(
+        down_block_types=("DownEncoderBlock2D",) * n,
+        up_block_types=("UpDecoderBlock2D",) * n,
+        block_out_channels=widths,
+        layers_per_block=layers,
+        latent_channels=4,
+    )
 
 
 CONFIGS = {
     # The issue's medium config: 35.0M UNet + 15.2M ControlNet parameters. SegDM and the DMB
     # are scaled to the UNet as the defaults are to SD-2 (SegDM 256 wide vs UNet 320, DMB 128).
     "medium": BenchConfig(
-        unet=dict(block_out_channels=(64, 128, 256, 256), layers_per_block=2,
-                  attention_head_dim=(2, 4, 8, 8), cross_attention_dim=256,
-                  use_linear_projection=True, sample_size=32),
+        unet=dict(
+            block_out_channels=(64, 128, 256, 256),
+            layers_per_block=2,
+            attention_head_dim=(2, 4, 8, 8),
+            cross_attention_dim=256,
+            use_linear_projection=True,
+            sample_size=32,
+        ),
         vae=_sd_vae((32, 64, 128, 128), 1),
         segformer=SegFormerConfig.b0(),
-        segdm=SegDMConfig(hidden_channels=64, num_blocks=4, attention_blocks=(1, 3),
-                          num_heads=2, norm_groups=32),
-        bridge=BridgeConfig(hidden_channels=32, num_blocks=2, norm_groups=32)),
+        segdm=SegDMConfig(
+            hidden_channels=64, num_blocks=4, attention_blocks=(1, 3), num_heads=2, norm_groups=32
+        ),
+        bridge=BridgeConfig(hidden_channels=32, num_blocks=2, norm_groups=32),
+    ),
     # SD-2-base sized SegSR: the real UNet/ControlNet/VAE shapes, SegFormer-B5, default SegDM/DMB.
     "sd2": BenchConfig(
-        unet=dict(block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
-                  attention_head_dim=(5, 10, 20, 20), cross_attention_dim=1024,
-                  use_linear_projection=True, sample_size=64),
+        unet=dict(
+            block_out_channels=(320, 640, 1280, 1280),
+            layers_per_block=2,
+            attention_head_dim=(5, 10, 20, 20),
+            cross_attention_dim=1024,
+            use_linear_projection=True,
+            sample_size=64,
+        ),
         vae=_sd_vae((128, 256, 512, 512), 2),
         segformer=SegFormerConfig.b5(),
         segdm=SegDMConfig(),
-        bridge=BridgeConfig()),
+        bridge=BridgeConfig(),
+    ),
     # A seconds-scale config (smoke runs; the large-image benchmark): SD's f=8 VAE layout and
     # SegFormer's key reduction (sr 8, 4), at widths of 8-64.
     "tiny": BenchConfig(
-        unet=dict(block_out_channels=(32, 64), layers_per_block=1,
-                  down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                  up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), attention_head_dim=2,
-                  cross_attention_dim=32, norm_num_groups=8, use_linear_projection=True,
-                  sample_size=8),
-        vae=VAEConfig(down_block_types=("DownEncoderBlock2D",) * 4,
-                      up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 8, 16, 16),
-                      norm_num_groups=4),
-        segformer=SegFormerConfig(num_encoder_blocks=2, depths=(1, 1), sr_ratios=(8, 4),
-                                  hidden_sizes=(8, 16), patch_sizes=(7, 3), strides=(4, 2),
-                                  num_attention_heads=(1, 2), mlp_ratios=(2, 2),
-                                  decoder_hidden_size=8, num_labels=4),
-        segdm=SegDMConfig(embed_dim=4, hidden_channels=8, num_blocks=1, attention_blocks=(0,),
-                          num_heads=2, norm_groups=4),
-        bridge=BridgeConfig(hidden_channels=8, num_blocks=1, norm_groups=4)),
+        unet=dict(
+            block_out_channels=(32, 64),
+            layers_per_block=1,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            attention_head_dim=2,
+            cross_attention_dim=32,
+            norm_num_groups=8,
+            use_linear_projection=True,
+            sample_size=8,
+        ),
+        vae=VAEConfig(
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            block_out_channels=(8, 8, 16, 16),
+            norm_num_groups=4,
+        ),
+        segformer=SegFormerConfig(
+            num_encoder_blocks=2,
+            depths=(1, 1),
+            sr_ratios=(8, 4),
+            hidden_sizes=(8, 16),
+            patch_sizes=(7, 3),
+            strides=(4, 2),
+            num_attention_heads=(1, 2),
+            mlp_ratios=(2, 2),
+            decoder_hidden_size=8,
+            num_labels=4,
+        ),
+        segdm=SegDMConfig(
+            embed_dim=4,
+            hidden_channels=8,
+            num_blocks=1,
+            attention_blocks=(0,),
+            num_heads=2,
+            norm_groups=4,
+        ),
+        bridge=BridgeConfig(hidden_channels=8, num_blocks=1, norm_groups=4),
+    ),
 }
 
 
 def segsr_config(bench: BenchConfig, unet_config) -> SegSRConfig:
     """The SegSR config around the benchmark's UNet (latent ControlNet with COND_WIDTHS)."""
     width = unet_config.cross_attention_dim
-    text = CLIPTextConfig(vocab_size=64, hidden_size=width, intermediate_size=2 * width,
-                          num_hidden_layers=1, num_attention_heads=8 if width % 8 == 0 else 2,
-                          max_position_embeddings=77, hidden_act="gelu")
-    return SegSRConfig.compose(vae=bench.vae, text=text, unet=unet_config,
-                               segformer=bench.segformer, segdm=bench.segdm,
-                               bridge=bench.bridge,
-                               conditioning_embedding_out_channels=COND_WIDTHS)
+    text = CLIPTextConfig(
+        vocab_size=64,
+        hidden_size=width,
+        intermediate_size=2 * width,
+        num_hidden_layers=1,
+        num_attention_heads=8 if width % 8 == 0 else 2,
+        max_position_embeddings=77,
+        hidden_act="gelu",
+    )
+    return SegSRConfig.compose(
+        vae=bench.vae,
+        text=text,
+        unet=unet_config,
+        segformer=bench.segformer,
+        segdm=bench.segdm,
+        bridge=bench.bridge,
+        conditioning_embedding_out_channels=COND_WIDTHS,
+    )
 
 
 class _ShapeRngs:
@@ -117,8 +169,9 @@ class _ShapeRngs:
         return lambda: jax.random.key(0)
 
 
-def random_model(cfg: SegSRConfig, dtype=jnp.float32, seed: int = 0,
-                 parts: dict | None = None) -> SegSR:
+def random_model(
+    cfg: SegSRConfig, dtype=jnp.float32, seed: int = 0, parts: dict | None = None
+) -> SegSR:
     """A SegSR with random weights drawn on the host: kernels ``N(0, 1 / fan_in)``,
     embeddings ``N(0, 1)``, norm scales / variances 1, biases / means 0; the modules in
     ``parts`` (e.g. ``{"unet": loaded_unet}``) are used as given instead.
@@ -127,8 +180,7 @@ def random_model(cfg: SegSRConfig, dtype=jnp.float32, seed: int = 0,
     for the tiny config on this machine); the numbers only have to be well scaled.
     """
     parts = dict(parts or {})
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: SegSR(cfg, dtype=dtype,
-                                                               rngs=_ShapeRngs())))
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: SegSR(cfg, dtype=dtype, rngs=_ShapeRngs())))
     rng = np.random.default_rng(seed)
     for path, var in nnx.to_flat_state(state):
         if path[0] in parts:
@@ -183,8 +235,10 @@ def build_models(bench: BenchConfig, dtype_name: str, device: str, folder: Path 
         unet_cfg = unet_config_from_diffusers(dict(unet_ref.config))
         cfg = segsr_config(bench, unet_cfg)
         cn_ref = diffusers.ControlNetModel.from_unet(
-            unet_ref, conditioning_embedding_out_channels=COND_WIDTHS,
-            conditioning_channels=cfg.controlnet.conditioning_channels)
+            unet_ref,
+            conditioning_embedding_out_channels=COND_WIDTHS,
+            conditioning_channels=cfg.controlnet.conditioning_channels,
+        )
     _perturb(unet_ref, 0)
     _perturb(cn_ref, 1)
     dtype = DTYPES[dtype_name]
@@ -194,10 +248,10 @@ def build_models(bench: BenchConfig, dtype_name: str, device: str, folder: Path 
         unet = weights.load_unet(folder, dtype=dtype)
         cn = weights.load_controlnet(folder, dtype=dtype, conditioning="latent")
     else:
-        unet = _convert(unet_ref, lambda: UNet2DCondition(unet_cfg, dtype=dtype,
-                                                          rngs=_ShapeRngs()))
-        cn_cfg = dataclasses.replace(controlnet_config_from_diffusers(dict(cn_ref.config)),
-                                     conditioning="latent")
+        unet = _convert(unet_ref, lambda: UNet2DCondition(unet_cfg, dtype=dtype, rngs=_ShapeRngs()))
+        cn_cfg = dataclasses.replace(
+            controlnet_config_from_diffusers(dict(cn_ref.config)), conditioning="latent"
+        )
         cn = _convert(cn_ref, lambda: ControlNet(cn_cfg, dtype=dtype, rngs=_ShapeRngs()))
     # SegSR's conditioning is at latent resolution: the same conv stack without the strides.
     for conv in cn_ref.controlnet_cond_embedding.blocks:
@@ -226,9 +280,9 @@ def step_inputs(cfg: SegSRConfig, batch: int, latent: int, seed: int = 0) -> dic
         z_lq=rng.standard_normal((*shape, lat)).astype(np.float32),
         f_lq=rng.standard_normal((*shape, cfg.segdm.feat_channels)).astype(np.float32),
         c_t=0.1 * rng.standard_normal((*shape, cfg.bridge.c_channels)).astype(np.float32),
-        context=rng.standard_normal((batch, 77, cfg.unet.cross_attention_dim)
-                                    ).astype(np.float32),
-        t=np.full((batch,), 981, np.int32))
+        context=rng.standard_normal((batch, 77, cfg.unet.cross_attention_dim)).astype(np.float32),
+        t=np.full((batch,), 981, np.int32),
+    )
 
 
 def with_compute_dtype_kernels(model: SegSR) -> SegSR:

@@ -52,8 +52,13 @@ import sample_bench as sb  # noqa: E402
 
 START = time.perf_counter()
 # Dense bf16 tensor-core peaks from NVIDIA's data sheets (TFLOP/s, no sparsity).
-BF16_PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.4, "H200": 989.4,
-                    "A100": 312.0}
+BF16_PEAK_TFLOPS = {
+    "H100 PCIe": 756.0,
+    "H100 NVL": 835.0,
+    "H100": 989.4,
+    "H200": 989.4,
+    "A100": 312.0,
+}
 
 
 def bf16_peak(name: str) -> float | None:
@@ -96,7 +101,7 @@ def jaxpr_flops(jaxpr) -> float:
     for eqn in jaxpr.eqns:
         reps = eqn.params.get("length", 1) if eqn.primitive.name == "scan" else 1
         for param in eqn.params.values():
-            for sub in (param if isinstance(param, (list, tuple)) else [param]):
+            for sub in param if isinstance(param, (list, tuple)) else [param]:
                 inner = getattr(sub, "jaxpr", sub)
                 if hasattr(inner, "eqns"):
                     total += reps * jaxpr_flops(inner)
@@ -108,11 +113,12 @@ def jaxpr_flops(jaxpr) -> float:
             total += 2.0 * out * float(np.prod([lhs[i] for i in contract]))
         elif name == "conv_general_dilated":
             rhs = eqn.invars[1].aval.shape  # [..., Cin / groups, ...]: MACs per output
-            total += 2.0 * out * float(np.prod(rhs)) / rhs[eqn.params[
-                "dimension_numbers"].rhs_spec[0]]
+            total += (
+                2.0 * out * float(np.prod(rhs)) / rhs[eqn.params["dimension_numbers"].rhs_spec[0]]
+            )
         elif name.startswith("dot_product_attention_fwd"):
-            b, t, n, h = eqn.invars[0].aval.shape   # query [B, T, N, H]
-            s = eqn.invars[1].aval.shape[1]          # key [B, S, N, H]
+            b, t, n, h = eqn.invars[0].aval.shape  # query [B, T, N, H]
+            s = eqn.invars[1].aval.shape[1]  # key [B, S, N, H]
             total += 4.0 * b * n * t * s * h
     return total
 
@@ -190,8 +196,12 @@ def time_program(exe, args, repeats: int) -> dict:
     exe_call = lambda: exe(*args)
     sb.time_calls(exe_call, 2)
     wall, _ = sb.time_calls(exe_call, repeats)
-    return {"median_s": statistics.median(wall), "min_s": min(wall), "times_s": wall,
-            "pipelined_s": pipelined(exe_call, repeats, jax.block_until_ready)}
+    return {
+        "median_s": statistics.median(wall),
+        "min_s": min(wall),
+        "times_s": wall,
+        "pipelined_s": pipelined(exe_call, repeats, jax.block_until_ready),
+    }
 
 
 def torch_block(unet_ref, cn_ref, inputs, device, repeats: int) -> tuple[dict, np.ndarray]:
@@ -204,11 +214,18 @@ def torch_block(unet_ref, cn_ref, inputs, device, repeats: int) -> tuple[dict, n
     sb.time_calls(step, 3)  # warm-up, cuDNN autotuning
     wall, _ = sb.time_calls(step, repeats)
     result = step().float().cpu().numpy().transpose(0, 2, 3, 1)
-    out = {"median_s": statistics.median(wall), "min_s": min(wall), "times_s": wall,
-           "flops_torch_counter": sb.torch_flops(step)}
+    out = {
+        "median_s": statistics.median(wall),
+        "min_s": min(wall),
+        "times_s": wall,
+        "flops_torch_counter": sb.torch_flops(step),
+    }
     if device == "cuda":
-        out["pipelined_s"] = pipelined(sb.torch_step(unet_ref, cn_ref, inputs, device, False),
-                                       repeats, lambda _: torch.cuda.synchronize())
+        out["pipelined_s"] = pipelined(
+            sb.torch_step(unet_ref, cn_ref, inputs, device, False),
+            repeats,
+            lambda _: torch.cuda.synchronize(),
+        )
         out["peak_bytes"] = int(torch.cuda.max_memory_allocated())
     return out, result
 
@@ -243,22 +260,39 @@ def job_list(mode: str, sizes, batches, steps) -> list[tuple]:
     ``("sampler", n_steps, guided, batch)`` rows. One program is compiled at a time and every row is
     written as soon as it is measured, so a run cut short keeps what came first."""
     (s0, s1), (b0, b1) = sizes, batches
-    if mode == "quick":   # the first lease's rows: 512 px batch 1, the 50-step samplers
-        return [("steps", s0, b0, True, False), ("sampler", steps, False, b0),
-                ("sampler", steps, True, b0)]
-    if mode == "rest":    # what --quick leaves: batch 8, 1024 px, the in-scan step, a profile
-        return [("steps", s0, b1, True, True), ("sampler", steps, False, b0),
-                ("steps", s1, b0, False, False), ("steps", s1, b1, False, False),
-                ("sampler", 2, False, b0), ("sampler", steps, True, b0)]
-    if mode == "scan":    # the batch-8 step as the sampler runs it: inside the scan
+    if mode == "quick":  # the first lease's rows: 512 px batch 1, the 50-step samplers
+        return [
+            ("steps", s0, b0, True, False),
+            ("sampler", steps, False, b0),
+            ("sampler", steps, True, b0),
+        ]
+    if mode == "rest":  # what --quick leaves: batch 8, 1024 px, the in-scan step, a profile
+        return [
+            ("steps", s0, b1, True, True),
+            ("sampler", steps, False, b0),
+            ("steps", s1, b0, False, False),
+            ("steps", s1, b1, False, False),
+            ("sampler", 2, False, b0),
+            ("sampler", steps, True, b0),
+        ]
+    if mode == "scan":  # the batch-8 step as the sampler runs it: inside the scan
         short = max(3, steps // 5)
-        return [("steps", s0, b1, False, False), ("sampler", 2, False, b1),
-                ("sampler", short, False, b1)]
-    return [("steps", s0, b0, True, False), ("steps", s0, b1, True, True),
-            ("sampler", steps, False, b0), ("sampler", steps, True, b0),
-            ("steps", s1, b0, False, False), ("steps", s1, b1, False, False),
-            ("sampler", 2, False, b0), ("sampler", 2, True, b0),
-            ("sampler", max(3, steps // 5), False, b1)]
+        return [
+            ("steps", s0, b1, False, False),
+            ("sampler", 2, False, b1),
+            ("sampler", short, False, b1),
+        ]
+    return [
+        ("steps", s0, b0, True, False),
+        ("steps", s0, b1, True, True),
+        ("sampler", steps, False, b0),
+        ("sampler", steps, True, b0),
+        ("steps", s1, b0, False, False),
+        ("steps", s1, b1, False, False),
+        ("sampler", 2, False, b0),
+        ("sampler", 2, True, b0),
+        ("sampler", max(3, steps // 5), False, b1),
+    ]
 
 
 def profile_program(exe, args, name: str, out_dir: Path, calls: int = 3) -> dict:
@@ -295,13 +329,19 @@ def run(args) -> None:
     sizes = [64, 128] if args.smoke else [512, 1024]
     batches = [1, 2] if args.smoke else [1, 8]
     steps = 3 if args.smoke else 50
-    mode = ("quick" if args.quick else "rest" if args.rest else "scan" if args.scan
-            else "full")
+    mode = "quick" if args.quick else "rest" if args.rest else "scan" if args.scan else "full"
     info = sb.machine_info(device)
     name = info.get("gpu", info["jax_device"])
-    res = Results(args.out, machine=info, config=config, dtype=dtype, mode=mode,
-                  bf16_peak_tflops=bf16_peak(name), jax_backend=jax.default_backend(),
-                  matmul_bf16_tflops=matmul_tflops(device))
+    res = Results(
+        args.out,
+        machine=info,
+        config=config,
+        dtype=dtype,
+        mode=mode,
+        bf16_peak_tflops=bf16_peak(name),
+        jax_backend=jax.default_backend(),
+        matmul_bf16_tflops=matmul_tflops(device),
+    )
     unet_ref, cn_ref, model, build_s = bm.build_models(bm.CONFIGS[config], dtype, device, None)
     res["build_s"] = build_s
     count = lambda m: sum(p.numel() for p in m.parameters())
@@ -313,13 +353,15 @@ def run(args) -> None:
 
     def step_rows(size: int, batch: int, with_srdm: bool, profile: bool) -> None:
         inputs = bm.step_inputs(cfg, batch, size // f)
-        progs = sb.jax_programs(model, inputs, image=size, guidance=False, steps=2,
-                                step_model=step_model)
+        progs = sb.jax_programs(
+            model, inputs, image=size, guidance=False, steps=2, step_model=step_model
+        )
         key = f"{size}px_b{batch}"
         ref, ref_out = torch_block(unet_ref, cn_ref, inputs, device, args.repeats)
         res[f"diffusers_step_{key}"] = ref
-        print(f"[{elapsed():.0f} s] diffusers_step_{key}: {ref['median_s'] * 1e3:.1f} ms",
-              flush=True)
+        print(
+            f"[{elapsed():.0f} s] diffusers_step_{key}: {ref['median_s'] * 1e3:.1f} ms", flush=True
+        )
         if device == "cuda":
             torch.cuda.empty_cache()
         for kind in ("segsr", "srdm") if with_srdm else ("segsr",):
@@ -331,8 +373,12 @@ def run(args) -> None:
             if name not in compiled:
                 continue
             exe, fargs, secs, flops = compiled[name]
-            row = {"compile_s": secs, **sb.xla_costs(exe),
-                   **time_program(exe, fargs, args.repeats), "flops_jaxpr": flops}
+            row = {
+                "compile_s": secs,
+                **sb.xla_costs(exe),
+                **time_program(exe, fargs, args.repeats),
+                "flops_jaxpr": flops,
+            }
             row["tflops_per_s"] = row["flops_jaxpr"] / row["median_s"] / 1e12
             if peak:
                 row["peak_fraction"] = row["tflops_per_s"] / peak
@@ -341,14 +387,17 @@ def run(args) -> None:
             row["ratio_to_diffusers"] = row["median_s"] / ref["median_s"]
             if kind == "srdm":  # same computation? (bf16 on both sides: ~1e-2 expected)
                 ours = np.asarray(exe(*fargs), np.float32)
-                row["parity_rel_err"] = float(np.abs(ours - ref_out).max()
-                                              / max(np.abs(ref_out).max(), 1e-12))
+                row["parity_rel_err"] = float(
+                    np.abs(ours - ref_out).max() / max(np.abs(ref_out).max(), 1e-12)
+                )
             stats = jax.devices()[0].memory_stats() or {}
             row["jax_peak_bytes_so_far"] = int(stats.get("peak_bytes_in_use", 0))
             res[name] = row
-            print(f"[{elapsed():.0f} s] {name}: {row['median_s'] * 1e3:.1f} ms, "
-                  f"{row['tflops_per_s']:.1f} TFLOP/s, diffusers {ref['median_s'] * 1e3:.1f} ms",
-                  flush=True)
+            print(
+                f"[{elapsed():.0f} s] {name}: {row['median_s'] * 1e3:.1f} ms, "
+                f"{row['tflops_per_s']:.1f} TFLOP/s, diffusers {ref['median_s'] * 1e3:.1f} ms",
+                flush=True,
+            )
             if profile and kind == "segsr":  # after this shape's rows (the program is built)
                 to_profile[name] = (exe, fargs)
             del compiled
@@ -362,15 +411,20 @@ def run(args) -> None:
     def sampler_row(n_steps: int, guided: bool, batch: int) -> None:
         inputs = bm.step_inputs(cfg, batch, sizes[0] // f)
         sname = f"sampler_{'cfg' if guided else 'nocfg'}_{n_steps}" + (
-            f"_b{batch}" if batch != batches[0] else "")
+            f"_b{batch}" if batch != batches[0] else ""
+        )
         progs = sb.jax_programs(model, inputs, image=sizes[0], guidance=guided, steps=n_steps)
         compiled = compile_all({sname: progs["jax_sampler"]}, res, 1)
         if sname not in compiled:
             return
         exe, fargs, secs, flops = compiled[sname]
-        row = {"compile_s": secs, **sb.xla_costs(exe), "flops_jaxpr": flops,
-               **time_program(exe, fargs, max(3, args.repeats // 3)),
-               "scan_carries_3x3_kernels": scan_kernel_dtypes(exe)}
+        row = {
+            "compile_s": secs,
+            **sb.xla_costs(exe),
+            "flops_jaxpr": flops,
+            **time_program(exe, fargs, max(3, args.repeats // 3)),
+            "scan_carries_3x3_kernels": scan_kernel_dtypes(exe),
+        }
         res[sname] = row
         print(f"[{elapsed():.0f} s] {sname}: {row['median_s']:.3f} s", flush=True)
         for key, value in in_scan_steps(res.data).items():
@@ -379,8 +433,9 @@ def run(args) -> None:
     to_profile = {}
     for job in job_list(mode, sizes, batches, steps):
         if elapsed() > args.deadline:
-            res[f"phase_{'_'.join(map(str, job))}"] = (f"skipped: {elapsed():.0f} s used of "
-                                                       f"{args.deadline}")
+            res[f"phase_{'_'.join(map(str, job))}"] = (
+                f"skipped: {elapsed():.0f} s used of {args.deadline}"
+            )
             continue
         try:
             step_rows(*job[1:]) if job[0] == "steps" else sampler_row(*job[1:])
@@ -413,18 +468,21 @@ def in_scan_steps(r: dict) -> dict:
 def summary(r: dict, sizes, batches, steps) -> str:
     """The measured rows and the three goals."""
     m = r["machine"]
-    lines = [f"{r['config']} {r['dtype']} on {m.get('gpu', m['jax_device'])} "
-             f"(jax {m['jax']}, torch {m['torch']}, diffusers {m['diffusers']}); "
-             f"bf16 peak {r.get('bf16_peak_tflops')} TFLOP/s (data sheet), torch 8192^3 matmul "
-             f"{r.get('matmul_bf16_tflops') or 0:.0f}; total {r.get('total_s', 0):.0f} s"]
+    lines = [
+        f"{r['config']} {r['dtype']} on {m.get('gpu', m['jax_device'])} "
+        f"(jax {m['jax']}, torch {m['torch']}, diffusers {m['diffusers']}); "
+        f"bf16 peak {r.get('bf16_peak_tflops')} TFLOP/s (data sheet), torch 8192^3 matmul "
+        f"{r.get('matmul_bf16_tflops') or 0:.0f}; total {r.get('total_s', 0):.0f} s"
+    ]
     for size in sizes:
         for b in batches:
             key = f"{size}px_b{b}"
             ref = r.get(f"diffusers_step_{key}")
             if not ref:
                 continue
-            piped = lambda row: (f" (pipelined {row['pipelined_s'] * 1e3:.1f} ms)"
-                                 if "pipelined_s" in row else "")
+            piped = lambda row: (
+                f" (pipelined {row['pipelined_s'] * 1e3:.1f} ms)" if "pipelined_s" in row else ""
+            )
             lines.append(f"  {key}: diffusers {ref['median_s'] * 1e3:8.1f} ms{piped(ref)}")
             for kind in ("srdm", "segsr"):
                 row = r.get(f"{kind}_step_{key}")
@@ -434,13 +492,20 @@ def summary(r: dict, sizes, batches, steps) -> str:
                         f"    {kind:5s} {row['median_s'] * 1e3:8.1f} ms  ratio "
                         f"{row['ratio_to_diffusers']:.3f}  {row['flops_jaxpr'] / 1e9:.1f} GFLOP"
                         f"  {row['tflops_per_s']:.2f} TFLOP/s"
-                        + (f" ({100 * frac:.0f}% of peak)" if frac else "") + piped(row)
-                        + (f"  parity {row['parity_rel_err']:.1e}" if "parity_rel_err" in row
-                           else ""))
+                        + (f" ({100 * frac:.0f}% of peak)" if frac else "")
+                        + piped(row)
+                        + (
+                            f"  parity {row['parity_rel_err']:.1e}"
+                            if "parity_rel_err" in row
+                            else ""
+                        )
+                    )
     for name in sorted(k for k in r if k.startswith("sampler_")):
-        lines.append(f"  {name}: {r[name]['median_s']:.3f} s (compile "
-                     f"{r[name]['compile_s']:.0f} s); loop carries 3x3 kernels "
-                     f"{r[name]['scan_carries_3x3_kernels']}")
+        lines.append(
+            f"  {name}: {r[name]['median_s']:.3f} s (compile "
+            f"{r[name]['compile_s']:.0f} s); loop carries 3x3 kernels "
+            f"{r[name]['scan_carries_3x3_kernels']}"
+        )
     for name in sorted(k for k in r if k.startswith("in_scan_step_")):
         lines.append(f"  one step inside the scan ({name[13:-2]}): {r[name] * 1e3:.1f} ms")
     goal = lambda ok: "MET" if ok else "NOT MET"
@@ -456,26 +521,37 @@ def summary(r: dict, sizes, batches, steps) -> str:
     if row8.get("peak_fraction") is not None:
         frac = row8["peak_fraction"]
         mm = row8.get("matmul_fraction")
-        lines.append(f"goal >= 40% of bf16 peak at {key8}: {100 * frac:.0f}% {goal(frac >= 0.4)}"
-                     + (f" ({100 * mm:.0f}% of the measured matmul rate)" if mm else ""))
+        lines.append(
+            f"goal >= 40% of bf16 peak at {key8}: {100 * frac:.0f}% {goal(frac >= 0.4)}"
+            + (f" ({100 * mm:.0f}% of the measured matmul rate)" if mm else "")
+        )
         peak = r.get("bf16_peak_tflops")
-        for how, secs in (("pipelined calls", row8.get("pipelined_s")),
-                          ("inside the sampler's scan",
-                           r.get(f"in_scan_step_nocfg_b{batches[1]}_s"))):
+        for how, secs in (
+            ("pipelined calls", row8.get("pipelined_s")),
+            ("inside the sampler's scan", r.get(f"in_scan_step_nocfg_b{batches[1]}_s")),
+        ):
             if secs and peak:
                 frac = row8["flops_jaxpr"] / secs / 1e12 / peak
-                lines.append(f"  the same step {how}: {secs * 1e3:.1f} ms, {100 * frac:.0f}% of "
-                             f"peak {goal(frac >= 0.4)}")
+                lines.append(
+                    f"  the same step {how}: {secs * 1e3:.1f} ms, {100 * frac:.0f}% of "
+                    f"peak {goal(frac >= 0.4)}"
+                )
     for k in r:
         if k.startswith("profile_") and isinstance(r[k], dict):
             cats = ", ".join(f"{c} {v:.1f}" for c, v in r[k]["categories_ms"].items())
-            lines.append(f"  {k}: {r[k]['device_ms_per_call']:.1f} ms of device ops per call "
-                         f"({cats} ms)")
+            lines.append(
+                f"  {k}: {r[k]['device_ms_per_call']:.1f} ms of device ops per call ({cats} ms)"
+            )
     if r.get("jax_peak_bytes"):
         lines.append(f"  JAX peak memory {r['jax_peak_bytes'] / 2**30:.1f} GiB")
-    errors = [k for k in r if k.startswith(("compile_error", "attention_fallback", "phase_",
-                                            "error_", "profile_error"))
-              and not k.endswith("_wall_s")]
+    errors = [
+        k
+        for k in r
+        if k.startswith(
+            ("compile_error", "attention_fallback", "phase_", "error_", "profile_error")
+        )
+        and not k.endswith("_wall_s")
+    ]
     lines += [f"  {k}: {str(r[k])[:200]}" for k in errors]
     return "\n".join(lines)
 
@@ -484,19 +560,29 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", type=Path, default=Path("gpu_results.json"))
     p.add_argument("--smoke", action="store_true", help="tiny config (a CPU dry run)")
-    p.add_argument("--quick", action="store_true",
-                   help="512 px batch 1 steps and the 50-step samplers only, compiled one at a "
-                        "time (fits a few minutes of device time)")
-    p.add_argument("--rest", action="store_true",
-                   help="what --quick leaves: batch 8 (with a profile), 1024 px, the in-scan "
-                        "step and the CFG sampler, one compile at a time")
-    p.add_argument("--scan", action="store_true",
-                   help="the batch-8 step three ways: one call at a time, calls dispatched back "
-                        "to back, and inside the sampler's scan (samplers of 2 and steps/5 "
-                        "steps at batch 8)")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="512 px batch 1 steps and the 50-step samplers only, compiled one at a "
+        "time (fits a few minutes of device time)",
+    )
+    p.add_argument(
+        "--rest",
+        action="store_true",
+        help="what --quick leaves: batch 8 (with a profile), 1024 px, the in-scan "
+        "step and the CFG sampler, one compile at a time",
+    )
+    p.add_argument(
+        "--scan",
+        action="store_true",
+        help="the batch-8 step three ways: one call at a time, calls dispatched back "
+        "to back, and inside the sampler's scan (samplers of 2 and steps/5 "
+        "steps at batch 8)",
+    )
     p.add_argument("--repeats", type=int, default=10)
-    p.add_argument("--deadline", type=float, default=460.0,
-                   help="seconds after which no new phase starts")
+    p.add_argument(
+        "--deadline", type=float, default=460.0, help="seconds after which no new phase starts"
+    )
     args = p.parse_args(argv)
     try:
         run(args)

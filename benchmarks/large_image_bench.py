@@ -70,10 +70,16 @@ def measure(size: int, args) -> dict:
     small = max(8, round(size / args.upscale))
     lq_u8 = np.random.default_rng(0).integers(0, 256, (small, small, 3), dtype=np.uint8)
     lq = jnp.asarray(images.to_unit_range(images.resize(lq_u8, (size, size))))[None]
-    plan = sampling.make_plan((size, size), f, tile=args.tile, overlap=args.tile_overlap,
-                              tiles_per_call=args.tiles_per_call, guidance=False,
-                              vae_encode_tile=args.vae_encode_tile,
-                              vae_decode_tile=args.vae_decode_tile)
+    plan = sampling.make_plan(
+        (size, size),
+        f,
+        tile=args.tile,
+        overlap=args.tile_overlap,
+        tiles_per_call=args.tiles_per_call,
+        guidance=False,
+        vae_encode_tile=args.vae_encode_tile,
+        vae_decode_tile=args.vae_decode_tile,
+    )
     sched = samplers.make_schedule("ddpm", args.steps)
     ctx = jnp.zeros((1, cfg.text.max_position_embeddings, cfg.unet.cross_attention_dim))
     fargs = (state, lq, ctx, None, jnp.float32(1.0), sched, jax.random.key(0))
@@ -95,15 +101,27 @@ def measure(size: int, args) -> dict:
         warm.append(time.perf_counter() - t0)
     if not bool(jnp.isfinite(out.image).all()):
         raise RuntimeError(f"non-finite SR image at {size} px")
-    return {"size": size, "lq": small, "latent": size // f, "latent_tiles": len(plan.tiles),
-            "tile": args.tile, "tile_overlap": args.tile_overlap,
-            "tiles_per_call": plan.tiles_per_call, "vae_tile": plan.vae_tile,
-            "steps": args.steps, "config": args.config, "compile_s": compile_s, "run_s": run_s,
-            "warm_run_s": float(np.median(warm)) if warm else None,
-            "rss_before_bytes": before * 1024, "run_peak_bytes": (peak - before) * 1024,
-            "process_peak_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-            "xla_temp_bytes": int(mem.temp_size_in_bytes),
-            "image_bytes": 2 * 3 * 4 * size * size, "loadavg": os.getloadavg()[0]}
+    return {
+        "size": size,
+        "lq": small,
+        "latent": size // f,
+        "latent_tiles": len(plan.tiles),
+        "tile": args.tile,
+        "tile_overlap": args.tile_overlap,
+        "tiles_per_call": plan.tiles_per_call,
+        "vae_tile": plan.vae_tile,
+        "steps": args.steps,
+        "config": args.config,
+        "compile_s": compile_s,
+        "run_s": run_s,
+        "warm_run_s": float(np.median(warm)) if warm else None,
+        "rss_before_bytes": before * 1024,
+        "run_peak_bytes": (peak - before) * 1024,
+        "process_peak_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "xla_temp_bytes": int(mem.temp_size_in_bytes),
+        "image_bytes": 2 * 3 * 4 * size * size,
+        "loadavg": os.getloadavg()[0],
+    }
 
 
 def run_sizes(args) -> list[dict]:
@@ -119,11 +137,26 @@ def run_sizes(args) -> list[dict]:
 
 
 def _shared_flags(args) -> list[str]:
-    return ["--config", args.config, "--upscale", str(args.upscale), "--steps", str(args.steps),
-            "--tile", str(args.tile), "--tile-overlap", str(args.tile_overlap),
-            "--tiles-per-call", str(args.tiles_per_call), "--runs", str(args.runs),
-            "--vae-encode-tile", str(args.vae_encode_tile),
-            "--vae-decode-tile", str(args.vae_decode_tile)]
+    return [
+        "--config",
+        args.config,
+        "--upscale",
+        str(args.upscale),
+        "--steps",
+        str(args.steps),
+        "--tile",
+        str(args.tile),
+        "--tile-overlap",
+        str(args.tile_overlap),
+        "--tiles-per-call",
+        str(args.tiles_per_call),
+        "--runs",
+        str(args.runs),
+        "--vae-encode-tile",
+        str(args.vae_encode_tile),
+        "--vae-decode-tile",
+        str(args.vae_decode_tile),
+    ]
 
 
 def parse_args(argv=None):
@@ -149,14 +182,18 @@ def main(argv=None):
         print(json.dumps(measure(args.one, args)))
         return
     results = run_sizes(args)
-    gib = 2 ** 30
-    print(f"{'size':>6} {'tiles':>6} {'compile s':>10} {'run s':>8} {'warm s':>7} "
-          f"{'run peak MiB':>13} {'images MiB':>11} {'XLA temp MiB':>13} {'process peak GiB':>17}")
+    gib = 2**30
+    print(
+        f"{'size':>6} {'tiles':>6} {'compile s':>10} {'run s':>8} {'warm s':>7} "
+        f"{'run peak MiB':>13} {'images MiB':>11} {'XLA temp MiB':>13} {'process peak GiB':>17}"
+    )
     for r in results:
         warm = f"{r['warm_run_s']:7.1f}" if r["warm_run_s"] else f"{'-':>7}"
-        print(f"{r['size']:6d} {r['latent_tiles']:6d} {r['compile_s']:10.1f} {r['run_s']:8.1f} "
-              f"{warm} {r['run_peak_bytes'] / 2**20:13.0f} {r['image_bytes'] / 2**20:11.0f} "
-              f"{r['xla_temp_bytes'] / 2**20:13.0f} {r['process_peak_bytes'] / gib:17.2f}")
+        print(
+            f"{r['size']:6d} {r['latent_tiles']:6d} {r['compile_s']:10.1f} {r['run_s']:8.1f} "
+            f"{warm} {r['run_peak_bytes'] / 2**20:13.0f} {r['image_bytes'] / 2**20:11.0f} "
+            f"{r['xla_temp_bytes'] / 2**20:13.0f} {r['process_peak_bytes'] / gib:17.2f}"
+        )
     if args.json:
         with args.json.open("a") as f:
             for r in results:

@@ -59,8 +59,15 @@ sys.path.insert(0, str(ROOT))
 RESULTS = Path(__file__).with_name("results") / "memory_plan_cpu.jsonl"
 GIB = 2**30
 # HBM per chip in GiB (vendor figures).
-ACCELERATORS = {"TPU v5e": 16, "TPU v4": 32, "A100-40GB": 40, "A100-80GB": 80,
-                "H100-80GB": 80, "TPU v5p": 95, "H200-141GB": 141}
+ACCELERATORS = {
+    "TPU v5e": 16,
+    "TPU v4": 32,
+    "A100-40GB": 40,
+    "A100-80GB": 80,
+    "H100-80GB": 80,
+    "TPU v5p": 95,
+    "H200-141GB": 141,
+}
 MARGIN = 0.9
 STAGES = ("sr", "joint")
 BATCHES = (1, 2, 4, 8)
@@ -73,7 +80,7 @@ FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_
 
 def default_cases() -> list[str]:
     cases = [f"train:{s}:{b}:{r}:4" for r in REMATS for s in STAGES for b in BATCHES]
-    cases += ["train:joint:1:blocks:2", "train:joint:1:blocks:8"]   # the FSDP-size check
+    cases += ["train:joint:1:blocks:2", "train:joint:1:blocks:8"]  # the FSDP-size check
     cases += ["sample:512:1:1", "sample:512:1:4", "sample:1024:1:4"]
     return cases
 
@@ -88,23 +95,26 @@ def load_sd2(stage: str):
 def _abstract(tree, shardings):
     import jax
 
-    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree,
-                        shardings)
+    return jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings
+    )
 
 
 def _stats(compiled) -> dict:
     mem = compiled.memory_analysis()
-    return {k: int(getattr(mem, f"{k}_size_in_bytes")) for k in
-            ("argument", "output", "alias", "temp")}
+    return {
+        k: int(getattr(mem, f"{k}_size_in_bytes")) for k in ("argument", "output", "alias", "temp")
+    }
 
 
 def bytes_per_device(tree, shardings) -> int:
     """Bytes of ``tree``'s shards on one device (the largest shard of each leaf)."""
     import jax
 
-    return sum(math.prod(s.shard_shape(a.shape)) * a.dtype.itemsize
-               for a, s in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings),
-                               strict=True))
+    return sum(
+        math.prod(s.shard_shape(a.shape)) * a.dtype.itemsize
+        for a, s in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings), strict=True)
+    )
 
 
 def train_case(stage: str, batch: int, remat_policy: str, fsdp: int) -> dict:
@@ -127,8 +137,10 @@ def train_case(stage: str, batch: int, remat_policy: str, fsdp: int) -> dict:
     mesh = parallel.make_mesh(-1, fsdp)
     config.data.global_batch_size = batch * jax.device_count()
     model_cfg = SegSRConfig.from_dict(config.model.to_dict())
-    step_cfg = step_lib.StepConfig(loss=LossConfig(stage=stage, **config.loss),
-                                   optimizer=state_lib.OptimizerConfig(**config.optim))
+    step_cfg = step_lib.StepConfig(
+        loss=LossConfig(stage=stage, **config.loss),
+        optimizer=state_lib.OptimizerConfig(**config.optim),
+    )
     rules = sharding_rules(config.sharding)
     model = state_lib.abstract_model(model_cfg, jnp.bfloat16)
     remat.set_remat(model, remat_policy)
@@ -137,18 +149,20 @@ def train_case(stage: str, batch: int, remat_policy: str, fsdp: int) -> dict:
     state = jax.eval_shape(lambda p: state_lib.init_train_state(p, optimizer, 0), params)
     shardings = step_lib.StepShardings(
         state=parallel.tree_shardings(state, mesh, rules),
-        frozen=parallel.tree_shardings(frozen, mesh, rules), batch=None,
-        replicated=parallel.replicated(mesh))
-    batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data",
-                                                                                  "fsdp")))
-    abs_batch = abstract_batch(config.data, stage, model_cfg.text.max_position_embeddings,
-                               batch_sharding)
-    shardings = dataclasses.replace(shardings, batch=jax.tree.map(lambda x: x.sharding,
-                                                                  abs_batch))
+        frozen=parallel.tree_shardings(frozen, mesh, rules),
+        batch=None,
+        replicated=parallel.replicated(mesh),
+    )
+    batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
+    abs_batch = abstract_batch(
+        config.data, stage, model_cfg.text.max_position_embeddings, batch_sharding
+    )
+    shardings = dataclasses.replace(shardings, batch=jax.tree.map(lambda x: x.sharding, abs_batch))
     fn = step_lib.make_train_step(graphdef, step_cfg, shardings)
     t0 = time.perf_counter()
-    compiled = fn.lower(_abstract(state, shardings.state), _abstract(frozen, shardings.frozen),
-                        abs_batch).compile()
+    compiled = fn.lower(
+        _abstract(state, shardings.state), _abstract(frozen, shardings.frozen), abs_batch
+    ).compile()
     seconds = time.perf_counter() - t0
     out = _stats(compiled)
     del nnx
@@ -156,11 +170,16 @@ def train_case(stage: str, batch: int, remat_policy: str, fsdp: int) -> dict:
     by_fsdp = {}
     for f in FSDP_SIZES:
         m = jax.sharding.AbstractMesh((1, f), parallel.AXES)
-        by_fsdp[f] = (bytes_per_device(state, parallel.tree_shardings(state, m, rules))
-                      + bytes_per_device(frozen, parallel.tree_shardings(frozen, m, rules)))
-    return {**out, "compile_s": round(seconds, 1), "arguments_by_fsdp": by_fsdp,
-            "trainable_params": state_lib.count_params(params),
-            "frozen_params": state_lib.count_params(frozen)}
+        by_fsdp[f] = bytes_per_device(
+            state, parallel.tree_shardings(state, m, rules)
+        ) + bytes_per_device(frozen, parallel.tree_shardings(frozen, m, rules))
+    return {
+        **out,
+        "compile_s": round(seconds, 1),
+        "arguments_by_fsdp": by_fsdp,
+        "trainable_params": state_lib.count_params(params),
+        "frozen_params": state_lib.count_params(frozen),
+    }
 
 
 def sample_case(px: int, batch: int, fsdp: int) -> dict:
@@ -182,30 +201,41 @@ def sample_case(px: int, batch: int, fsdp: int) -> dict:
     graphdef, state = nnx.split(state_lib.abstract_model(model_cfg, jnp.bfloat16))
     # The weights as Restorer holds a bf16 model's (layers.inference_weights), shapes only.
     state = jax.eval_shape(
-        lambda st: nnx.state(layers.with_compute_dtype_weights(nnx.merge(graphdef, st))), state)
+        lambda st: nnx.state(layers.with_compute_dtype_weights(nnx.merge(graphdef, st))), state
+    )
     rules = parallel.FSDP_RULES
-    state_sh = (parallel.tree_shardings(state, mesh, rules) if fsdp > 1 else
-                jax.tree.map(lambda _: parallel.replicated(mesh), state))
+    state_sh = (
+        parallel.tree_shardings(state, mesh, rules)
+        if fsdp > 1
+        else jax.tree.map(lambda _: parallel.replicated(mesh), state)
+    )
     b = batch * mesh.shape["data"]
-    plan = sampling.make_plan((px, px), model_cfg.latent_factor, tile=96, overlap=32,
-                              tiles_per_call=4, guidance=True)
-    sched = samplers.make_schedule("ddpm", 50, NoiseConfig(
-        prediction_type=model_cfg.prediction_type))
+    plan = sampling.make_plan(
+        (px, px), model_cfg.latent_factor, tile=96, overlap=32, tiles_per_call=4, guidance=True
+    )
+    sched = samplers.make_schedule(
+        "ddpm", 50, NoiseConfig(prediction_type=model_cfg.prediction_type)
+    )
     rows = parallel.batch_sharding(mesh)
     rep = parallel.replicated(mesh)
     seq, width = model_cfg.text.max_position_embeddings, model_cfg.text.hidden_size
-    args = (_abstract(state, state_sh),
-            jax.ShapeDtypeStruct((b, px, px, 3), jnp.float32, sharding=rows),
-            jax.ShapeDtypeStruct((b, seq, width), jnp.float32, sharding=rows),
-            jax.ShapeDtypeStruct((b, seq, width), jnp.float32, sharding=rows),
-            jax.ShapeDtypeStruct((), jnp.float32, sharding=rep),
-            jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep), sched),
-            jax.eval_shape(lambda: jax.random.key(0)))
+    args = (
+        _abstract(state, state_sh),
+        jax.ShapeDtypeStruct((b, px, px, 3), jnp.float32, sharding=rows),
+        jax.ShapeDtypeStruct((b, seq, width), jnp.float32, sharding=rows),
+        jax.ShapeDtypeStruct((b, seq, width), jnp.float32, sharding=rows),
+        jax.ShapeDtypeStruct((), jnp.float32, sharding=rep),
+        jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep), sched),
+        jax.eval_shape(lambda: jax.random.key(0)),
+    )
     fn = sampling.make_sample_fn(graphdef, plan, mesh, state_shardings=state_sh)
     t0 = time.perf_counter()
     compiled = fn.lower(*args).compile()
-    return {**_stats(compiled), "compile_s": round(time.perf_counter() - t0, 1),
-            "tiles": len(plan.tiles)}
+    return {
+        **_stats(compiled),
+        "compile_s": round(time.perf_counter() - t0, 1),
+        "tiles": len(plan.tiles),
+    }
 
 
 def run_one(case: str) -> dict:
@@ -222,11 +252,15 @@ def run_one(case: str) -> dict:
 
     import jax
 
-    return {"case": case, **out, "devices": jax.device_count(),
-            "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-                                  2),
-            "jax": jax.__version__, "cpu": cpu_model(),
-            "date": datetime.datetime.now().isoformat(timespec="seconds")}
+    return {
+        "case": case,
+        **out,
+        "devices": jax.device_count(),
+        "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+        "jax": jax.__version__,
+        "cpu": cpu_model(),
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+    }
 
 
 def cpu_model() -> str:
@@ -245,32 +279,48 @@ def mesh_devices(case: str) -> int:
 
 
 def run_cases(cases: list[str], results: Path, timeout: float) -> None:
-    done = {json.loads(line)["case"] for line in results.read_text().splitlines()
-            if line.strip()} if results.exists() else set()
+    done = (
+        {json.loads(line)["case"] for line in results.read_text().splitlines() if line.strip()}
+        if results.exists()
+        else set()
+    )
     for case in cases:
         if case in done:
             print(f"{case}: already in {results}")
             continue
         env = dict(os.environ, JAX_PLATFORMS="cpu")
-        flags = [f for f in env.get("XLA_FLAGS", "").split()
-                 if not f.startswith("--xla_force_host_platform_device_count")]
-        env["XLA_FLAGS"] = " ".join([*flags, FAST_COMPILE,
-                                     f"--xla_force_host_platform_device_count="
-                                     f"{mesh_devices(case)}"])
+        flags = [
+            f
+            for f in env.get("XLA_FLAGS", "").split()
+            if not f.startswith("--xla_force_host_platform_device_count")
+        ]
+        env["XLA_FLAGS"] = " ".join(
+            [*flags, FAST_COMPILE, f"--xla_force_host_platform_device_count={mesh_devices(case)}"]
+        )
         t0 = time.time()
-        proc = subprocess.run([sys.executable, __file__, "--one", case], capture_output=True,
-                              text=True, env=env, timeout=timeout, check=False)
+        proc = subprocess.run(
+            [sys.executable, __file__, "--one", case],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=timeout,
+            check=False,
+        )
         if proc.returncode:
-            print(f"{case}: failed after {time.time() - t0:.0f} s:\n{proc.stderr[-3000:]}",
-                  file=sys.stderr)
+            print(
+                f"{case}: failed after {time.time() - t0:.0f} s:\n{proc.stderr[-3000:]}",
+                file=sys.stderr,
+            )
             continue
         row = json.loads(proc.stdout.strip().splitlines()[-1])
         results.parent.mkdir(parents=True, exist_ok=True)
         with results.open("a") as f:
             f.write(json.dumps(row) + "\n")
-        print(f"{case}: temp {row['temp'] / GIB:.2f} GiB, arguments "
-              f"{row['argument'] / GIB:.2f} GiB ({row['compile_s']:.0f} s compile)",
-              flush=True)
+        print(
+            f"{case}: temp {row['temp'] / GIB:.2f} GiB, arguments "
+            f"{row['argument'] / GIB:.2f} GiB ({row['compile_s']:.0f} s compile)",
+            flush=True,
+        )
 
 
 def train_total(row: dict, fsdp: int) -> float:
@@ -288,8 +338,11 @@ def fit_table(rows: list[dict]) -> str:
         kind, *rest = r["case"].split(":")
         if kind == "train" and rest[3] == "4":
             train[(rest[0], int(rest[1]), rest[2])] = r
-    lines = ["| accelerator | HBM GiB | stage | largest per-chip batch (remat none) | "
-             "largest per-chip batch (remat blocks) |", "| --- | --- | --- | --- | --- |"]
+    lines = [
+        "| accelerator | HBM GiB | stage | largest per-chip batch (remat none) | "
+        "largest per-chip batch (remat blocks) |",
+        "| --- | --- | --- | --- | --- |",
+    ]
     for name, hbm in sorted(ACCELERATORS.items(), key=lambda kv: kv[1]):
         for stage in STAGES:
             cells = []
@@ -302,24 +355,32 @@ def fit_table(rows: list[dict]) -> str:
                     fits = [f for f in FSDP_SIZES if train_total(row, f) <= MARGIN * hbm * GIB]
                     if fits:
                         best = (b, fits[0], train_total(row, fits[0]) / GIB)
-                largest = max((b for (st, b, po) in train if st == stage and po == policy),
-                              default=None)
-                cells.append("does not fit" if best is None else
-                             f"**{best[0]}**{'+' if best[0] == largest else ''} at fsdp >= "
-                             f"{best[1]} ({best[2]:.1f} GiB)")
+                largest = max(
+                    (b for (st, b, po) in train if st == stage and po == policy), default=None
+                )
+                cells.append(
+                    "does not fit"
+                    if best is None
+                    else f"**{best[0]}**{'+' if best[0] == largest else ''} at fsdp >= "
+                    f"{best[1]} ({best[2]:.1f} GiB)"
+                )
             lines.append(f"| {name} | {hbm} | {stage} | {cells[0]} | {cells[1]} |")
     return "\n".join(lines)
 
 
 def cases_table(rows: list[dict]) -> str:
     """Markdown: every compiled case, per device, in GiB."""
-    lines = ["| case | devices | arguments | outputs (aliased) | temporaries | total | "
-             "compile s |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        "| case | devices | arguments | outputs (aliased) | temporaries | total | compile s |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for r in rows:
         total = r["argument"] + r["temp"] + r["output"] - r["alias"]
-        lines.append(f"| `{r['case']}` | {r['devices']} | {r['argument'] / GIB:.2f} | "
-                     f"{r['output'] / GIB:.2f} ({r['alias'] / GIB:.2f}) | "
-                     f"{r['temp'] / GIB:.2f} | {total / GIB:.2f} | {r['compile_s']:.0f} |")
+        lines.append(
+            f"| `{r['case']}` | {r['devices']} | {r['argument'] / GIB:.2f} | "
+            f"{r['output'] / GIB:.2f} ({r['alias'] / GIB:.2f}) | "
+            f"{r['temp'] / GIB:.2f} | {total / GIB:.2f} | {r['compile_s']:.0f} |"
+        )
     return "\n".join(lines)
 
 

@@ -100,9 +100,15 @@ def hlo_categories(hlo_text: str) -> dict[str, str]:
         found = set()
         if opcode == "custom-call":
             t = target.lower()
-            found.add("attention" if "fmha" in t or "attention" in t else
-                      "convolution" if "conv" in t else
-                      "matmul" if re.search(r"gemm|cublas|matmul", t) else "other")
+            found.add(
+                "attention"
+                if "fmha" in t or "attention" in t
+                else "convolution"
+                if "conv" in t
+                else "matmul"
+                if re.search(r"gemm|cublas|matmul", t)
+                else "other"
+            )
         elif opcode == "convolution":
             found.add("convolution")
         elif opcode == "dot":
@@ -113,8 +119,7 @@ def hlo_categories(hlo_text: str) -> dict[str, str]:
             found.add("reduce/norm")
         if "__triton_gemm" in rest:
             found.add("matmul")
-        if depth < 8 and (opcode in ("fusion", "call", "custom-call")
-                          or opcode.endswith("-start")):
+        if depth < 8 and (opcode in ("fusion", "call", "custom-call") or opcode.endswith("-start")):
             for c in called:
                 for sub in comps.get(c, []):
                     found |= kinds(sub, depth + 1)
@@ -138,8 +143,7 @@ def category(op: str, kernel: str, hlo: dict[str, str] | None = None) -> str:
     return "elementwise/other"
 
 
-def summarise(path: str | Path, top: int = 30, calls: int = 1,
-              hlo_text: str | None = None) -> dict:
+def summarise(path: str | Path, top: int = 30, calls: int = 1, hlo_text: str | None = None) -> dict:
     """Per-op and per-category device time (ms per call when the trace holds ``calls``
     calls of the program), largest first. With the program's compiled text, ops are put in
     categories by what they contain; without, by their names."""
@@ -155,19 +159,30 @@ def summarise(path: str | Path, top: int = 30, calls: int = 1,
         by_cat[category(op, kernel, hlo)] += ms / calls
     total = sum(by_cat.values())
     ops = sorted(by_op.items(), key=lambda kv: -kv[1][0])
-    return {"plane": plane, "events": len(events), "device_ms_per_call": total,
-            "categories_ms": dict(by_cat.most_common()),
-            "top_ops": [{"op": op, "ms": ms, "count": n / calls, "kernel": kernel[:120]}
-                        for op, (ms, n, kernel) in ops[:top]]}
+    return {
+        "plane": plane,
+        "events": len(events),
+        "device_ms_per_call": total,
+        "categories_ms": dict(by_cat.most_common()),
+        "top_ops": [
+            {"op": op, "ms": ms, "count": n / calls, "kernel": kernel[:120]}
+            for op, (ms, n, kernel) in ops[:top]
+        ],
+    }
 
 
 def format_summary(s: dict) -> str:
-    lines = [f"{s['plane']}: {s['device_ms_per_call']:.2f} ms of op time per call "
-             f"({s['events']} events)"]
-    lines += [f"  {k:18s} {v:8.2f} ms ({100 * v / max(s['device_ms_per_call'], 1e-9):4.1f}%)"
-              for k, v in s["categories_ms"].items()]
-    lines += [f"  {r['ms']:8.3f} ms  x{r['count']:<5g} {r['op'][:60]}  [{r['kernel'][:50]}]"
-              for r in s["top_ops"]]
+    lines = [
+        f"{s['plane']}: {s['device_ms_per_call']:.2f} ms of op time per call ({s['events']} events)"
+    ]
+    lines += [
+        f"  {k:18s} {v:8.2f} ms ({100 * v / max(s['device_ms_per_call'], 1e-9):4.1f}%)"
+        for k, v in s["categories_ms"].items()
+    ]
+    lines += [
+        f"  {r['ms']:8.3f} ms  x{r['count']:<5g} {r['op'][:60]}  [{r['kernel'][:50]}]"
+        for r in s["top_ops"]
+    ]
     return "\n".join(lines)
 
 
@@ -176,9 +191,12 @@ def main(argv=None):
     p.add_argument("trace", type=Path)
     p.add_argument("--top", type=int, default=30)
     p.add_argument("--calls", type=int, default=1, help="calls of the program in the trace")
-    p.add_argument("--hlo", type=Path,
-                   help="the program's compiled text (.txt or .txt.gz, as gpu_all.py saves "
-                        "it): categories by what each op contains, not by its name")
+    p.add_argument(
+        "--hlo",
+        type=Path,
+        help="the program's compiled text (.txt or .txt.gz, as gpu_all.py saves "
+        "it): categories by what each op contains, not by its name",
+    )
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     hlo = None

@@ -53,18 +53,13 @@ if "--single-thread" in sys.argv:
     # One core for the whole process (both frameworks' thread pools included), set before
     # JAX starts its threads; XLA reads its flags at backend start, i.e. at the import below.
     os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                               + " --xla_cpu_multi_thread_eigen=false").strip()
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false"
+    ).strip()
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-from bench_models import (  # noqa: E402
-    CONFIGS,
-    DTYPES,
-    build_models,
-    step_inputs,
-    with_compute_dtype_kernels,
-)
+from bench_models import CONFIGS, DTYPES, build_models, step_inputs, with_compute_dtype_kernels  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from segsr_jax.diffusion import samplers, sampling  # noqa: E402
@@ -90,8 +85,15 @@ def xla_costs(compiled) -> dict:
     return out
 
 
-def jax_programs(model: SegSR, inputs: dict, *, image: int, guidance: bool, steps: int,
-                 step_model: SegSR | None = None):
+def jax_programs(
+    model: SegSR,
+    inputs: dict,
+    *,
+    image: int,
+    guidance: bool,
+    steps: int,
+    step_model: SegSR | None = None,
+):
     """The jitted JAX callables and their arguments: ``{name: (jitted, args)}``.
 
     The whole sampler runs ``model`` (as a user's run does); the step programs run
@@ -108,33 +110,48 @@ def jax_programs(model: SegSR, inputs: dict, *, image: int, guidance: bool, step
 
     def srdm(cn_state, unet_state, z, t, ctx, cond):
         down, mid = nnx.merge(cn_def, cn_state)(z, t, ctx, cond)
-        return nnx.merge(unet_def, unet_state)(z, t, ctx, down_residuals=down,
-                                               mid_residual=mid)
+        return nnx.merge(unet_def, unet_state)(z, t, ctx, down_residuals=down, mid_residual=mid)
 
     f = cfg.latent_factor
-    plan = sampling.make_plan((image, image), f, tile=image // f, overlap=0,
-                              guidance=guidance)
-    sched = samplers.make_schedule("ddpm", steps,
-                                   NoiseConfig(prediction_type=cfg.prediction_type))
+    plan = sampling.make_plan((image, image), f, tile=image // f, overlap=0, guidance=guidance)
+    sched = samplers.make_schedule("ddpm", steps, NoiseConfig(prediction_type=cfg.prediction_type))
     s0 = jax.tree.map(lambda a: jnp.asarray(a[0]), sched)
-    cond = sampling.Conditions(z_lq=x["z_lq"], f_lq=x["f_lq"], context=x["context"],
-                               uncond_context=jnp.zeros_like(x["context"]) if guidance else None,
-                               guidance_scale=jnp.float32(5.5))
+    cond = sampling.Conditions(
+        z_lq=x["z_lq"],
+        f_lq=x["f_lq"],
+        context=x["context"],
+        uncond_context=jnp.zeros_like(x["context"]) if guidance else None,
+        guidance_scale=jnp.float32(5.5),
+    )
     b, h, w, _ = x["z"].shape
-    carry = sampling.Carry(sr=samplers.init_state(x["z"]), s_t=x["s"], key=jax.random.key(0),
-                           seg_logits=jnp.zeros((b, h, w, cfg.segdm.num_classes)))
+    carry = sampling.Carry(
+        sr=samplers.init_state(x["z"]),
+        s_t=x["s"],
+        key=jax.random.key(0),
+        seg_logits=jnp.zeros((b, h, w, cfg.segdm.num_classes)),
+    )
 
     def segsr_step(state, cond, carry, s):
         return sampling.reverse_step(nnx.merge(graphdef, state), plan, cond, carry, s)
 
-    lq = jnp.asarray(np.random.default_rng(1).uniform(-1, 1, (b, image, image, 3)),
-                     jnp.float32)
-    sample_args = (sampler_state, lq, x["context"], cond.uncond_context, jnp.float32(5.5),
-                   sched, jax.random.key(0))
-    return {"jax_srdm_step": (jax.jit(srdm), (cn_state, unet_state, x["z"], x["t"],
-                                              x["context"], cond_in)),
-            "jax_segsr_step": (jax.jit(segsr_step), (state, cond, carry, s0)),
-            "jax_sampler": (sampling.make_sample_fn(graphdef, plan), sample_args)}
+    lq = jnp.asarray(np.random.default_rng(1).uniform(-1, 1, (b, image, image, 3)), jnp.float32)
+    sample_args = (
+        sampler_state,
+        lq,
+        x["context"],
+        cond.uncond_context,
+        jnp.float32(5.5),
+        sched,
+        jax.random.key(0),
+    )
+    return {
+        "jax_srdm_step": (
+            jax.jit(srdm),
+            (cn_state, unet_state, x["z"], x["t"], x["context"], cond_in),
+        ),
+        "jax_segsr_step": (jax.jit(segsr_step), (state, cond, carry, s0)),
+        "jax_sampler": (sampling.make_sample_fn(graphdef, plan), sample_args),
+    }
 
 
 def torch_step(unet_ref, cn_ref, inputs: dict, device: str, sync: bool = True):
@@ -144,7 +161,8 @@ def torch_step(unet_ref, cn_ref, inputs: dict, device: str, sync: bool = True):
 
     dtype = next(unet_ref.parameters()).dtype
     nchw = lambda a: torch.from_numpy(np.ascontiguousarray(a.transpose(0, 3, 1, 2))).to(
-        device=device, dtype=dtype)
+        device=device, dtype=dtype
+    )
     z = nchw(inputs["z"])
     cond = nchw(np.concatenate([inputs["z_lq"], inputs["c_t"]], axis=-1))
     ctx = torch.from_numpy(inputs["context"]).to(device=device, dtype=dtype)
@@ -153,8 +171,14 @@ def torch_step(unet_ref, cn_ref, inputs: dict, device: str, sync: bool = True):
     @torch.inference_mode()
     def step():
         down, mid = cn_ref(z, t, ctx, cond, return_dict=False)
-        out = unet_ref(z, t, ctx, down_block_additional_residuals=down,
-                       mid_block_additional_residual=mid, return_dict=False)[0]
+        out = unet_ref(
+            z,
+            t,
+            ctx,
+            down_block_additional_residuals=down,
+            mid_block_additional_residual=mid,
+            return_dict=False,
+        )[0]
         if device == "cuda" and sync:
             torch.cuda.synchronize()
         return out
@@ -191,7 +215,8 @@ def rss_bytes() -> tuple[int, int]:
     import psutil
 
     return psutil.Process().memory_info().rss, resource.getrusage(
-        resource.RUSAGE_SELF).ru_maxrss * 1024
+        resource.RUSAGE_SELF
+    ).ru_maxrss * 1024
 
 
 def machine_info(device: str) -> dict:
@@ -199,15 +224,22 @@ def machine_info(device: str) -> dict:
     import diffusers
     import torch
 
-    info = {"date": datetime.datetime.now().isoformat(timespec="seconds"),
-            "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-            "host": platform.node(), "cpu": platform.processor() or platform.machine(),
-            "cores": os.cpu_count(), "python": platform.python_version(),
-            "jax": jax.__version__, "jax_device": str(jax.devices()[0].device_kind),
-            "torch": torch.__version__, "diffusers": diffusers.__version__,
-            "torch_threads": torch.get_num_threads(), "torch_device": device,
-            "xla_flags": os.environ.get("XLA_FLAGS", ""),
-            "loadavg_start": os.getloadavg()}
+    info = {
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "host": platform.node(),
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "jax": jax.__version__,
+        "jax_device": str(jax.devices()[0].device_kind),
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "torch_device": device,
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "loadavg_start": os.getloadavg(),
+    }
     if device == "cuda":
         info["gpu"] = torch.cuda.get_device_name()
     return info
@@ -217,26 +249,41 @@ def run(args) -> dict:
     """Build, compile, check parity, time; returns the results dict."""
     import torch
 
-    device = "cuda" if args.torch_device == "auto" and torch.cuda.is_available() else (
-        "cpu" if args.torch_device == "auto" else args.torch_device)
+    device = (
+        "cuda"
+        if args.torch_device == "auto" and torch.cuda.is_available()
+        else ("cpu" if args.torch_device == "auto" else args.torch_device)
+    )
     torch.set_num_threads(1 if args.single_thread else (args.threads or os.cpu_count()))
     bench = CONFIGS[args.config]
-    res = {"machine": machine_info(device), "config": args.config, "image": args.image,
-           "batch": args.batch, "dtype": args.dtype, "cfg_doubling": args.cfg,
-           "steps": args.steps}
+    res = {
+        "machine": machine_info(device),
+        "config": args.config,
+        "image": args.image,
+        "batch": args.batch,
+        "dtype": args.dtype,
+        "cfg_doubling": args.cfg,
+        "steps": args.steps,
+    }
     with tempfile.TemporaryDirectory() as tmp:
         unet_ref, cn_ref, model, build_s = build_models(
-            bench, args.dtype, device, Path(tmp) if args.weights == "files" else None)
+            bench, args.dtype, device, Path(tmp) if args.weights == "files" else None
+        )
     cfg = model.config
     res["build_s"] = build_s
     count = lambda m: sum(p.numel() for p in m.parameters())
-    res["params"] = {"unet": count(unet_ref), "controlnet": count(cn_ref),
-                     "segdm": _nnx_count(model.segdm), "bridge": _nnx_count(model.bridge)}
+    res["params"] = {
+        "unet": count(unet_ref),
+        "controlnet": count(cn_ref),
+        "segdm": _nnx_count(model.segdm),
+        "bridge": _nnx_count(model.bridge),
+    }
     latent = args.image // cfg.latent_factor
     inputs = step_inputs(cfg, args.batch, latent)
     step_model = with_compute_dtype_kernels(model) if args.dtype != "float32" else None
-    programs = jax_programs(model, inputs, image=args.image, guidance=args.cfg,
-                            steps=args.steps, step_model=step_model)
+    programs = jax_programs(
+        model, inputs, image=args.image, guidance=args.cfg, steps=args.steps, step_model=step_model
+    )
     if args.no_sampler:
         programs.pop("jax_sampler")
     compiled = {}
@@ -256,9 +303,10 @@ def run(args) -> dict:
     if not all(bool(jnp.isfinite(a).all()) for a in (carry.sr.x, carry.s_t)):
         raise RuntimeError("SegSR step produced non-finite values")
 
-    calls = {"diffusers_step": step_ref,
-             **{n: (lambda e=e, a=a: e(*a)) for n, (e, a) in compiled.items()
-                if n != "jax_sampler"}}
+    calls = {
+        "diffusers_step": step_ref,
+        **{n: (lambda e=e, a=a: e(*a)) for n, (e, a) in compiled.items() if n != "jax_sampler"},
+    }
     for fn in calls.values():  # warm-up (allocators, thread pools, cuDNN autotuning)
         time_calls(fn, 2)
     times = {n: [] for n in calls}
@@ -274,16 +322,21 @@ def run(args) -> dict:
         times["jax_sampler"], cpu_s = time_calls(lambda: exe(*fargs), args.sampler_repeats)
         cpu["jax_sampler"] = [cpu_s]
     for n, ts in times.items():
-        res[n].update(median_s=statistics.median(ts), min_s=min(ts), times_s=ts,
-                      cpu_s_per_call=statistics.median(cpu[n]))
+        res[n].update(
+            median_s=statistics.median(ts),
+            min_s=min(ts),
+            times_s=ts,
+            cpu_s_per_call=statistics.median(cpu[n]),
+        )
         flops = res[n].get("flops")
         if flops:
             res[n]["tflops_per_s"] = flops / res[n]["median_s"] / 1e12
     ref_s = res["diffusers_step"]["median_s"]
     res["ratio_segsr_to_diffusers"] = res["jax_segsr_step"]["median_s"] / ref_s
     res["ratio_srdm_to_diffusers"] = res["jax_srdm_step"]["median_s"] / ref_s
-    res["cpu_ratio_segsr_to_diffusers"] = (res["jax_segsr_step"]["cpu_s_per_call"]
-                                           / res["diffusers_step"]["cpu_s_per_call"])
+    res["cpu_ratio_segsr_to_diffusers"] = (
+        res["jax_segsr_step"]["cpu_s_per_call"] / res["diffusers_step"]["cpu_s_per_call"]
+    )
     res["rss_bytes"], res["peak_rss_bytes"] = rss_bytes()
     if device == "cuda":
         res["torch_peak_bytes"] = int(torch.cuda.max_memory_allocated())
@@ -295,36 +348,48 @@ def run(args) -> dict:
 
 
 def _nnx_count(module) -> int:
-    return sum(int(np.prod(v.get_value().shape))
-               for _, v in nnx.to_flat_state(nnx.state(module, nnx.Param)))
+    return sum(
+        int(np.prod(v.get_value().shape))
+        for _, v in nnx.to_flat_state(nnx.state(module, nnx.Param))
+    )
 
 
 def summary(res: dict) -> str:
     """A human-readable block of the results."""
     m = res["machine"]
-    lines = [f"{res['config']} {res['image']}px batch {res['batch']} {res['dtype']} "
-             f"(CFG doubling: {res['cfg_doubling']}) on {m.get('gpu', m['cpu'])}, "
-             f"{m['cores']} cores, torch threads {m['torch_threads']}, "
-             f"load {m['loadavg_start'][0]:.1f} -> {m['loadavg_end'][0]:.1f}",
-             "params: " + ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in res["params"].items()),
-             f"SRDM parity (max abs err / scale): {res['srdm_parity_rel_err']:.2e}"]
+    lines = [
+        f"{res['config']} {res['image']}px batch {res['batch']} {res['dtype']} "
+        f"(CFG doubling: {res['cfg_doubling']}) on {m.get('gpu', m['cpu'])}, "
+        f"{m['cores']} cores, torch threads {m['torch_threads']}, "
+        f"load {m['loadavg_start'][0]:.1f} -> {m['loadavg_end'][0]:.1f}",
+        "params: " + ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in res["params"].items()),
+        f"SRDM parity (max abs err / scale): {res['srdm_parity_rel_err']:.2e}",
+    ]
     for n in ("diffusers_step", "jax_srdm_step", "jax_segsr_step", "jax_sampler"):
         if n not in res:
             continue
         r = res[n]
-        row = (f"  {n:15s} median {r['median_s'] * 1e3:8.1f} ms  min {r['min_s'] * 1e3:8.1f} ms"
-               f"  CPU {r['cpu_s_per_call'] * 1e3:8.1f} ms/call")
+        row = (
+            f"  {n:15s} median {r['median_s'] * 1e3:8.1f} ms  min {r['min_s'] * 1e3:8.1f} ms"
+            f"  CPU {r['cpu_s_per_call'] * 1e3:8.1f} ms/call"
+        )
         if "flops" in r:
-            row += (f"  {r['flops'] / 1e9:8.1f} GFLOP  {r['tflops_per_s']:.3f} TFLOP/s"
-                    f"  compile {r['compile_s']:.1f} s  temp {r['temp_bytes'] / 2**20:.0f} MiB")
+            row += (
+                f"  {r['flops'] / 1e9:8.1f} GFLOP  {r['tflops_per_s']:.3f} TFLOP/s"
+                f"  compile {r['compile_s']:.1f} s  temp {r['temp_bytes'] / 2**20:.0f} MiB"
+            )
         elif "flops_torch_counter" in r:
             row += f"  {r['flops_torch_counter'] / 1e9:8.1f} GFLOP (torch counter)"
         lines.append(row)
-    lines.append(f"ratio SegSR step / diffusers step: {res['ratio_segsr_to_diffusers']:.3f}; "
-                 f"SRDM / diffusers: {res['ratio_srdm_to_diffusers']:.3f}; CPU time SegSR / "
-                 f"diffusers: {res['cpu_ratio_segsr_to_diffusers']:.3f}")
-    lines.append(f"process RSS {res['rss_bytes'] / 2**30:.2f} GiB, "
-                 f"peak {res['peak_rss_bytes'] / 2**30:.2f} GiB")
+    lines.append(
+        f"ratio SegSR step / diffusers step: {res['ratio_segsr_to_diffusers']:.3f}; "
+        f"SRDM / diffusers: {res['ratio_srdm_to_diffusers']:.3f}; CPU time SegSR / "
+        f"diffusers: {res['cpu_ratio_segsr_to_diffusers']:.3f}"
+    )
+    lines.append(
+        f"process RSS {res['rss_bytes'] / 2**30:.2f} GiB, "
+        f"peak {res['peak_rss_bytes'] / 2**30:.2f} GiB"
+    )
     for k in ("torch_peak_bytes", "jax_peak_bytes"):
         if k in res:
             lines.append(f"{k}: {res[k] / 2**30:.2f} GiB")
@@ -344,13 +409,20 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=5, help="timed calls per round")
     p.add_argument("--sampler-repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
-    p.add_argument("--single-thread", action="store_true",
-                   help="both frameworks on one core with one thread (a comparison less "
-                        "sensitive to other jobs on a shared machine)")
+    p.add_argument(
+        "--single-thread",
+        action="store_true",
+        help="both frameworks on one core with one thread (a comparison less "
+        "sensitive to other jobs on a shared machine)",
+    )
     p.add_argument("--torch-device", default="auto")
-    p.add_argument("--weights", choices=("files", "memory"), default="files",
-                   help="diffusers -> ours through save_pretrained + segsr_jax.weights, or "
-                        "the same mapping in memory")
+    p.add_argument(
+        "--weights",
+        choices=("files", "memory"),
+        default="files",
+        help="diffusers -> ours through save_pretrained + segsr_jax.weights, or "
+        "the same mapping in memory",
+    )
     p.add_argument("--json", type=Path, help="append the results as one JSON line here")
     return p.parse_args(argv)
 

@@ -35,14 +35,20 @@ def main(argv=None) -> None:
         return SegSR(SegSRConfig.from_dict(cfg["model"]), rngs=nnx.Rngs(0))
 
     model, cfg = checkpoint.restore_model(args.source, build)
-    sampling = {"sampler": args.sampler, "steps": args.steps, "guidance": args.guidance,
-                "min_side": args.min_side, "prompt": args.prompt,
-                "negative_prompt": ""}
+    sampling = {
+        "sampler": args.sampler,
+        "steps": args.steps,
+        "guidance": args.guidance,
+        "min_side": args.min_side,
+        "prompt": args.prompt,
+        "negative_prompt": "",
+    }
     out = Path(args.output)
     if out.exists():
         shutil.rmtree(out)
-    checkpoint.save_model(out, model, {"model": cfg["model"], "sampling": sampling,
-                                       "source": str(args.source)})
+    checkpoint.save_model(
+        out, model, {"model": cfg["model"], "sampling": sampling, "source": str(args.source)}
+    )
     shutil.copytree(Path(args.source) / "tokenizer", out / "tokenizer")
     print(f"bundled {args.source} -> {out}")
 

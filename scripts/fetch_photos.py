@@ -47,42 +47,106 @@ class Package:
     sha256: str
     # installed-path prefix -> path prefix in the source tree (what debian/copyright names)
     prefix: tuple[str, str]
-    files: tuple[str, ...]        # installed paths below ``prefix[0]`` (globs allowed)
+    files: tuple[str, ...]  # installed paths below ``prefix[0]`` (globs allowed)
     note: str = ""
 
 
-_PLASMA = ("BytheWater", "ColdRipple", "DarkestHour", "EveningGlow", "FallenLeaf", "Grey",
-           "Kite", "OneStandsOut", "Path", "summer_1am")
+_PLASMA = (
+    "BytheWater",
+    "ColdRipple",
+    "DarkestHour",
+    "EveningGlow",
+    "FallenLeaf",
+    "Grey",
+    "Kite",
+    "OneStandsOut",
+    "Path",
+    "summer_1am",
+)
 
 PACKAGES = (
-    Package("plasma-workspace-wallpapers", "4:5.27.5-2",
-            "32cd18b71c8c938a18b3b351f217c02ac590e323caa3cf322fbb875ce8892f8b",
-            ("usr/share/wallpapers/", ""),
-            tuple(f"{w}/contents/images/*.jpg" for w in _PLASMA),
-            note="largest resolution of each wallpaper kept (the others are downscales)"),
-    Package("mate-backgrounds", "1.26.0-1",
-            "7bf4c2209f34b4f61ba6d24c8b58c28b361e82e4b943aae6d42c030169af9e04",
-            ("usr/share/backgrounds/mate/", ""),
-            tuple(f"nature/{n}.jpg" for n in (
-                "Aqua", "Blinds", "Dune", "FreshFlower", "Garden", "GreenMeadow", "LadyBird",
-                "RainDrops", "Storm", "TwoWings", "Wood", "YellowFlower"))),
-    Package("lomiri-wallpapers-16.04", "20.04.0-2",
-            "a99ff6a3bfe451e4cc0682ecb3cc82e71740626d59e4845ae34a0a0e45421eab",
-            ("usr/share/backgrounds/", "16.04/"),
-            tuple(f"{n}.jpg" for n in (
-                "Bridge_by_Sander_Klootwijk", "Dragonfly_by_Bolly", "Picture_0B_by_freespace",
-                "Picture_1A_by_freespace", "Wine_by_Jakkub_Mede", "aitzgorri_by_Aitzol_Berasategi",
-                "free_by_Peter_Nerlich", "friends_by_Aitzol_Berasategi",
-                "life_by_Aitzol_Berasategi", "picosdeeuropa_by_Aitzol_Berasategi",
-                "seeding_by_Clements_Engelhardt", "sunset_by_Aitzol_Berasategi"))),
-    Package("opencv-doc", "4.6.0+dfsg-12",
-            "4b12681df35878207ac7097dc66184b2ae552e4bf4ddd2af04a0f03ed0b8682a",
-            ("usr/share/doc/opencv-doc/examples/data/", "samples/data/"),
-            tuple(f"{n}.jpg" for n in (
-                "aero1", "aero3", "aloeL", "apple", "baboon", "board", "building", "butterfly",
-                "ela_original", "fruits", "home", "leuvenA", "orange", "squirrel_cls", "stuff")),
-            note="OpenCV sample image; debian/copyright's catch-all stanza; the original "
-                 "source of classic test images (e.g. baboon) is not recorded there"),
+    Package(
+        "plasma-workspace-wallpapers",
+        "4:5.27.5-2",
+        "32cd18b71c8c938a18b3b351f217c02ac590e323caa3cf322fbb875ce8892f8b",
+        ("usr/share/wallpapers/", ""),
+        tuple(f"{w}/contents/images/*.jpg" for w in _PLASMA),
+        note="largest resolution of each wallpaper kept (the others are downscales)",
+    ),
+    Package(
+        "mate-backgrounds",
+        "1.26.0-1",
+        "7bf4c2209f34b4f61ba6d24c8b58c28b361e82e4b943aae6d42c030169af9e04",
+        ("usr/share/backgrounds/mate/", ""),
+        tuple(
+            f"nature/{n}.jpg"
+            for n in (
+                "Aqua",
+                "Blinds",
+                "Dune",
+                "FreshFlower",
+                "Garden",
+                "GreenMeadow",
+                "LadyBird",
+                "RainDrops",
+                "Storm",
+                "TwoWings",
+                "Wood",
+                "YellowFlower",
+            )
+        ),
+    ),
+    Package(
+        "lomiri-wallpapers-16.04",
+        "20.04.0-2",
+        "a99ff6a3bfe451e4cc0682ecb3cc82e71740626d59e4845ae34a0a0e45421eab",
+        ("usr/share/backgrounds/", "16.04/"),
+        tuple(
+            f"{n}.jpg"
+            for n in (
+                "Bridge_by_Sander_Klootwijk",
+                "Dragonfly_by_Bolly",
+                "Picture_0B_by_freespace",
+                "Picture_1A_by_freespace",
+                "Wine_by_Jakkub_Mede",
+                "aitzgorri_by_Aitzol_Berasategi",
+                "free_by_Peter_Nerlich",
+                "friends_by_Aitzol_Berasategi",
+                "life_by_Aitzol_Berasategi",
+                "picosdeeuropa_by_Aitzol_Berasategi",
+                "seeding_by_Clements_Engelhardt",
+                "sunset_by_Aitzol_Berasategi",
+            )
+        ),
+    ),
+    Package(
+        "opencv-doc",
+        "4.6.0+dfsg-12",
+        "4b12681df35878207ac7097dc66184b2ae552e4bf4ddd2af04a0f03ed0b8682a",
+        ("usr/share/doc/opencv-doc/examples/data/", "samples/data/"),
+        tuple(
+            f"{n}.jpg"
+            for n in (
+                "aero1",
+                "aero3",
+                "aloeL",
+                "apple",
+                "baboon",
+                "board",
+                "building",
+                "butterfly",
+                "ela_original",
+                "fruits",
+                "home",
+                "leuvenA",
+                "orange",
+                "squirrel_cls",
+                "stuff",
+            )
+        ),
+        note="OpenCV sample image; debian/copyright's catch-all stanza; the original "
+        "source of classic test images (e.g. baboon) is not recorded there",
+    ),
 )
 
 
@@ -94,8 +158,10 @@ def _run(cmd: list[str], cwd: Path, what: str) -> None:
     proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, check=False)
     if proc.returncode:
         lines = [ln for ln in (proc.stderr + proc.stdout).splitlines() if ln.strip()]
-        detail = next((ln for ln in lines if ln.startswith(("E:", "dpkg-deb:"))),
-                      lines[-1] if lines else "no output")
+        detail = next(
+            (ln for ln in lines if ln.startswith(("E:", "dpkg-deb:"))),
+            lines[-1] if lines else "no output",
+        )
         raise PhotoError(f"{what} failed: {detail.strip()}")
 
 
@@ -138,9 +204,11 @@ def copyright_for(stanzas: list[dict[str, str]], source_path: str) -> dict[str, 
             found = st
     if found is None:
         raise PhotoError(f"debian/copyright has no stanza covering {source_path}")
-    return {"files": found["files"].split()[0] if found["files"] else "",
-            "copyright": " / ".join(s.strip() for s in found.get("copyright", "").splitlines()),
-            "license": found.get("license", "").splitlines()[0] if found.get("license") else ""}
+    return {
+        "files": found["files"].split()[0] if found["files"] else "",
+        "copyright": " / ".join(s.strip() for s in found.get("copyright", "").splitlines()),
+        "license": found.get("license", "").splitlines()[0] if found.get("license") else "",
+    }
 
 
 def _pixels(path: Path) -> int:
@@ -154,8 +222,11 @@ def _plasma_metadata(image: Path) -> dict[str, str]:
         return {}
     plugin = json.loads(meta.read_text()).get("KPlugin", {})
     authors = ", ".join(a.get("Name", "") for a in plugin.get("Authors", []))
-    return {"wallpaper": plugin.get("Name", ""), "license": plugin.get("License", ""),
-            "authors": authors}
+    return {
+        "wallpaper": plugin.get("Name", ""),
+        "license": plugin.get("License", ""),
+        "authors": authors,
+    }
 
 
 def select(pkg: Package, root: Path) -> list[Path]:
@@ -183,8 +254,7 @@ def fetch_photos(out: Path, workdir: Path) -> list[dict]:
             raise PhotoError(f"apt-get download {spec} left {len(debs)} .deb files")
         got = _sha256(debs[0])
         if got != pkg.sha256:
-            raise PhotoError(f"sha256 mismatch for {debs[0].name}: got {got}, pinned "
-                             f"{pkg.sha256}")
+            raise PhotoError(f"sha256 mismatch for {debs[0].name}: got {got}, pinned {pkg.sha256}")
         root = workdir / pkg.name
         _run(["dpkg-deb", "-x", str(debs[0]), str(root)], workdir, f"dpkg-deb -x {debs[0].name}")
         copyright_file = root / "usr/share/doc" / pkg.name / "copyright"
@@ -200,9 +270,14 @@ def fetch_photos(out: Path, workdir: Path) -> list[dict]:
                 width, height = im.size
                 mode = im.mode
             entry = {
-                "file": f"{pkg.name}/{name}", "package": pkg.name, "version": pkg.version,
+                "file": f"{pkg.name}/{name}",
+                "package": pkg.name,
+                "version": pkg.version,
                 "package_path": "/" + src.relative_to(root).as_posix(),
-                "sha256": _sha256(target), "width": width, "height": height, "mode": mode,
+                "sha256": _sha256(target),
+                "width": width,
+                "height": height,
+                "mode": mode,
                 "debian_copyright": copyright_for(stanzas, pkg.prefix[1] + rel),
             }
             if pkg.name == "plasma-workspace-wallpapers":
@@ -220,16 +295,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         with tempfile.TemporaryDirectory(prefix="segsr_photos_") as tmp:
-            os.chmod(tmp, 0o755)   # apt's _apt user writes the download here when it can
+            os.chmod(tmp, 0o755)  # apt's _apt user writes the download here when it can
             entries = fetch_photos(args.out, Path(tmp))
     except (PhotoError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    manifest = {"packages": [{"name": p.name, "version": p.version, "sha256": p.sha256}
-                             for p in PACKAGES],
-                "photos": entries}
-    (args.out / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False)
-                                            + "\n")
+    manifest = {
+        "packages": [{"name": p.name, "version": p.version, "sha256": p.sha256} for p in PACKAGES],
+        "photos": entries,
+    }
+    (args.out / "manifest.json").write_text(
+        json.dumps(manifest, indent=2, ensure_ascii=False) + "\n"
+    )
     print(f"{len(entries)} photos and manifest.json in {args.out}")
     return 0
 

@@ -58,10 +58,19 @@ def write_tokenizer(folder: Path, max_length: int = 77) -> None:
     tokens = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
     (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
     (folder / "merges.txt").write_text("#version: 0.2\n")
-    (folder / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "CLIPTokenizer", "model_max_length": max_length,
-        "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",
-        "unk_token": "<|endoftext|>", "pad_token": "!", "do_lower_case": True}))
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "CLIPTokenizer",
+                "model_max_length": max_length,
+                "bos_token": "<|startoftext|>",
+                "eos_token": "<|endoftext|>",
+                "unk_token": "<|endoftext|>",
+                "pad_token": "!",
+                "do_lower_case": True,
+            }
+        )
+    )
 
 
 def make_folders(root: Path) -> None:
@@ -82,13 +91,17 @@ def make_folders(root: Path) -> None:
 
     def kwargs_for(cls, cfg) -> dict:
         names = set(inspect.signature(cls.__init__).parameters)
-        return {k: (list(v) if isinstance(v, tuple) else v)
-                for k, v in dataclasses.asdict(cfg).items() if k in names}
+        return {
+            k: (list(v) if isinstance(v, tuple) else v)
+            for k, v in dataclasses.asdict(cfg).items()
+            if k in names
+        }
 
     pipe = root / "sd2"
     if not (pipe / "unet" / "config.json").exists():
-        unet = diffusers.UNet2DConditionModel(**kwargs_for(diffusers.UNet2DConditionModel,
-                                                           UNetConfig.sd2_base()))
+        unet = diffusers.UNet2DConditionModel(
+            **kwargs_for(diffusers.UNet2DConditionModel, UNetConfig.sd2_base())
+        )
         unet.save_pretrained(pipe / "unet")
         del unet
     if not (pipe / "vae" / "config.json").exists():
@@ -102,14 +115,19 @@ def make_folders(root: Path) -> None:
         del text
     write_tokenizer(pipe / "tokenizer")
     (pipe / "scheduler").mkdir(exist_ok=True)
-    (pipe / "scheduler" / "scheduler_config.json").write_text(json.dumps(
-        {"prediction_type": "epsilon"}))
+    (pipe / "scheduler" / "scheduler_config.json").write_text(
+        json.dumps({"prediction_type": "epsilon"})
+    )
     seg_dir = root / "segformer_b5"
     if not (seg_dir / "config.json").exists():
         cfg = SegFormerConfig.b5(150)
-        hf = transformers.SegformerConfig(**{k: (list(v) if isinstance(v, tuple) else v)
-                                             for k, v in dataclasses.asdict(cfg).items()
-                                             if k != "id2label"})
+        hf = transformers.SegformerConfig(
+            **{
+                k: (list(v) if isinstance(v, tuple) else v)
+                for k, v in dataclasses.asdict(cfg).items()
+                if k != "id2label"
+            }
+        )
         seg = transformers.SegformerForSemanticSegmentation(hf)
         seg.save_pretrained(seg_dir)
 
@@ -128,7 +146,8 @@ def make_data(folder: Path, n: int = 16, size: int = 128, classes: int = 150) ->
         img.save(folder / "images" / f"{i:03d}.png")
         lab = rng.integers(0, classes, (4, 4), dtype=np.uint8)
         Image.fromarray(lab).resize((size, size), Image.NEAREST).save(
-            folder / "labels" / f"{i:03d}.png")
+            folder / "labels" / f"{i:03d}.png"
+        )
 
 
 class Phase:
@@ -157,8 +176,9 @@ class Phase:
         print(f"[{self.name}] {' '.join(self.cmd)}", flush=True)
         t0 = time.time()
         with self.log.open("w") as out:
-            proc = subprocess.Popen(self.cmd, cwd=ROOT, env=self.env, stdout=out,
-                                    stderr=subprocess.STDOUT)
+            proc = subprocess.Popen(
+                self.cmd, cwd=ROOT, env=self.env, stdout=out, stderr=subprocess.STDOUT
+            )
             stop = threading.Event()
             watcher = threading.Thread(target=self._watch, args=(proc, stop), daemon=True)
             watcher.start()
@@ -172,9 +192,14 @@ class Phase:
                 time.sleep(0.5)
             stop.set()
             watcher.join()
-        row = {"phase": self.name, "seconds": round(time.time() - t0, 1),
-               "peak_rss_gib": round(self.peak / 2**30, 2), "returncode": proc.returncode,
-               "killed": killed, "log": str(self.log)}
+        row = {
+            "phase": self.name,
+            "seconds": round(time.time() - t0, 1),
+            "peak_rss_gib": round(self.peak / 2**30, 2),
+            "returncode": proc.returncode,
+            "killed": killed,
+            "log": str(self.log),
+        }
         print(f"[{self.name}] {row}", flush=True)
         if proc.returncode and not killed:
             print(self.log.read_text()[-5000:], file=sys.stderr)
@@ -192,8 +217,12 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     w = args.workdir.resolve()
     w.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT),
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={args.devices}")
+    env = dict(
+        os.environ,
+        JAX_PLATFORMS="cpu",
+        PYTHONPATH=str(ROOT),
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={args.devices}",
+    )
     py = sys.executable
     rows = []
     t0 = time.time()
@@ -202,30 +231,74 @@ def main(argv=None) -> None:
     make_data(w / "data")
     ckpt = w / "converted"
     if not (ckpt / "0").exists():
-        rows.append(Phase("convert", [py, "-m", "segsr_jax.convert", "--pipeline",
-                                      str(w / "sd2"), "--segformer", str(w / "segformer_b5"),
-                                      "--output", str(ckpt), "--overwrite"], env,
-                          w / "convert.log").run())
-    common = ["--config.data.source=folder", f"--config.data.path={w / 'data' / 'images'}",
-              f"--config.data.labels={w / 'data' / 'labels'}",
-              f"--config.data.crop_size={args.crop}",
-              f"--config.data.global_batch_size={args.devices}", "--config.data.num_workers=0",
-              f"--config.mesh.fsdp={args.fsdp}", "--config.num_steps=2",
-              "--config.checkpoint.every=1", "--config.checkpoint.keep_last=1",
-              "--config.checkpoint.async_save=False", "--config.log.every=1",
-              "--config.sample.every=1", f"--config.sample.num_images={args.devices}",
-              f"--config.sample.options.steps={args.sample_steps}",
-              "--cache_dir", str(w / "xla_cache")]
+        rows.append(
+            Phase(
+                "convert",
+                [
+                    py,
+                    "-m",
+                    "segsr_jax.convert",
+                    "--pipeline",
+                    str(w / "sd2"),
+                    "--segformer",
+                    str(w / "segformer_b5"),
+                    "--output",
+                    str(ckpt),
+                    "--overwrite",
+                ],
+                env,
+                w / "convert.log",
+            ).run()
+        )
+    common = [
+        "--config.data.source=folder",
+        f"--config.data.path={w / 'data' / 'images'}",
+        f"--config.data.labels={w / 'data' / 'labels'}",
+        f"--config.data.crop_size={args.crop}",
+        f"--config.data.global_batch_size={args.devices}",
+        "--config.data.num_workers=0",
+        f"--config.mesh.fsdp={args.fsdp}",
+        "--config.num_steps=2",
+        "--config.checkpoint.every=1",
+        "--config.checkpoint.keep_last=1",
+        "--config.checkpoint.async_save=False",
+        "--config.log.every=1",
+        "--config.sample.every=1",
+        f"--config.sample.num_images={args.devices}",
+        f"--config.sample.options.steps={args.sample_steps}",
+        "--cache_dir",
+        str(w / "xla_cache"),
+    ]
 
     def train(stage: str, init: Path, name: str, kill_when=None):
-        return Phase(name, [py, "-m", "segsr_jax.train", "--config",
-                            f"configs/segsr_sd2.py:{stage}", "--workdir", str(w / stage),
-                            f"--config.init_from={init}", *common], env,
-                     w / f"{name}.log").run(kill_when)
+        return Phase(
+            name,
+            [
+                py,
+                "-m",
+                "segsr_jax.train",
+                "--config",
+                f"configs/segsr_sd2.py:{stage}",
+                "--workdir",
+                str(w / stage),
+                f"--config.init_from={init}",
+                *common,
+            ],
+            env,
+            w / f"{name}.log",
+        ).run(kill_when)
 
     step1 = w / "sr" / "checkpoints" / "1"
-    rows.append(train("sr", ckpt, "train_sr", kill_when=lambda: (step1 / "_CHECKPOINT_METADATA")
-                      .exists() or (step1 / "commit_success.txt").exists()))
+    rows.append(
+        train(
+            "sr",
+            ckpt,
+            "train_sr",
+            kill_when=lambda: (
+                (step1 / "_CHECKPOINT_METADATA").exists() or (step1 / "commit_success.txt").exists()
+            ),
+        )
+    )
     rows.append(train("sr", ckpt, "resume_sr"))
     rows.append(train("joint", w / "sr" / "checkpoints", "train_joint"))
     img_dir = w / "sample_in"
@@ -233,14 +306,38 @@ def main(argv=None) -> None:
     from PIL import Image
 
     Image.open(w / "data" / "images" / "000.png").resize((32, 32)).save(img_dir / "lq.png")
-    rows.append(Phase("sample", [py, "-m", "segsr_jax.sample", "--checkpoint",
-                                 str(w / "joint" / "checkpoints"), "--input", str(img_dir),
-                                 "--output", str(w / "sample_out"), "--fsdp", str(args.fsdp),
-                                 "--steps", str(args.sample_steps), "--min-side", "32",
-                                 "--cache-dir", str(w / "xla_cache")], env,
-                      w / "sample.log").run())
-    (w / "smoke.json").write_text(json.dumps({"devices": args.devices, "fsdp": args.fsdp,
-                                              "crop": args.crop, "phases": rows}, indent=1))
+    rows.append(
+        Phase(
+            "sample",
+            [
+                py,
+                "-m",
+                "segsr_jax.sample",
+                "--checkpoint",
+                str(w / "joint" / "checkpoints"),
+                "--input",
+                str(img_dir),
+                "--output",
+                str(w / "sample_out"),
+                "--fsdp",
+                str(args.fsdp),
+                "--steps",
+                str(args.sample_steps),
+                "--min-side",
+                "32",
+                "--cache-dir",
+                str(w / "xla_cache"),
+            ],
+            env,
+            w / "sample.log",
+        ).run()
+    )
+    (w / "smoke.json").write_text(
+        json.dumps(
+            {"devices": args.devices, "fsdp": args.fsdp, "crop": args.crop, "phases": rows},
+            indent=1,
+        )
+    )
     print(json.dumps(rows, indent=1))
 
 

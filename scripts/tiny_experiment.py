@@ -41,10 +41,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from segsr_jax import images  # noqa: E402
 
-ARMS = {"sronly": "SRDM only", "prior": "SRDM + fixed LQ-segmenter prior",
-        "joint": "SegSR (SegDM + DMB)"}
+ARMS = {
+    "sronly": "SRDM only",
+    "prior": "SRDM + fixed LQ-segmenter prior",
+    "joint": "SegSR (SegDM + DMB)",
+}
 SEG_PRIOR = {"sronly": "none", "prior": "fixed", "joint": "diffusion"}
-TEST_SEED = 20_001          # training scenes use source seed 0, the demo images 10_001
+TEST_SEED = 20_001  # training scenes use source seed 0, the demo images 10_001
 SCALE = 4
 
 
@@ -57,13 +60,15 @@ def make_test_set(folder: Path, count: int, size: int, num_classes: int) -> None
     stamp = f"{count} scenes of {size} px, {num_classes} classes, seed {TEST_SEED}\n"
     if (folder / "done").exists():
         if (folder / "done").read_text() != stamp:
-            raise SystemExit(f"{folder} holds another test set ({(folder / 'done').read_text()!r}"
-                             f"); remove it or pass the same --count/--size/--num-classes")
+            raise SystemExit(
+                f"{folder} holds another test set ({(folder / 'done').read_text()!r}"
+                f"); remove it or pass the same --count/--size/--num-classes"
+            )
         return
     cfg = SceneConfig(height=size, width=size, num_classes=num_classes)
     for i in range(count):
         hr, label = make_scene((TEST_SEED, i), cfg)
-        rng = np.random.default_rng((TEST_SEED, i, 1))   # a stream apart from the scene's
+        rng = np.random.default_rng((TEST_SEED, i, 1))  # a stream apart from the scene's
         lq = degrade(hr, rng, DegradationConfig(scale=SCALE))
         images.write_png(folder / "hr" / f"test{i:03d}_hr.png", hr)
         images.write_png(folder / "lq" / f"test{i:03d}.png", lq)
@@ -76,13 +81,27 @@ def upsample_labels(labels: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
     return images.resize(np.asarray(labels, np.uint8), hw, resample=images.Image.NEAREST)
 
 
-def sample_arm(restorer, seg_prior: str, lqs: list[np.ndarray], names: list[str], out: Path,
-               seed: int, steps: int, hw: tuple[int, int]) -> tuple[list[np.ndarray], float]:
+def sample_arm(
+    restorer,
+    seg_prior: str,
+    lqs: list[np.ndarray],
+    names: list[str],
+    out: Path,
+    seed: int,
+    steps: int,
+    hw: tuple[int, int],
+) -> tuple[list[np.ndarray], float]:
     """Sample one arm for one seed: writes ``sr/<name>_sr.png`` and
     ``seg/<name>_seg_labels.png``; returns the per-step label trajectories (upsampled to ``hw``)
     and the sampling seconds (the first call of a restorer also compiles)."""
-    opts = restorer.options(sampler="ddim", steps=steps, guidance=1.0, prompt="",
-                            negative_prompt="", seg_prior=seg_prior)
+    opts = restorer.options(
+        sampler="ddim",
+        steps=steps,
+        guidance=1.0,
+        prompt="",
+        negative_prompt="",
+        seg_prior=seg_prior,
+    )
     t0 = time.perf_counter()
     results, _ = restorer.restore_batch(lqs, hw, opts, seed=seed, record_labels=True)
     seconds = time.perf_counter() - t0
@@ -94,31 +113,47 @@ def sample_arm(restorer, seg_prior: str, lqs: list[np.ndarray], names: list[str]
     return trajectories, seconds
 
 
-def trajectory_miou(trajectories: list[np.ndarray], truths: list[np.ndarray],
-                    num_classes: int) -> list[float]:
+def trajectory_miou(
+    trajectories: list[np.ndarray], truths: list[np.ndarray], num_classes: int
+) -> list[float]:
     """Dataset mIoU of the segmentation after each step."""
     from segsr_jax import metrics
 
     steps = trajectories[0].shape[0]
     out = []
     for s in range(steps):
-        conf = sum(metrics.confusion(t[s], y, num_classes) for t, y in
-                   zip(trajectories, truths, strict=True))
+        conf = sum(
+            metrics.confusion(t[s], y, num_classes)
+            for t, y in zip(trajectories, truths, strict=True)
+        )
         out.append(metrics.miou(conf)[0])
     return out
 
 
 def mean_std(values: list[float]) -> dict:
     """Mean, sample standard deviation and the values."""
-    return {"mean": statistics.fmean(values),
-            "std": statistics.stdev(values) if len(values) > 1 else 0.0, "values": values}
+    return {
+        "mean": statistics.fmean(values),
+        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "values": values,
+    }
 
 
 def stage_minutes(runs: Path) -> dict:
     """Wall-clock minutes of each training run, from its metrics.jsonl (first to last event)."""
     out = {}
-    for name in ("vae", "sr", "seg", "sronly", "prior", "joint", "segmenter",
-                 "sronly_s1", "prior_s1", "joint_s1"):
+    for name in (
+        "vae",
+        "sr",
+        "seg",
+        "sronly",
+        "prior",
+        "joint",
+        "segmenter",
+        "sronly_s1",
+        "prior_s1",
+        "joint_s1",
+    ):
         log = runs / name / "metrics.jsonl"
         if log.is_file():
             times = [json.loads(line)["time"] for line in log.read_text().splitlines() if line]
@@ -128,43 +163,56 @@ def stage_minutes(runs: Path) -> dict:
 
 def render_table(r: dict) -> str:
     """The README's tables (markdown) from ``results.json``."""
-    def pm(d, f):   # "mean ± std" over training runs
+
+    def pm(d, f):  # "mean ± std" over training runs
         return f"{d['mean']:{f}} ± {d['std']:{f}}"
 
     minutes = r["training_minutes"]
     shared = sum(minutes.get(k, 0) for k in ("vae", "sr", "seg"))
     arm_min = ", ".join(f"{a} {minutes[a]:.1f}" for a in ARMS if a in minutes)
-    lines = [f"Held-out test set: {r['test_set']['count']} synthetic scenes, "
-             f"{r['test_set']['size']} px HR, x{SCALE} LQ through the training degradation; "
-             f"DDIM {r['steps']} steps, no CFG. Each arm was trained {len(r['train_seeds'])} "
-             f"times (training seeds {r['train_seeds']}); each run's scores are means over "
-             f"sampling seeds {r['seeds']}; the table gives mean ± std over the training runs. "
-             f"Training minutes on {r['machine']}: shared stages {shared:.1f} (vae, sr, seg), "
-             f"per arm run {arm_min}, evaluation segmenter {minutes.get('segmenter', 0):.1f}.",
-             "",
-             "| arm | PSNR (Y) | SSIM (Y) | semantic mIoU | own segmentation mIoU |",
-             "| --- | --- | --- | --- | --- |"]
+    lines = [
+        f"Held-out test set: {r['test_set']['count']} synthetic scenes, "
+        f"{r['test_set']['size']} px HR, x{SCALE} LQ through the training degradation; "
+        f"DDIM {r['steps']} steps, no CFG. Each arm was trained {len(r['train_seeds'])} "
+        f"times (training seeds {r['train_seeds']}); each run's scores are means over "
+        f"sampling seeds {r['seeds']}; the table gives mean ± std over the training runs. "
+        f"Training minutes on {r['machine']}: shared stages {shared:.1f} (vae, sr, seg), "
+        f"per arm run {arm_min}, evaluation segmenter {minutes.get('segmenter', 0):.1f}.",
+        "",
+        "| arm | PSNR (Y) | SSIM (Y) | semantic mIoU | own segmentation mIoU |",
+        "| --- | --- | --- | --- | --- |",
+    ]
     for ref in ("bicubic", "hr"):
         row = r["references"][ref]
         psnr = "∞" if ref == "hr" else f"{row['psnr']:.2f}"
         ssim = "1" if ref == "hr" else f"{row['ssim']:.4f}"
-        label = {"bicubic": "bicubic upsampling (reference)",
-                 "hr": "HR ground truth (segmenter's ceiling)"}[ref]
+        label = {
+            "bicubic": "bicubic upsampling (reference)",
+            "hr": "HR ground truth (segmenter's ceiling)",
+        }[ref]
         lines.append(f"| {label} | {psnr} | {ssim} | {row['semantic_miou']:.3f} | – |")
     for arm, title in ARMS.items():
         a = r["arms"][arm]
-        own = {"joint": f"SegDM {pm(a['seg_miou'], '.3f')}",
-               "prior": f"LQ segmenter {pm(a['seg_miou'], '.3f')}"}.get(arm, "–")
-        lines.append(f"| {title} | {pm(a['psnr'], '.2f')} | {pm(a['ssim'], '.4f')} | "
-                     f"{pm(a['semantic_miou'], '.3f')} | {own} |")
+        own = {
+            "joint": f"SegDM {pm(a['seg_miou'], '.3f')}",
+            "prior": f"LQ segmenter {pm(a['seg_miou'], '.3f')}",
+        }.get(arm, "–")
+        lines.append(
+            f"| {title} | {pm(a['psnr'], '.2f')} | {pm(a['ssim'], '.4f')} | "
+            f"{pm(a['semantic_miou'], '.3f')} | {own} |"
+        )
     traj = r["arms"]["joint"]["trajectory_miou"]["mean"]
     picks = sorted({0, len(traj) // 4, len(traj) // 2, 3 * len(traj) // 4, len(traj) - 1})
-    lines += ["", "SegDM's mIoU after each reverse step (joint arm, mean over all runs and "
-              "sampling seeds; the fixed LQ segmenter scores "
-              f"{r['arms']['prior']['seg_miou']['mean']:.3f}):", "",
-              "| step | " + " | ".join(str(i + 1) for i in picks) + " |",
-              "| --- |" + " --- |" * len(picks),
-              "| mIoU | " + " | ".join(f"{traj[i]:.3f}" for i in picks) + " |"]
+    lines += [
+        "",
+        "SegDM's mIoU after each reverse step (joint arm, mean over all runs and "
+        "sampling seeds; the fixed LQ segmenter scores "
+        f"{r['arms']['prior']['seg_miou']['mean']:.3f}):",
+        "",
+        "| step | " + " | ".join(str(i + 1) for i in picks) + " |",
+        "| --- |" + " --- |" * len(picks),
+        "| mIoU | " + " | ".join(f"{traj[i]:.3f}" for i in picks) + " |",
+    ]
     return "\n".join(lines)
 
 
@@ -179,12 +227,21 @@ def make_grid(test: Path, out: Path, names: list[str], num_classes: int) -> np.n
         hw = hr.shape[:2]
         lq = images.read_image(test / "lq" / f"{name}.png")
         label = np.asarray(images.Image.open(test / "labels" / f"{name}_label.png"))
-        seg = np.asarray(images.Image.open(out / "joint" / "seed0" / "seg" /
-                                           f"{name}_seg_labels.png"))
+        seg = np.asarray(
+            images.Image.open(out / "joint" / "seed0" / "seg" / f"{name}_seg_labels.png")
+        )
         arms = [images.read_image(out / a / "seed0" / "sr" / f"{name}_sr.png") for a in ARMS]
-        rows.append(images.side_by_side(
-            images.resize(lq, hw, resample=images.Image.NEAREST), images.resize(lq, hw), *arms,
-            hr, images.colorize(label, num_classes), images.colorize(seg, num_classes), gap=4))
+        rows.append(
+            images.side_by_side(
+                images.resize(lq, hw, resample=images.Image.NEAREST),
+                images.resize(lq, hw),
+                *arms,
+                hr,
+                images.colorize(label, num_classes),
+                images.colorize(seg, num_classes),
+                gap=4,
+            )
+        )
     w, cell = rows[0].shape[1], rows[0].shape[0]
     header = images.Image.new("RGB", (w, 16), "white")
     draw = ImageDraw.Draw(header)
@@ -213,9 +270,16 @@ def run(args) -> dict:
     work = runs / "experiment"
 
     def score(pred: Path, seg_pred: Path | None = None) -> dict:
-        ev = evaluate.evaluate_folders(pred, test / "hr", labels=test / "labels",
-                                       segmenter=segmenter, seg_pred=seg_pred, crop_border=4,
-                                       use_pyiqa=False, progress=False)
+        ev = evaluate.evaluate_folders(
+            pred,
+            test / "hr",
+            labels=test / "labels",
+            segmenter=segmenter,
+            seg_pred=seg_pred,
+            crop_border=4,
+            use_pyiqa=False,
+            progress=False,
+        )
         return ev.mean
 
     refs = {}
@@ -224,9 +288,14 @@ def run(args) -> dict:
     refs["bicubic"] = score(work / "bicubic")
     from segsr_jax import metrics
 
-    conf = sum(metrics.confusion(evaluate.semantic_labels(
-        segmenter, images.read_image(test / "hr" / f"{n}_hr.png")), y, args.num_classes)
-        for n, y in zip(names, truths, strict=True))
+    conf = sum(
+        metrics.confusion(
+            evaluate.semantic_labels(segmenter, images.read_image(test / "hr" / f"{n}_hr.png")),
+            y,
+            args.num_classes,
+        )
+        for n, y in zip(names, truths, strict=True)
+    )
     refs["hr"] = {"semantic_miou": metrics.miou(conf)[0]}
     arms = {}
     for arm in ARMS:
@@ -237,28 +306,39 @@ def run(args) -> dict:
             per_seed = []
             for seed in range(args.seeds):
                 d = work / (arm if ts == 0 else f"{arm}_s{ts}") / f"seed{seed}"
-                traj, s = sample_arm(restorer, SEG_PRIOR[arm], lqs, names, d, seed, args.steps,
-                                     hw)
+                traj, s = sample_arm(restorer, SEG_PRIOR[arm], lqs, names, d, seed, args.steps, hw)
                 per_seed.append(score(d / "sr", d / "seg"))
                 trajs.append(trajectory_miou(traj, truths, args.num_classes))
                 secs.append(s)
-                print(f"{arm} training seed {ts} sampling seed {seed}: " + ", ".join(
-                    f"{k} {v:.4f}" for k, v in per_seed[-1].items()), flush=True)
+                print(
+                    f"{arm} training seed {ts} sampling seed {seed}: "
+                    + ", ".join(f"{k} {v:.4f}" for k, v in per_seed[-1].items()),
+                    flush=True,
+                )
             per_run.append({k: statistics.fmean(m[k] for m in per_seed) for k in per_seed[0]})
         arms[arm] = {k: mean_std([m[k] for m in per_run]) for k in per_run[0]}
         arms[arm]["seg_prior"] = SEG_PRIOR[arm]
-        arms[arm]["trajectory_miou"] = {"mean": np.mean(trajs, 0).tolist(),
-                                        "per_run_and_seed": trajs}
+        arms[arm]["trajectory_miou"] = {
+            "mean": np.mean(trajs, 0).tolist(),
+            "per_run_and_seed": trajs,
+        }
         arms[arm]["sampling_seconds"] = secs
-    results = {"date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv),
-               "machine": f"{os.cpu_count()} CPU cores", "steps": args.steps,
-               "seeds": list(range(args.seeds)), "train_seeds": list(args.train_seeds),
-               "test_set": {"count": len(names), "size": int(hw[0]), "seed": TEST_SEED},
-               "training_minutes": stage_minutes(runs), "references": refs, "arms": arms}
+    results = {
+        "date": time.strftime("%Y-%m-%d"),
+        "command": " ".join(sys.argv),
+        "machine": f"{os.cpu_count()} CPU cores",
+        "steps": args.steps,
+        "seeds": list(range(args.seeds)),
+        "train_seeds": list(args.train_seeds),
+        "test_set": {"count": len(names), "size": int(hw[0]), "seed": TEST_SEED},
+        "training_minutes": stage_minutes(runs),
+        "references": refs,
+        "arms": arms,
+    }
     out.mkdir(parents=True, exist_ok=True)
     images.write_atomic(out / "results.json", json.dumps(results, indent=1).encode())
     images.write_atomic(out / "results.md", (render_table(results) + "\n").encode())
-    grid = make_grid(test, work, names[:args.grid_rows], args.num_classes)
+    grid = make_grid(test, work, names[: args.grid_rows], args.num_classes)
     images.write_png(out / "grid.png", grid)
     return results
 
@@ -273,11 +353,16 @@ def main(argv=None) -> int:
     p.add_argument("--num-classes", type=int, default=8)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--seeds", type=int, default=3, help="sampling seeds per training run")
-    p.add_argument("--train-seeds", type=lambda v: [int(x) for x in v.split(",")],
-                   default=[0, 1], help="training runs per arm: 0 is runs/ARM, k runs/ARM_sK")
+    p.add_argument(
+        "--train-seeds",
+        type=lambda v: [int(x) for x in v.split(",")],
+        default=[0, 1],
+        help="training runs per arm: 0 is runs/ARM, k runs/ARM_sK",
+    )
     p.add_argument("--grid-rows", type=int, default=4)
-    p.add_argument("--render-only", action="store_true",
-                   help="print the tables of an existing results.json")
+    p.add_argument(
+        "--render-only", action="store_true", help="print the tables of an existing results.json"
+    )
     args = p.parse_args(argv)
     if args.render_only:
         print(render_table(json.loads((Path(args.out) / "results.json").read_text())))

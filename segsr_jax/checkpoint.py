@@ -44,43 +44,60 @@ FORMAT = "segsr_jax/1"
 # per-replica slice is at least 1 MiB are split.
 MIN_REPLICA_SLICE_BYTES = 2**20
 ocp.type_handlers.register_type_handler(
-    jax.Array, ocp.type_handlers.ArrayHandler(
-        min_slice_bytes_for_replica_parallel=MIN_REPLICA_SLICE_BYTES), override=True)
+    jax.Array,
+    ocp.type_handlers.ArrayHandler(min_slice_bytes_for_replica_parallel=MIN_REPLICA_SLICE_BYTES),
+    override=True,
+)
 
 
 class CheckpointMismatchError(ValueError):
     """A checkpoint that cannot be restored into the model its config describes."""
 
 
-def _manager(directory: str | os.PathLike, *, read_only: bool = False,
-             max_to_keep: int | None = None, handlers: Mapping | None = None,
-             ) -> ocp.CheckpointManager:
+def _manager(
+    directory: str | os.PathLike,
+    *,
+    read_only: bool = False,
+    max_to_keep: int | None = None,
+    handlers: Mapping | None = None,
+) -> ocp.CheckpointManager:
     path = directory if str(directory).startswith("gs://") else Path(directory).absolute()
-    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, read_only=read_only,
-                                           create=not read_only)
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep, read_only=read_only, create=not read_only
+    )
     return ocp.CheckpointManager(path, options=options, item_handlers=handlers)
 
 
 def _item_handlers() -> dict:
     """Handlers of every item a checkpoint may hold, so metadata can be read before
     restoring (and Orbax knows what the items it is not asked for are)."""
-    return {"config": ocp.JsonCheckpointHandler(),
-            "params": ocp.StandardCheckpointHandler(),
-            "ema_params": ocp.StandardCheckpointHandler(),
-            "opt_state": ocp.StandardCheckpointHandler(),
-            "train": ocp.StandardCheckpointHandler(),
-            "data": grain.checkpoint.CheckpointHandler()}
+    return {
+        "config": ocp.JsonCheckpointHandler(),
+        "params": ocp.StandardCheckpointHandler(),
+        "ema_params": ocp.StandardCheckpointHandler(),
+        "opt_state": ocp.StandardCheckpointHandler(),
+        "train": ocp.StandardCheckpointHandler(),
+        "data": grain.checkpoint.CheckpointHandler(),
+    }
 
 
-def save_model(directory: str | os.PathLike, model: nnx.Module, config: Mapping, *,
-               step: int = 0, extra_items: Mapping[str, object] | None = None) -> Path:
+def save_model(
+    directory: str | os.PathLike,
+    model: nnx.Module,
+    config: Mapping,
+    *,
+    step: int = 0,
+    extra_items: Mapping[str, object] | None = None,
+) -> Path:
     """Write ``model``'s variables and its ``config`` dict as checkpoint ``step``.
 
     Orbax writes to a temporary folder and renames it when complete, so an interrupted save
     never leaves a checkpoint that looks finished. A failed save raises.
     """
-    items = {"params": ocp.args.StandardSave(nnx.to_pure_dict(nnx.state(model))),
-             "config": ocp.args.JsonSave({"format": FORMAT, **dict(config)})}
+    items = {
+        "params": ocp.args.StandardSave(nnx.to_pure_dict(nnx.state(model))),
+        "config": ocp.args.JsonSave({"format": FORMAT, **dict(config)}),
+    }
     for name, value in (extra_items or {}).items():
         items[name] = ocp.args.StandardSave(value)
     mgr = _manager(directory)
@@ -98,22 +115,30 @@ def read_checkpoint_config(directory: str | os.PathLike, step: int | None = None
     step = mgr.latest_step() if step is None else step
     if step is None:
         hint = Path(directory) / "checkpoints"  # a training workdir holds them there
-        raise FileNotFoundError(f"no finished checkpoint in {directory}" + (
-            f"; did you mean {hint}?" if not str(directory).startswith("gs://")
-            and hint.is_dir() else ""))
+        raise FileNotFoundError(
+            f"no finished checkpoint in {directory}"
+            + (
+                f"; did you mean {hint}?"
+                if not str(directory).startswith("gs://") and hint.is_dir()
+                else ""
+            )
+        )
     cfg = mgr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
     mgr.close()
     if not isinstance(cfg, dict) or cfg.get("format") != FORMAT:
         raise CheckpointMismatchError(
             f"{directory}/{step} is not a segsr_jax checkpoint (format "
-            f"{cfg.get('format') if isinstance(cfg, dict) else None!r}, expected {FORMAT!r})")
+            f"{cfg.get('format') if isinstance(cfg, dict) else None!r}, expected {FORMAT!r})"
+        )
     return cfg
 
 
 def _flat_shapes(tree) -> dict[str, tuple]:
     flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))
-    return {"/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path):
-            tuple(leaf.shape) for path, leaf in flat}
+    return {
+        "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path): tuple(leaf.shape)
+        for path, leaf in flat
+    }
 
 
 def _check_tree_matches(saved, target, where: str) -> None:
@@ -121,36 +146,50 @@ def _check_tree_matches(saved, target, where: str) -> None:
     have, want = _flat_shapes(saved), _flat_shapes(target)
     missing = sorted(set(want) - set(have))
     extra = sorted(set(have) - set(want))
-    wrong = [f"{k}: saved {have[k]}, model {want[k]}" for k in sorted(set(have) & set(want))
-             if have[k] != want[k]]
+    wrong = [
+        f"{k}: saved {have[k]}, model {want[k]}"
+        for k in sorted(set(have) & set(want))
+        if have[k] != want[k]
+    ]
     if missing or extra or wrong:
-        parts = [f"{len(missing)} missing (e.g. {missing[:3]})" if missing else "",
-                 f"{len(extra)} unexpected (e.g. {extra[:3]})" if extra else "",
-                 f"{len(wrong)} with other shapes (e.g. {wrong[:3]})" if wrong else ""]
+        parts = [
+            f"{len(missing)} missing (e.g. {missing[:3]})" if missing else "",
+            f"{len(extra)} unexpected (e.g. {extra[:3]})" if extra else "",
+            f"{len(wrong)} with other shapes (e.g. {wrong[:3]})" if wrong else "",
+        ]
         raise CheckpointMismatchError(
             f"{where}: the saved parameters do not match the model built from the checkpoint's "
-            f"config: " + "; ".join(p for p in parts if p))
+            f"config: " + "; ".join(p for p in parts if p)
+        )
 
 
 def _subtree(tree, keep: dict):
     """The leaves of ``tree`` whose paths are in the metadata tree ``keep`` (Orbax metadata
     has string keys where the model's pure dict has ints: nnx.List indices)."""
     by_name = {str(k): k for k in tree}
-    return {by_name[k]: (_subtree(tree[by_name[k]], v) if isinstance(v, Mapping)
-                         else tree[by_name[k]])
-            for k, v in keep.items() if k in by_name}
+    return {
+        by_name[k]: (_subtree(tree[by_name[k]], v) if isinstance(v, Mapping) else tree[by_name[k]])
+        for k, v in keep.items()
+        if k in by_name
+    }
 
 
 def _overlay(base: dict, top: dict) -> dict:
     """``base`` with the leaves of ``top`` (a sub-tree of it) put in their place."""
-    return {k: _overlay(v, top[k]) if k in top and isinstance(v, dict) else top.get(k, v)
-            for k, v in base.items()}
+    return {
+        k: _overlay(v, top[k]) if k in top and isinstance(v, dict) else top.get(k, v)
+        for k, v in base.items()
+    }
 
 
-def restore_model(directory: str | os.PathLike, build: Callable[[dict], nnx.Module], *,
-                  step: int | None = None, prefer_ema: bool = True,
-                  shardings: Callable[[nnx.State], object] | None = None,
-                  ) -> tuple[nnx.Module, dict]:
+def restore_model(
+    directory: str | os.PathLike,
+    build: Callable[[dict], nnx.Module],
+    *,
+    step: int | None = None,
+    prefer_ema: bool = True,
+    shardings: Callable[[nnx.State], object] | None = None,
+) -> tuple[nnx.Module, dict]:
     """Rebuild a model from a checkpoint folder.
 
     Args:
@@ -173,8 +212,9 @@ def restore_model(directory: str | os.PathLike, build: Callable[[dict], nnx.Modu
     target = nnx.to_pure_dict(state)
     if shardings is not None:
         shard_tree = shardings(target)
-        target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                              target, shard_tree)
+        target = jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), target, shard_tree
+        )
     try:
         metadata = mgr.item_metadata(step)
         params_meta = _metadata_tree(metadata["params"])
@@ -292,11 +332,18 @@ class TrainCheckpointer:
       retry_delay_s: the wait before the first retry; it doubles with each further one.
     """
 
-    def __init__(self, directory: str | os.PathLike, options: CheckpointOptions, *,
-                 read_attempts: int = 4, retry_delay_s: float = 1.0):
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        options: CheckpointOptions,
+        *,
+        read_attempts: int = 4,
+        retry_delay_s: float = 1.0,
+    ):
         if read_attempts < 1 or retry_delay_s < 0:
-            raise ValueError(f"bad retry settings: {read_attempts} attempts, "
-                             f"{retry_delay_s} s delay")
+            raise ValueError(
+                f"bad retry settings: {read_attempts} attempts, {retry_delay_s} s delay"
+            )
         self.directory = directory
         self.options = options
         self.read_attempts = read_attempts
@@ -306,31 +353,50 @@ class TrainCheckpointer:
         self._mgr = ocp.CheckpointManager(
             path,
             options=ocp.CheckpointManagerOptions(
-                max_to_keep=options.keep_last, keep_period=options.keep_every or None,
-                enable_async_checkpointing=options.async_save, create=True),
-            item_handlers=_item_handlers())
+                max_to_keep=options.keep_last,
+                keep_period=options.keep_every or None,
+                enable_async_checkpointing=options.async_save,
+                create=True,
+            ),
+            item_handlers=_item_handlers(),
+        )
 
     def all_steps(self) -> list[int]:
         """Finished checkpoints, ascending (Orbax ignores unfinished temporary folders, and
         folders moved aside by :meth:`restore`)."""
         return sorted(self._mgr.all_steps())
 
-    def save(self, step: int, *, params: dict, ema_params: dict, opt_state, train: dict,
-             data_iterator, config: Mapping) -> bool:
+    def save(
+        self,
+        step: int,
+        *,
+        params: dict,
+        ema_params: dict,
+        opt_state,
+        train: dict,
+        data_iterator,
+        config: Mapping,
+    ) -> bool:
         """Save step ``step`` (asynchronously if so configured); False if it already exists."""
         if step in self._mgr.all_steps():
             return False
-        self._mgr.save(step, force=True, args=ocp.args.Composite(
-            config=ocp.args.JsonSave({"format": FORMAT, **dict(config)}),
-            params=ocp.args.StandardSave(params),
-            ema_params=ocp.args.StandardSave(ema_params),
-            opt_state=ocp.args.StandardSave(opt_state),
-            train=ocp.args.StandardSave(train),
-            data=grain.checkpoint.CheckpointSave(data_iterator)))
+        self._mgr.save(
+            step,
+            force=True,
+            args=ocp.args.Composite(
+                config=ocp.args.JsonSave({"format": FORMAT, **dict(config)}),
+                params=ocp.args.StandardSave(params),
+                ema_params=ocp.args.StandardSave(ema_params),
+                opt_state=ocp.args.StandardSave(opt_state),
+                train=ocp.args.StandardSave(train),
+                data=grain.checkpoint.CheckpointSave(data_iterator),
+            ),
+        )
         return True
 
-    def restore(self, targets: Mapping[str, object], data_iterator,
-                report: Callable[[str], None] = print) -> tuple[int, dict] | None:
+    def restore(
+        self, targets: Mapping[str, object], data_iterator, report: Callable[[str], None] = print
+    ) -> tuple[int, dict] | None:
         """Restore the latest intact checkpoint into ``targets`` (abstract, sharded trees for
         ``params``, ``ema_params``, ``opt_state`` and ``train``) and ``data_iterator``.
 
@@ -379,37 +445,47 @@ class TrainCheckpointer:
                 chosen, moved = self._choose(targets, report)
             except CheckpointMismatchError as e:
                 chosen, failure = _MISMATCH, e
-            except Exception as e:   # told to the others too, so none waits for process 0
+            except Exception as e:  # told to the others too, so none waits for process 0
                 chosen, failure = _READ_FAILED, e
         chosen, moved = (int(v) for v in _broadcast_from_0(np.array([chosen, moved], np.int32)))
         if failure is not None:
             raise failure
         if chosen in (_READ_FAILED, _MISMATCH):
             cls = CheckpointMismatchError if chosen == _MISMATCH else CheckpointReadError
-            raise cls(f"process 0 could not choose a checkpoint in {self.directory}: see its "
-                      "messages")
+            raise cls(
+                f"process 0 could not choose a checkpoint in {self.directory}: see its messages"
+            )
         if moved:
-            self._mgr.reload()   # the steps process 0 moved aside are gone from the listing
+            self._mgr.reload()  # the steps process 0 moved aside are gone from the listing
         if chosen == _NO_CHECKPOINT:
             return None
         where = f"{self.directory}/{chosen}"
         restored, failure = None, None
         try:
-            restored = self._retry(f"checkpoint {where}", report, lambda: self._mgr.restore(
-                chosen, args=ocp.args.Composite(
-                    **{k: ocp.args.StandardRestore(v) for k, v in targets.items()},
-                    data=grain.checkpoint.CheckpointRestore(data_iterator))))
-        except Exception as e:   # raised below, once every process knows
+            restored = self._retry(
+                f"checkpoint {where}",
+                report,
+                lambda: self._mgr.restore(
+                    chosen,
+                    args=ocp.args.Composite(
+                        **{k: ocp.args.StandardRestore(v) for k, v in targets.items()},
+                        data=grain.checkpoint.CheckpointRestore(data_iterator),
+                    ),
+                ),
+            )
+        except Exception as e:  # raised below, once every process knows
             failure = e
             if _process_count() > 1:
                 _join_orbax_restore_barrier()
         if not _all_processes_ok(failure is None):
             raise failure or CheckpointReadError(
-                f"another process could not read checkpoint {where}: see its messages")
+                f"another process could not read checkpoint {where}: see its messages"
+            )
         return chosen, {k: restored[k] for k in targets}
 
-    def _choose(self, targets: Mapping[str, object],
-                report: Callable[[str], None]) -> tuple[int, int]:
+    def _choose(
+        self, targets: Mapping[str, object], report: Callable[[str], None]
+    ) -> tuple[int, int]:
         """(The step to restore or _NO_CHECKPOINT, how many broken steps were moved aside.)"""
         steps = self.all_steps()
         broken: list[tuple[int, str]] = []
@@ -429,12 +505,14 @@ class TrainCheckpointer:
         if broken:
             raise CheckpointMismatchError(
                 f"every checkpoint in {self.directory} is broken (nothing was changed; move them "
-                "aside to start the run over): " + " | ".join(
-                    f"{self.directory}/{s}: {why}" for s, why in broken))
+                "aside to start the run over): "
+                + " | ".join(f"{self.directory}/{s}: {why}" for s, why in broken)
+            )
         return _NO_CHECKPOINT, 0
 
-    def _retry(self, what: str, report: Callable[[str], None], read: Callable, *args,
-               action: str = "read"):
+    def _retry(
+        self, what: str, report: Callable[[str], None], read: Callable, *args, action: str = "read"
+    ):
         """``read(*args)``, tried up to ``read_attempts`` times while it raises a storage
         error; then CheckpointReadError saying what could not be done (``action`` ``what``)."""
         for attempt in range(1, self.read_attempts + 1):
@@ -448,10 +526,13 @@ class TrainCheckpointer:
                     unchanged = "; nothing was changed" if action == "read" else ""
                     raise CheckpointReadError(
                         f"could not {action} {what} ({self.read_attempts} attempts{unchanged}): "
-                        f"{error}") from e
+                        f"{error}"
+                    ) from e
                 delay = self.retry_delay_s * 2 ** (attempt - 1)
-                report(f"warning: {action} {what} failed ({error}); retrying in {delay:g} s "
-                       f"(attempt {attempt + 1} of {self.read_attempts})")
+                report(
+                    f"warning: {action} {what} failed ({error}); retrying in {delay:g} s "
+                    f"(attempt {attempt + 1} of {self.read_attempts})"
+                )
                 time.sleep(delay)
         raise AssertionError("unreachable")
 
@@ -487,16 +568,18 @@ class TrainCheckpointer:
         count = _process_count()
         states = [load(f"data/process_{i}-of-{count}.json") for i in range(count)]
         lost = [why for state, why in states if state is None and why.endswith("missing")]
-        if len(lost) == count:   # none of this run's: another process count, or all lost?
+        if len(lost) == count:  # none of this run's: another process count, or all lost?
             try:
-                others = sorted(p.name for p in (folder / "data").iterdir()
-                                if p.name.startswith("process_"))
+                others = sorted(
+                    p.name for p in (folder / "data").iterdir() if p.name.startswith("process_")
+                )
             except missing:
                 others = []
             if others:
                 raise CheckpointMismatchError(
                     f"{self.directory}/{step}/data holds the data state of another number of "
-                    f"processes ({', '.join(others[:4])}); this run has {count}")
+                    f"processes ({', '.join(others[:4])}); this run has {count}"
+                )
             return "data/ holds no process_*.json (the data iterator states)"
         return next((why for _, why in states if why), None)
 
@@ -506,7 +589,7 @@ class TrainCheckpointer:
         meta = self._mgr.item_metadata(step)
         for name in ("params", "ema_params"):
             tree = _metadata_tree(meta.get(name))
-            if tree is None:   # Orbax turns read errors into absent metadata
+            if tree is None:  # Orbax turns read errors into absent metadata
                 raise OSError(f"Orbax could not read the metadata of {where}/{name}")
             _check_tree_matches(tree, targets[name], f"{where}/{name}")
 
@@ -515,8 +598,10 @@ class TrainCheckpointer:
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
         source, target = self._path / str(step), self._path / f"{step}.broken-{stamp}"
         self._retry(f"{source} to {target}", report, source.rename, target, action="rename")
-        report(f"warning: moved broken checkpoint {source} aside to {target} ({reason}); "
-               f"the run will save step {step} again")
+        report(
+            f"warning: moved broken checkpoint {source} aside to {target} ({reason}); "
+            f"the run will save step {step} again"
+        )
 
     def wait(self) -> None:
         """Block until every pending save is written (raises if one failed)."""

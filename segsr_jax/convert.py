@@ -23,20 +23,37 @@ from pathlib import Path
 
 def parse_args(argv=None) -> argparse.Namespace:
     """The command-line flags."""
-    p = argparse.ArgumentParser(prog="python -m segsr_jax.convert", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--pipeline", required=True,
-                   help="diffusers pipeline folder (unet/, vae/, text_encoder/, tokenizer/)")
-    p.add_argument("--segformer", default=None,
-                   help="transformers SegFormer folder (config.json + model.safetensors); "
-                        "without it a randomly initialised SegFormer of --segformer-variant "
-                        "is used and must be trained")
+    p = argparse.ArgumentParser(
+        prog="python -m segsr_jax.convert",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--pipeline",
+        required=True,
+        help="diffusers pipeline folder (unet/, vae/, text_encoder/, tokenizer/)",
+    )
+    p.add_argument(
+        "--segformer",
+        default=None,
+        help="transformers SegFormer folder (config.json + model.safetensors); "
+        "without it a randomly initialised SegFormer of --segformer-variant "
+        "is used and must be trained",
+    )
     p.add_argument("--segformer-variant", default="b5", choices=[f"b{i}" for i in range(6)])
-    p.add_argument("--num-classes", type=int, default=150,
-                   help="classes of a random SegFormer (ignored with --segformer)")
+    p.add_argument(
+        "--num-classes",
+        type=int,
+        default=150,
+        help="classes of a random SegFormer (ignored with --segformer)",
+    )
     p.add_argument("--output", required=True, help="checkpoint folder to create")
-    p.add_argument("--prediction-type", default=None, choices=("epsilon", "v_prediction"),
-                   help="default: from the pipeline's scheduler/scheduler_config.json")
+    p.add_argument(
+        "--prediction-type",
+        default=None,
+        choices=("epsilon", "v_prediction"),
+        help="default: from the pipeline's scheduler/scheduler_config.json",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     return p.parse_args(argv)
 
@@ -50,9 +67,15 @@ def _prediction_type(pipeline: Path) -> str:
     return "epsilon"
 
 
-def convert(pipeline: str | Path, output: str | Path, *, segformer: str | Path | None = None,
-            segformer_variant: str = "b5", num_classes: int = 150,
-            prediction_type: str | None = None) -> Path:
+def convert(
+    pipeline: str | Path,
+    output: str | Path,
+    *,
+    segformer: str | Path | None = None,
+    segformer_variant: str = "b5",
+    num_classes: int = 150,
+    prediction_type: str | None = None,
+) -> Path:
     """Convert and write the checkpoint; returns its folder. See the module docstring."""
     from flax import nnx
 
@@ -71,24 +94,44 @@ def convert(pipeline: str | Path, output: str | Path, *, segformer: str | Path |
         print(f"reading {segformer}")
         seg = weights.load_segformer(segformer)
     else:
-        print(f"warning: no --segformer: SegFormer-{segformer_variant.upper()} starts from "
-              "random weights", file=sys.stderr)
-        seg = SegFormer(getattr(SegFormerConfig, segformer_variant)(num_classes),
-                        rngs=nnx.Rngs(1))
-    config = SegSRConfig.compose(vae=vae.config, text=text.config, unet=unet.config,
-                                 segformer=seg.config,
-                                 prediction_type=prediction_type or _prediction_type(pipeline))
+        print(
+            f"warning: no --segformer: SegFormer-{segformer_variant.upper()} starts from "
+            "random weights",
+            file=sys.stderr,
+        )
+        seg = SegFormer(getattr(SegFormerConfig, segformer_variant)(num_classes), rngs=nnx.Rngs(1))
+    config = SegSRConfig.compose(
+        vae=vae.config,
+        text=text.config,
+        unet=unet.config,
+        segformer=seg.config,
+        prediction_type=prediction_type or _prediction_type(pipeline),
+    )
     controlnet = controlnet_from_unet(unet, config.controlnet, rngs=nnx.Rngs(2))
-    model = SegSR(config, rngs=nnx.Rngs(3),
-                  parts={"vae": vae, "text_encoder": text, "unet": unet,
-                         "controlnet": controlnet, "segformer": seg})
+    model = SegSR(
+        config,
+        rngs=nnx.Rngs(3),
+        parts={
+            "vae": vae,
+            "text_encoder": text,
+            "unet": unet,
+            "controlnet": controlnet,
+            "segformer": seg,
+        },
+    )
     # Write next to the target and move into place only when complete.
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
     try:
-        checkpoint.save_model(tmp, model, {"model": config.to_dict(), "sampling": {},
-                                           "source": {"pipeline": str(pipeline),
-                                                      "segformer": str(segformer or "")}})
+        checkpoint.save_model(
+            tmp,
+            model,
+            {
+                "model": config.to_dict(),
+                "sampling": {},
+                "source": {"pipeline": str(pipeline), "segformer": str(segformer or "")},
+            },
+        )
         tok = pipeline / "tokenizer" if (pipeline / "tokenizer").is_dir() else pipeline
         shutil.copytree(tok, tmp / "tokenizer")
         if output.exists():
@@ -110,9 +153,14 @@ def main(argv=None) -> int:
         print(f"error: {args.output} exists (--overwrite to replace it)", file=sys.stderr)
         return 2
     try:
-        convert(args.pipeline, args.output, segformer=args.segformer,
-                segformer_variant=args.segformer_variant, num_classes=args.num_classes,
-                prediction_type=args.prediction_type)
+        convert(
+            args.pipeline,
+            args.output,
+            segformer=args.segformer,
+            segformer_variant=args.segformer_variant,
+            num_classes=args.num_classes,
+            prediction_type=args.prediction_type,
+        )
     except (CheckpointError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

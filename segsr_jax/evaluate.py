@@ -46,8 +46,13 @@ SAMPLER_EXTRAS = ("_seg", "_seg_labels", "_sheet")  # written by segsr_jax.sampl
 PYIQA_METRICS = ("lpips", "dists", "musiq", "maniqa", "clipiqa")
 FULL_REFERENCE = ("lpips", "dists")
 IGNORE = 255
-HEADERS = {"psnr": "PSNR", "ssim": "SSIM", "niqe": "NIQE", "semantic_miou": "sem mIoU",
-           "seg_miou": "seg mIoU"}
+HEADERS = {
+    "psnr": "PSNR",
+    "ssim": "SSIM",
+    "niqe": "NIQE",
+    "semantic_miou": "sem mIoU",
+    "seg_miou": "seg mIoU",
+}
 
 
 class EvaluationError(ValueError):
@@ -76,8 +81,10 @@ def index_folder(folder: str | os.PathLike, prefer: tuple[str, ...]) -> dict[str
     for stem, found in by_stem.items():
         found.sort(key=lambda item: item[0])
         if len(found) > 1 and found[0][0] == found[1][0]:
-            raise EvaluationError(f"{folder}: {found[0][1].name} and {found[1][1].name} both "
-                                  f"match image {stem!r}; keep one")
+            raise EvaluationError(
+                f"{folder}: {found[0][1].name} and {found[1][1].name} both "
+                f"match image {stem!r}; keep one"
+            )
         index[stem] = found[0][1]
     return index
 
@@ -86,8 +93,12 @@ def find_predictions(folder: str | os.PathLike) -> dict[str, Path]:
     """The predictions in ``folder``: ``{stem: path}``, the ``_sr`` file where there is one,
     without the sampler's other outputs (``X_seg.png``, ``X_sheet.png`` beside ``X_sr.png``)."""
     index = index_folder(folder, prefer=("_sr", ""))
-    extras = {stem + extra for stem, path in index.items() if path.stem.endswith("_sr")
-              for extra in SAMPLER_EXTRAS}
+    extras = {
+        stem + extra
+        for stem, path in index.items()
+        if path.stem.endswith("_sr")
+        for extra in SAMPLER_EXTRAS
+    }
     return {stem: path for stem, path in index.items() if stem not in extras}
 
 
@@ -97,8 +108,10 @@ def read_labels(path: Path) -> np.ndarray:
         with Image.open(path) as img:
             img.load()
             if img.mode not in ("L", "P"):
-                raise images.ImageError(f"{path}: a label map must be a single-channel uint8 "
-                                        f"image (mode L or P), got mode {img.mode}")
+                raise images.ImageError(
+                    f"{path}: a label map must be a single-channel uint8 "
+                    f"image (mode L or P), got mode {img.mode}"
+                )
             return np.asarray(img, np.uint8)
     except (OSError, SyntaxError) as e:  # PIL's unreadable / truncated-file errors
         raise images.ImageError(f"{path}: not a readable label map ({e})") from e
@@ -215,8 +228,10 @@ class _MiouAccumulator:
         seen = np.flatnonzero(self.total.sum(0) + self.total.sum(1))
         k = self.num_classes or (int(seen.max()) + 1 if seen.size else 0)
         value, iou = metrics.miou(self.total[:k, :k])
-        return value, [{"id": i, "name": names[i] if i < len(names) else f"class_{i}",
-                        "iou": _finite(iou[i])} for i in range(k)]
+        return value, [
+            {"id": i, "name": names[i] if i < len(names) else f"class_{i}", "iou": _finite(iou[i])}
+            for i in range(k)
+        ]
 
 
 def _finite(x):
@@ -231,13 +246,22 @@ def _read(path: Path) -> np.ndarray:
         raise images.ImageError(f"{path}: not found") from e
 
 
-def evaluate_folders(pred: str | os.PathLike, gt: str | os.PathLike, *,
-                     labels: str | os.PathLike | None = None, segmenter=None,
-                     segmenter_path: str | None = None, seg_pred: str | os.PathLike | None = None,
-                     crop_border: int = 4, y_channel: bool = True,
-                     niqe_params: dict | None = None, use_pyiqa: bool = True,
-                     name: str | None = None, progress: bool = True,
-                     warn=lambda msg: print(msg, file=sys.stderr)) -> Evaluation:
+def evaluate_folders(
+    pred: str | os.PathLike,
+    gt: str | os.PathLike,
+    *,
+    labels: str | os.PathLike | None = None,
+    segmenter=None,
+    segmenter_path: str | None = None,
+    seg_pred: str | os.PathLike | None = None,
+    crop_border: int = 4,
+    y_channel: bool = True,
+    niqe_params: dict | None = None,
+    use_pyiqa: bool = True,
+    name: str | None = None,
+    progress: bool = True,
+    warn=lambda msg: print(msg, file=sys.stderr),
+) -> Evaluation:
     """Score every prediction in ``pred`` that has a ground truth in ``gt``.
 
     Args:
@@ -266,19 +290,25 @@ def evaluate_folders(pred: str | os.PathLike, gt: str | os.PathLike, *,
     pairs = [(stem, path, gts[stem]) for stem, path in preds.items() if stem in gts]
     missing_gt = sorted(stem for stem in preds if stem not in gts)
     if not pairs:
-        raise EvaluationError(f"no prediction in {pred} has a ground truth in {gt} "
-                              f"({len(preds)} predictions, {len(gts)} ground-truth images)")
+        raise EvaluationError(
+            f"no prediction in {pred} has a ground truth in {gt} "
+            f"({len(preds)} predictions, {len(gts)} ground-truth images)"
+        )
     if missing_gt:
-        warn(f"warning: {len(missing_gt)} prediction(s) without ground truth in {gt}, skipped: "
-             + ", ".join(missing_gt))
+        warn(
+            f"warning: {len(missing_gt)} prediction(s) without ground truth in {gt}, skipped: "
+            + ", ".join(missing_gt)
+        )
 
     notes: list[str] = []
     columns = ["psnr", "ssim"]
     if niqe_params is not None:
         columns.append("niqe")
     else:
-        notes.append("NIQE omitted: no --niqe-params (a pristine model, e.g. the MATLAB "
-                     "release's modelparameters.mat) was given")
+        notes.append(
+            "NIQE omitted: no --niqe-params (a pristine model, e.g. the MATLAB "
+            "release's modelparameters.mat) was given"
+        )
     iqa = {}
     if use_pyiqa:
         iqa = make_pyiqa_metrics(notes)
@@ -287,12 +317,17 @@ def evaluate_folders(pred: str | os.PathLike, gt: str | os.PathLike, *,
     columns += list(iqa)
 
     label_index = index_folder(labels, ("_label", "_labels", "")) if labels is not None else {}
-    seg_index = (index_folder(seg_pred, ("_seg_labels", "_labels", "_label", ""))
-                 if seg_pred is not None else {})
+    seg_index = (
+        index_folder(seg_pred, ("_seg_labels", "_labels", "_label", ""))
+        if seg_pred is not None
+        else {}
+    )
     num_classes = segmenter.config.num_labels if segmenter is not None else None
     if num_classes is not None and num_classes > IGNORE:
-        raise EvaluationError(f"the segmenter has {num_classes} classes; uint8 label maps with "
-                              f"{IGNORE} as ignore hold at most {IGNORE}")
+        raise EvaluationError(
+            f"the segmenter has {num_classes} classes; uint8 label maps with "
+            f"{IGNORE} as ignore hold at most {IGNORE}"
+        )
     class_names = tuple(segmenter.config.id2label) if segmenter is not None else ()
     semantic = _MiouAccumulator(num_classes) if segmenter is not None else None
     own = _MiouAccumulator(num_classes) if seg_pred is not None else None
@@ -300,34 +335,47 @@ def evaluate_folders(pred: str | os.PathLike, gt: str | os.PathLike, *,
     missing = {"labels": [], "seg_pred": []}
 
     if labels is not None:
-        _warn_unused_labels(labels, label_index, [stem for stem, _, _ in pairs],
-                            segmenter is not None or seg_pred is not None, warn)
+        _warn_unused_labels(
+            labels,
+            label_index,
+            [stem for stem, _, _ in pairs],
+            segmenter is not None or seg_pred is not None,
+            warn,
+        )
 
     rows = []
     # disable=None: no bar when stderr is not a terminal (a log file, a pipe).
-    for stem, pred_path, gt_path in tqdm(pairs, desc="evaluate", unit="img",
-                                         disable=None if progress else True):
+    for stem, pred_path, gt_path in tqdm(
+        pairs, desc="evaluate", unit="img", disable=None if progress else True
+    ):
         sr, hr = _read(pred_path), _read(gt_path)
         if sr.shape != hr.shape:
-            raise EvaluationError(f"{pred_path.name} is {sr.shape[1]}x{sr.shape[0]} but "
-                                  f"{gt_path} is {hr.shape[1]}x{hr.shape[0]}")
+            raise EvaluationError(
+                f"{pred_path.name} is {sr.shape[1]}x{sr.shape[0]} but "
+                f"{gt_path} is {hr.shape[1]}x{hr.shape[0]}"
+            )
         row = {"name": stem}
         try:
             row["psnr"] = metrics.psnr(sr, hr, crop_border, y_channel)
             row["ssim"] = metrics.ssim(sr, hr, crop_border, y_channel)
             if niqe_params is not None:
-                row["niqe"] = metrics.niqe(sr, niqe_params["mu_prisparam"],
-                                           niqe_params["cov_prisparam"], crop_border)
+                row["niqe"] = metrics.niqe(
+                    sr, niqe_params["mu_prisparam"], niqe_params["cov_prisparam"], crop_border
+                )
         except ValueError as e:
             raise EvaluationError(f"{pred_path}: {e}") from e
         for metric_name, metric in list(iqa.items()):
-            args = (str(pred_path), str(gt_path)) if metric_name in FULL_REFERENCE else (
-                str(pred_path),)
+            args = (
+                (str(pred_path), str(gt_path))
+                if metric_name in FULL_REFERENCE
+                else (str(pred_path),)
+            )
             try:
                 row[metric_name] = float(metric(*args))
             except Exception as e:  # noqa: BLE001 -- as in make_pyiqa_metrics
-                notes.append(f"{metric_name} dropped: failed on {pred_path.name} "
-                             f"({type(e).__name__}: {e})")
+                notes.append(
+                    f"{metric_name} dropped: failed on {pred_path.name} ({type(e).__name__}: {e})"
+                )
                 del iqa[metric_name]
                 columns.remove(metric_name)
                 for done in rows:
@@ -337,50 +385,73 @@ def evaluate_folders(pred: str | os.PathLike, gt: str | os.PathLike, *,
             if semantic is not None:
                 row["semantic_miou"] = float("nan")
                 if true is not None:
-                    row["semantic_miou"] = semantic.add(semantic_labels(segmenter, sr), true,
-                                                        f"{label_index[stem]} vs {pred_path}")
+                    row["semantic_miou"] = semantic.add(
+                        semantic_labels(segmenter, sr), true, f"{label_index[stem]} vs {pred_path}"
+                    )
             if own is not None:
                 seg = _labels_for(stem, seg_index, hr.shape[:2], "seg_pred", missing)
                 row["seg_miou"] = float("nan")
                 if true is not None and seg is not None:
-                    row["seg_miou"] = own.add(seg, true,
-                                              f"{label_index[stem]} vs {seg_index[stem]}")
+                    row["seg_miou"] = own.add(
+                        seg, true, f"{label_index[stem]} vs {seg_index[stem]}"
+                    )
         rows.append(row)
     for kind, folder in (("labels", labels), ("seg_pred", seg_pred)):
         if missing[kind]:
-            warn(f"warning: {len(missing[kind])} image(s) without a label map in {folder}, "
-                 "left out of the mIoU: " + ", ".join(missing[kind]))
+            warn(
+                f"warning: {len(missing[kind])} image(s) without a label map in {folder}, "
+                "left out of the mIoU: " + ", ".join(missing[kind])
+            )
 
-    mean = {c: float(np.mean([r[c] for r in rows if c in r])) for c in columns
-            if c not in ("semantic_miou", "seg_miou")}
+    mean = {
+        c: float(np.mean([r[c] for r in rows if c in r]))
+        for c in columns
+        if c not in ("semantic_miou", "seg_miou")
+    }
     per_class = {}
     for column, acc in (("semantic_miou", semantic), ("seg_miou", own)):
         if acc is not None:
             mean[column], per_class[column] = acc.result(class_names)
     if per_class:
         notes.append("the mean row's mIoU is the dataset mIoU (confusion summed over images)")
-    settings = {"pred": str(pred), "gt": str(gt), "labels": _str(labels),
-                "segmenter": segmenter_path, "seg_pred": _str(seg_pred),
-                "crop_border": crop_border, "y_channel": y_channel,
-                "niqe": niqe_params is not None, "pyiqa": list(iqa)}
-    counts = {"images": len(rows), "predictions": len(preds), "missing_gt": missing_gt,
-              "missing_labels": missing["labels"], "missing_seg_pred": missing["seg_pred"]}
-    return Evaluation(name or Path(pred).name, columns, rows, mean, per_class, settings, counts,
-                      notes)
+    settings = {
+        "pred": str(pred),
+        "gt": str(gt),
+        "labels": _str(labels),
+        "segmenter": segmenter_path,
+        "seg_pred": _str(seg_pred),
+        "crop_border": crop_border,
+        "y_channel": y_channel,
+        "niqe": niqe_params is not None,
+        "pyiqa": list(iqa),
+    }
+    counts = {
+        "images": len(rows),
+        "predictions": len(preds),
+        "missing_gt": missing_gt,
+        "missing_labels": missing["labels"],
+        "missing_seg_pred": missing["seg_pred"],
+    }
+    return Evaluation(
+        name or Path(pred).name, columns, rows, mean, per_class, settings, counts, notes
+    )
 
 
-def _warn_unused_labels(labels, label_index: dict, stems: list[str], scored: bool,
-                        warn) -> None:
+def _warn_unused_labels(labels, label_index: dict, stems: list[str], scored: bool, warn) -> None:
     """Warn when ``--labels`` cannot give an mIoU: nothing to score it with, or no label file
     that matches a prediction (all mIoU values would be missing)."""
     if not scored:
-        warn(f"warning: --labels {labels} is used only with --segmenter or --seg-pred; no mIoU "
-             "without them")
+        warn(
+            f"warning: --labels {labels} is used only with --segmenter or --seg-pred; no mIoU "
+            "without them"
+        )
     elif not any(stem in label_index for stem in stems):
-        warn(f"warning: no label map in {labels} matches a prediction ({len(label_index)} "
-             "label files), so no mIoU: a label file is matched by its stem without the "
-             "suffix _label or _labels (scene0_sr.png <-> scene0_label.png, scene0_labels.png "
-             "or scene0.png)")
+        warn(
+            f"warning: no label map in {labels} matches a prediction ({len(label_index)} "
+            "label files), so no mIoU: a label file is matched by its stem without the "
+            "suffix _label or _labels (scene0_sr.png <-> scene0_label.png, scene0_labels.png "
+            "or scene0.png)"
+        )
 
 
 def _str(path) -> str | None:
@@ -394,8 +465,10 @@ def _labels_for(stem, index, shape, kind, missing) -> np.ndarray | None:
         return None
     lab = read_labels(index[stem])
     if lab.shape != tuple(shape):
-        raise EvaluationError(f"{index[stem]} is {lab.shape[1]}x{lab.shape[0]} but the image "
-                              f"{stem} is {shape[1]}x{shape[0]}")
+        raise EvaluationError(
+            f"{index[stem]} is {lab.shape[1]}x{lab.shape[0]} but the image "
+            f"{stem} is {shape[1]}x{shape[0]}"
+        )
     return lab
 
 
@@ -409,8 +482,9 @@ def format_table(ev: Evaluation, per_image: bool = False) -> str:
     lines = [[r["name"]] + [f"{r.get(c, float('nan')):.4f}" for c in ev.columns] for r in body]
     lines.append([f"mean ({ev.name}, {len(ev.rows)})"] + [f"{ev.mean[c]:.4f}" for c in ev.columns])
     widths = [max(len(x[i]) for x in [heads, *lines]) for i in range(len(heads))]
-    fmt = lambda cells: "  ".join(c.rjust(w) if i else c.ljust(w)
-                                  for i, (c, w) in enumerate(zip(cells, widths, strict=True)))
+    fmt = lambda cells: "  ".join(
+        c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+    )
     return "\n".join([fmt(heads)] + [fmt(x) for x in lines] + [f"note: {n}" for n in ev.notes])
 
 
@@ -426,13 +500,18 @@ def write_results(ev: Evaluation, out_dir: str | os.PathLike) -> tuple[Path, Pat
     writer = csv.writer(buf)
     writer.writerow(["name", *ev.columns])
     for row in [*ev.rows, {"name": "mean", **ev.mean}]:
-        writer.writerow([row["name"], *(repr(float(row.get(c, float("nan"))))
-                                        for c in ev.columns)])
-    doc = {"name": ev.name, "mean": {c: _finite(v) for c, v in ev.mean.items()},
-           "per_image": [{k: (v if k == "name" else _finite(v)) for k, v in r.items()}
-                         for r in ev.rows],
-           "per_class_iou": ev.per_class_iou, "settings": ev.settings, "counts": ev.counts,
-           "notes": ev.notes}
+        writer.writerow([row["name"], *(repr(float(row.get(c, float("nan")))) for c in ev.columns)])
+    doc = {
+        "name": ev.name,
+        "mean": {c: _finite(v) for c, v in ev.mean.items()},
+        "per_image": [
+            {k: (v if k == "name" else _finite(v)) for k, v in r.items()} for r in ev.rows
+        ],
+        "per_class_iou": ev.per_class_iou,
+        "settings": ev.settings,
+        "counts": ev.counts,
+        "notes": ev.notes,
+    }
     csv_path, json_path = out / "metrics.csv", out / "metrics.json"
     _write_atomic(csv_path, buf.getvalue())
     _write_atomic(json_path, json.dumps(doc, indent=1, allow_nan=False) + "\n")
@@ -453,17 +532,21 @@ def load_niqe_params(path: str | os.PathLike) -> dict:
             data = loadmat(path)
         # scipy's errors for a file that is not a MATLAB file, or a damaged one.
         except (MatReadError, OSError, ValueError, TypeError) as e:
-            raise EvaluationError(f"--niqe-params {path}: not a readable MATLAB .mat file "
-                                  f"({type(e).__name__}: {e})") from e
+            raise EvaluationError(
+                f"--niqe-params {path}: not a readable MATLAB .mat file ({type(e).__name__}: {e})"
+            ) from e
     else:
         try:
             loaded = np.load(path)
         except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:  # numpy: not an npz
-            raise EvaluationError(f"--niqe-params {path}: not a readable .npz file "
-                                  f"({type(e).__name__}: {e})") from e
+            raise EvaluationError(
+                f"--niqe-params {path}: not a readable .npz file ({type(e).__name__}: {e})"
+            ) from e
         if not isinstance(loaded, np.lib.npyio.NpzFile):  # a bare .npy array
-            raise EvaluationError(f"--niqe-params {path}: a single array, not an .npz with "
-                                  "mu_prisparam and cov_prisparam")
+            raise EvaluationError(
+                f"--niqe-params {path}: a single array, not an .npz with "
+                "mu_prisparam and cov_prisparam"
+            )
         with loaded as npz:
             data = dict(npz)
     out = {}
@@ -475,34 +558,45 @@ def load_niqe_params(path: str | os.PathLike) -> dict:
     out["mu_prisparam"] = out["mu_prisparam"].ravel()
     n = out["mu_prisparam"].size
     if out["cov_prisparam"].shape != (n, n) or n != 36:
-        raise EvaluationError(f"{path}: expected mu [36] and cov [36, 36], got "
-                              f"{out['mu_prisparam'].shape} and {out['cov_prisparam'].shape}")
+        raise EvaluationError(
+            f"{path}: expected mu [36] and cov [36, 36], got "
+            f"{out['mu_prisparam'].shape} and {out['cov_prisparam'].shape}"
+        )
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
     """The command line (see the module docstring); returns the exit status."""
-    p = argparse.ArgumentParser(prog="python -m segsr_jax.evaluate", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m segsr_jax.evaluate",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--pred", required=True, help="folder of super-resolved images")
     p.add_argument("--gt", required=True, help="folder of ground-truth HR images")
     p.add_argument("--labels", help="folder of ground-truth label maps (uint8, 255 = ignore)")
-    p.add_argument("--segmenter", help="SegFormer for semantic mIoU: a transformers folder or "
-                                       "a segsr_jax checkpoint folder")
+    p.add_argument(
+        "--segmenter",
+        help="SegFormer for semantic mIoU: a transformers folder or a segsr_jax checkpoint folder",
+    )
     p.add_argument("--seg-pred", help="folder of predicted label maps (<stem>_seg_labels.png)")
-    p.add_argument("--crop-border", type=int, default=4,
-                   help="pixels cropped per side for PSNR/SSIM/NIQE (default 4, the x4 scale)")
+    p.add_argument(
+        "--crop-border",
+        type=int,
+        default=4,
+        help="pixels cropped per side for PSNR/SSIM/NIQE (default 4, the x4 scale)",
+    )
     p.add_argument("--rgb", action="store_true", help="PSNR/SSIM on RGB instead of Y")
     p.add_argument("--out", help="folder for metrics.csv / metrics.json (default: --pred)")
-    p.add_argument("--niqe-params", help="pristine NIQE model (.npz or .mat with mu_prisparam, "
-                                         "cov_prisparam)")
+    p.add_argument(
+        "--niqe-params", help="pristine NIQE model (.npz or .mat with mu_prisparam, cov_prisparam)"
+    )
     p.add_argument("--no-pyiqa", action="store_true", help="skip pyiqa's metrics")
     p.add_argument("--per-image", action="store_true", help="print a row per image")
     p.add_argument("--name", help="name of this run in the table and JSON (default: --pred's)")
     args = p.parse_args(argv)
 
-    errors: tuple[type[Exception], ...] = (EvaluationError, images.ImageError,
-                                           FileNotFoundError)
+    errors: tuple[type[Exception], ...] = (EvaluationError, images.ImageError, FileNotFoundError)
     if args.segmenter:
         from segsr_jax.checkpoint import CheckpointMismatchError
         from segsr_jax.weights import CheckpointError
@@ -513,11 +607,19 @@ def main(argv: list[str] | None = None) -> int:
         if args.segmenter and not args.labels:
             raise EvaluationError("--segmenter needs --labels")
         segmenter = load_segmenter(args.segmenter) if args.segmenter else None
-        ev = evaluate_folders(args.pred, args.gt, labels=args.labels, segmenter=segmenter,
-                              segmenter_path=args.segmenter, seg_pred=args.seg_pred,
-                              crop_border=args.crop_border, y_channel=not args.rgb,
-                              niqe_params=niqe_params, use_pyiqa=not args.no_pyiqa,
-                              name=args.name)
+        ev = evaluate_folders(
+            args.pred,
+            args.gt,
+            labels=args.labels,
+            segmenter=segmenter,
+            segmenter_path=args.segmenter,
+            seg_pred=args.seg_pred,
+            crop_border=args.crop_border,
+            y_channel=not args.rgb,
+            niqe_params=niqe_params,
+            use_pyiqa=not args.no_pyiqa,
+            name=args.name,
+        )
     except errors as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -32,8 +32,7 @@ def list_images(path: str | os.PathLike) -> list[Path]:
         return [path]
     if not path.is_dir():
         raise FileNotFoundError(f"input not found: {path}")
-    return sorted(p for p in path.iterdir()
-                  if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    return sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
 def _to_uint8_rgb(img: Image.Image) -> np.ndarray:
@@ -86,8 +85,10 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     finally:
         Image.MAX_IMAGE_PIXELS = old_limit
     if min(arr.shape[:2]) < MIN_SIDE:
-        raise ImageError(f"{path}: too small ({arr.shape[1]}x{arr.shape[0]} px; need at least "
-                         f"{MIN_SIDE} px per side)")
+        raise ImageError(
+            f"{path}: too small ({arr.shape[1]}x{arr.shape[0]} px; need at least "
+            f"{MIN_SIDE} px per side)"
+        )
     return arr
 
 

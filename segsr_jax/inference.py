@@ -54,14 +54,14 @@ class SampleOptions:
     sampler: str = "ddpm"
     steps: int = 50
     guidance: float = 5.5
-    prompt: str = "clean, high-resolution, 8k"            # SeeSR's positive suffix
+    prompt: str = "clean, high-resolution, 8k"  # SeeSR's positive suffix
     negative_prompt: str = "dotted, noise, blur, lowres, smooth"  # SeeSR's negative prompt
     tile: int = 96
     tile_overlap: int = 32
-    tiles_per_call: int = 4        # Restorer.options: 1 on CPU (default_tiles_per_call)
+    tiles_per_call: int = 4  # Restorer.options: 1 on CPU (default_tiles_per_call)
     color_fix: str = "adain"
     min_side: int = 128
-    seg_prior: str = "diffusion"   # SegSR; "fixed" / "none": ablations (sampling.SEG_PRIORS)
+    seg_prior: str = "diffusion"  # SegSR; "fixed" / "none": ablations (sampling.SEG_PRIORS)
 
 
 class Restorer:
@@ -73,8 +73,13 @@ class Restorer:
     (otherwise every data group samples the whole batch).
     """
 
-    def __init__(self, model: SegSR, tokenizer, defaults: dict | None = None,
-                 mesh: jax.sharding.Mesh | None = None):
+    def __init__(
+        self,
+        model: SegSR,
+        tokenizer,
+        defaults: dict | None = None,
+        mesh: jax.sharding.Mesh | None = None,
+    ):
         self.config: SegSRConfig = model.config
         # Weights in their compute dtype once (bfloat16: half the memory, no casts per step).
         self.graphdef, self.state = nnx.split(layers.inference_weights(model))
@@ -84,12 +89,18 @@ class Restorer:
         self.defaults = dict(defaults or {})
         self._compiled: dict = {}
         self._contexts: dict = {}
-        self._encode = jax.jit(lambda state, ids: nnx.merge(self.graphdef, state)
-                               .encode_prompts(ids))
+        self._encode = jax.jit(
+            lambda state, ids: nnx.merge(self.graphdef, state).encode_prompts(ids)
+        )
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, dtype: str = "float32", fsdp: int = 1,
-                        rules: parallel.ShardingRules = parallel.FSDP_RULES) -> Restorer:
+    def from_checkpoint(
+        cls,
+        path: str | Path,
+        dtype: str = "float32",
+        fsdp: int = 1,
+        rules: parallel.ShardingRules = parallel.FSDP_RULES,
+    ) -> Restorer:
         """Load a checkpoint folder (its config decides the architecture; its ``tokenizer/``
         sub-folder the prompts' tokens). ``path`` may be a ``gs://`` URI.
 
@@ -107,24 +118,32 @@ class Restorer:
         mesh = None
         if fsdp > 1:
             if jax.device_count() % fsdp:
-                raise ValueError(f"--fsdp {fsdp} does not divide the {jax.device_count()} "
-                                 f"devices ({jax.default_backend()})")
+                raise ValueError(
+                    f"--fsdp {fsdp} does not divide the {jax.device_count()} "
+                    f"devices ({jax.default_backend()})"
+                )
             mesh = parallel.make_mesh(-1, fsdp)
 
         def build(cfg: dict) -> SegSR:
             if "model" not in cfg:
                 raise checkpoint.CheckpointMismatchError(
-                    f"{path}: the checkpoint config has no 'model' section")
+                    f"{path}: the checkpoint config has no 'model' section"
+                )
             # Built under eval_shape only: ShapeOnlyRngs keeps that linear in model size.
-            return SegSR(SegSRConfig.from_dict(cfg["model"]), dtype=DTYPES[dtype],
-                         rngs=ShapeOnlyRngs())
+            return SegSR(
+                SegSRConfig.from_dict(cfg["model"]), dtype=DTYPES[dtype], rngs=ShapeOnlyRngs()
+            )
 
-        shardings = None if mesh is None else (
-            lambda target: parallel.tree_shardings(target, mesh, rules))
+        shardings = (
+            None if mesh is None else (lambda target: parallel.tree_shardings(target, mesh, rules))
+        )
         model, cfg = checkpoint.restore_model(path, build, shardings=shardings)
         # A gs:// checkpoint (Orbax reads it natively) keeps its tokenizer there too.
-        folder = f"{str(path).rstrip('/')}/tokenizer" if workdir.is_remote(path) else (
-            Path(path) / "tokenizer")
+        folder = (
+            f"{str(path).rstrip('/')}/tokenizer"
+            if workdir.is_remote(path)
+            else (Path(path) / "tokenizer")
+        )
         tokenizer = workdir.load_tokenizer(folder)
         return cls(model, tokenizer, defaults=cfg.get("sampling", {}), mesh=mesh)
 
@@ -154,16 +173,23 @@ class Restorer:
         when ``n`` divides over them, else ``(None, None)`` (one device)."""
         if self.mesh is not None:
             split = n % self.mesh.shape["data"] == 0
-            return self.mesh, (parallel.batch_sharding(self.mesh) if split
-                               else parallel.replicated(self.mesh))
+            return self.mesh, (
+                parallel.batch_sharding(self.mesh) if split else parallel.replicated(self.mesh)
+            )
         ndev = jax.device_count()
         if ndev > 1 and n % ndev == 0:
             mesh = parallel.make_mesh()
             return mesh, parallel.batch_sharding(mesh)
         return None, None
 
-    def restore_batch(self, lqs: list[np.ndarray], work_hw: tuple[int, int],
-                      options: SampleOptions, seed: int = 0, record_labels: bool = False):
+    def restore_batch(
+        self,
+        lqs: list[np.ndarray],
+        work_hw: tuple[int, int],
+        options: SampleOptions,
+        seed: int = 0,
+        record_labels: bool = False,
+    ):
         """Super-resolve a batch of same-size LQ images.
 
         Args:
@@ -188,33 +214,42 @@ class Restorer:
             mode = "reflect" if ph < h and pw < w else "edge"
             batch = np.pad(batch, ((0, 0), (0, ph), (0, pw), (0, 0)), mode=mode)
         guided = options.guidance != 1.0
-        plan = sampling.make_plan(batch.shape[1:3], f, tile=options.tile,
-                                  overlap=options.tile_overlap,
-                                  tiles_per_call=options.tiles_per_call, guidance=guided,
-                                  color_fix=options.color_fix, seg_prior=options.seg_prior,
-                                  record_labels=record_labels)
+        plan = sampling.make_plan(
+            batch.shape[1:3],
+            f,
+            tile=options.tile,
+            overlap=options.tile_overlap,
+            tiles_per_call=options.tiles_per_call,
+            guidance=guided,
+            color_fix=options.color_fix,
+            seg_prior=options.seg_prior,
+            record_labels=record_labels,
+        )
         sched = samplers.make_schedule(
-            options.sampler, options.steps,
-            NoiseConfig(prediction_type=self.config.prediction_type))
+            options.sampler, options.steps, NoiseConfig(prediction_type=self.config.prediction_type)
+        )
         mesh, batch_sharding = self._placement(n)
         ctx = self._context(options.prompt, n)
         uctx = self._context(options.negative_prompt, n) if guided else None
         key = jax.random.key(seed)
         lq = jnp.asarray(batch)
-        if batch_sharding is not None:   # contexts from sharded text weights come out sharded
+        if batch_sharding is not None:  # contexts from sharded text weights come out sharded
             lq, ctx, uctx = jax.device_put((lq, ctx, uctx), batch_sharding)
         args = (self.state, lq, ctx, uctx, jnp.float32(options.guidance), sched, key)
         cache_key = (plan, n, options.steps, options.sampler, mesh is not None)
         compile_s = 0.0
         if cache_key not in self._compiled:
             t0 = time.perf_counter()
-            fn = sampling.make_sample_fn(self.graphdef, plan, mesh, self._state_shardings,
-                                         batch_sharding)
+            fn = sampling.make_sample_fn(
+                self.graphdef, plan, mesh, self._state_shardings, batch_sharding
+            )
             self._compiled[cache_key] = fn.lower(*args).compile()
             compile_s = time.perf_counter() - t0
         out = jax.device_get(wait_ready(self._compiled[cache_key](*args)))
         lh, lw = math.ceil(h / f), math.ceil(w / f)
-        results = [(images.from_unit_range(out.image[i, :h, :w]), out.labels[i, :lh, :lw])
-                   + ((out.trajectory[i, :, :lh, :lw],) if record_labels else ())
-                   for i in range(n)]
+        results = [
+            (images.from_unit_range(out.image[i, :h, :w]), out.labels[i, :lh, :lw])
+            + ((out.trajectory[i, :, :lh, :lw],) if record_labels else ())
+            for i in range(n)
+        ]
         return results, compile_s

@@ -41,7 +41,7 @@ def _normalize(f: jax.Array) -> jax.Array:
 def _max_pool(x: jax.Array) -> jax.Array:
     """2x2, stride 2, odd rows / columns dropped (PyTorch's ``MaxPool2d(2, 2)``)."""
     b, h, w, c = x.shape
-    x = x[:, :h // 2 * 2, :w // 2 * 2]
+    x = x[:, : h // 2 * 2, : w // 2 * 2]
     return x.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
 
 
@@ -80,10 +80,11 @@ class LPIPS(nnx.Module):
     def layer_distances(self, x: jax.Array, y: jax.Array) -> jax.Array:
         """Per-layer terms ``[B, 5]`` whose sum over the last axis is the distance."""
         if x.shape != y.shape or x.shape[-1] != 3:
-            raise ValueError(f"LPIPS needs two [B, H, W, 3] images of one shape, got {x.shape} "
-                             f"and {y.shape}")
+            raise ValueError(
+                f"LPIPS needs two [B, H, W, 3] images of one shape, got {x.shape} and {y.shape}"
+            )
         b = x.shape[0]
-        feats = self.features(jnp.concatenate([x, y]))   # one pass for both images
+        feats = self.features(jnp.concatenate([x, y]))  # one pass for both images
         terms = []
         for f, lin in zip(feats, self.lins, strict=True):
             d = (_normalize(f[:b]) - _normalize(f[b:])) ** 2
@@ -106,12 +107,15 @@ def load_lpips(path: str | os.PathLike | None = None, dtype=jnp.float32) -> LPIP
 
     folder = Path(path) if path is not None else model_dir("lpips")
     if not (folder / "model.safetensors").is_file():
-        raise CheckpointError(f"{folder}: no model.safetensors (run `python -m "
-                              "segsr_jax.weights.fetch lpips` to create it)")
+        raise CheckpointError(
+            f"{folder}: no model.safetensors (run `python -m "
+            "segsr_jax.weights.fetch lpips` to create it)"
+        )
     cfg = folder / "config.json"
     if cfg.is_file():
         net = json.loads(cfg.read_text()).get("model", {}).get("net", "vgg16")
         if net != "vgg16":
             raise CheckpointError(f"{folder}: LPIPS net {net!r}; only vgg16 is implemented")
-    return load_state_dict(lambda: LPIPS(dtype=dtype, rngs=nnx.Rngs(0)), read_tensors(folder),
-                           source=str(folder))
+    return load_state_dict(
+        lambda: LPIPS(dtype=dtype, rngs=nnx.Rngs(0)), read_tensors(folder), source=str(folder)
+    )

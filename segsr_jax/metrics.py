@@ -32,8 +32,8 @@ SSIM_SIGMA = 1.5
 SSIM_K1, SSIM_K2 = 0.01, 0.03
 DATA_RANGE = 255.0
 
-NIQE_BLOCK = 96          # patch side of the NIQE model (Mittal et al. 2013)
-NIQE_SHARPNESS = 0.75    # patches kept when fitting: sharpness > 0.75 * the image's maximum
+NIQE_BLOCK = 96  # patch side of the NIQE model (Mittal et al. 2013)
+NIQE_SHARPNESS = 0.75  # patches kept when fitting: sharpness > 0.75 * the image's maximum
 
 
 def rgb_to_y(img_u8: np.ndarray) -> np.ndarray:
@@ -51,8 +51,9 @@ def _prepare(a: np.ndarray, b: np.ndarray, crop_border: int, y_channel: bool):
     if a.shape != b.shape:
         raise ValueError(f"image sizes differ: {a.shape} vs {b.shape}")
     if crop_border < 0 or 2 * crop_border >= min(a.shape[:2]):
-        raise ValueError(f"crop_border {crop_border} leaves nothing of a "
-                         f"{a.shape[1]}x{a.shape[0]} image")
+        raise ValueError(
+            f"crop_border {crop_border} leaves nothing of a {a.shape[1]}x{a.shape[0]} image"
+        )
     if crop_border:
         a = a[crop_border:-crop_border, crop_border:-crop_border]
         b = b[crop_border:-crop_border, crop_border:-crop_border]
@@ -109,16 +110,19 @@ def ssim(a: np.ndarray, b: np.ndarray, crop_border: int, y_channel: bool = True)
     averaged; on the float Y channel, or the mean over R, G and B with ``y_channel=False``."""
     a, b = _prepare(a, b, crop_border, y_channel)
     if min(a.shape[:2]) < SSIM_WINDOW:
-        raise ValueError(f"SSIM needs at least {SSIM_WINDOW}x{SSIM_WINDOW} pixels after the "
-                         f"border crop, got {a.shape[1]}x{a.shape[0]}")
+        raise ValueError(
+            f"SSIM needs at least {SSIM_WINDOW}x{SSIM_WINDOW} pixels after the "
+            f"border crop, got {a.shape[1]}x{a.shape[0]}"
+        )
     return float(np.mean([_ssim_channel(a[..., c], b[..., c]) for c in range(a.shape[-1])]))
 
 
 # --- Segmentation ------------------------------------------------------------------------
 
 
-def confusion(pred_labels: np.ndarray, true_labels: np.ndarray, num_classes: int,
-              ignore: int = 255) -> np.ndarray:
+def confusion(
+    pred_labels: np.ndarray, true_labels: np.ndarray, num_classes: int, ignore: int = 255
+) -> np.ndarray:
     """Confusion matrix ``[K, K]`` (int64; rows: true class, columns: predicted class) of two
     label maps ``[H, W]``, skipping pixels whose true label is ``ignore``.
 
@@ -216,8 +220,11 @@ def _imresize_matrix(n_in: int, scale: float) -> np.ndarray:
     left = np.floor(u - width / 2)
     idx = left[:, None] + np.arange(int(np.ceil(width)) + 2)[None]
     d = np.abs(stretch * (u[:, None] - idx))
-    cubic = np.where(d <= 1, 1.5 * d**3 - 2.5 * d**2 + 1,
-                     np.where(d <= 2, -0.5 * d**3 + 2.5 * d**2 - 4 * d + 2, 0.0))
+    cubic = np.where(
+        d <= 1,
+        1.5 * d**3 - 2.5 * d**2 + 1,
+        np.where(d <= 2, -0.5 * d**3 + 2.5 * d**2 - 4 * d + 2, 0.0),
+    )
     w = stretch * cubic
     w /= w.sum(1, keepdims=True)
     mirror = np.concatenate([np.arange(n_in), np.arange(n_in)[::-1]])
@@ -233,23 +240,24 @@ def _niqe_features(y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     block's mean local deviation at full resolution."""
     nh, nw = y.shape[0] // NIQE_BLOCK, y.shape[1] // NIQE_BLOCK
     if nh == 0 or nw == 0:
-        raise ValueError(f"NIQE needs at least {NIQE_BLOCK}x{NIQE_BLOCK} pixels, got "
-                         f"{y.shape[1]}x{y.shape[0]}")
+        raise ValueError(
+            f"NIQE needs at least {NIQE_BLOCK}x{NIQE_BLOCK} pixels, got {y.shape[1]}x{y.shape[0]}"
+        )
     img = np.asarray(y, np.float64)[: nh * NIQE_BLOCK, : nw * NIQE_BLOCK]
     feats, sharpness = [], None
     for scale in (1, 2):
         # MSCN coefficients (Eq. 1), filtered with edge replication as MATLAB's 'replicate'.
         mu = ndimage.correlate(img, _niqe_window(), mode="nearest")
-        sigma = np.sqrt(np.abs(ndimage.correlate(img * img, _niqe_window(), mode="nearest")
-                               - mu * mu))
+        sigma = np.sqrt(
+            np.abs(ndimage.correlate(img * img, _niqe_window(), mode="nearest") - mu * mu)
+        )
         mscn = (img - mu) / (sigma + 1)
         b = NIQE_BLOCK // scale
         blocks = mscn.reshape(nh, b, nw, b).transpose(0, 2, 1, 3).reshape(-1, b, b)
         feats.append(_block_features(blocks))
         if scale == 1:
             sharpness = sigma.reshape(nh, b, nw, b).mean((1, 3)).ravel()
-            img = _imresize_matrix(img.shape[0], 0.5) @ img @ _imresize_matrix(img.shape[1],
-                                                                              0.5).T
+            img = _imresize_matrix(img.shape[0], 0.5) @ img @ _imresize_matrix(img.shape[1], 0.5).T
     return np.concatenate(feats, 1), sharpness
 
 
@@ -257,13 +265,15 @@ def _nan_mean_cov(feats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``nanmean`` and MATLAB ``nancov`` (rows with a NaN dropped; zeros below two rows)."""
     mu = np.nanmean(feats, 0)
     rows = feats[~np.isnan(feats).any(1)]
-    cov = (np.cov(rows, rowvar=False) if len(rows) > 1
-           else np.zeros((feats.shape[1], feats.shape[1])))
+    cov = (
+        np.cov(rows, rowvar=False) if len(rows) > 1 else np.zeros((feats.shape[1], feats.shape[1]))
+    )
     return mu, cov
 
 
-def niqe(img_u8: np.ndarray, mu_prisparam: np.ndarray, cov_prisparam: np.ndarray,
-         crop_border: int = 0) -> float:
+def niqe(
+    img_u8: np.ndarray, mu_prisparam: np.ndarray, cov_prisparam: np.ndarray, crop_border: int = 0
+) -> float:
     """NIQE (lower is better) of a uint8 RGB image ``[H, W, 3]`` against a pristine model.
 
     As the MATLAB release (``computequality.m``): the image is cut into 96x96 blocks without
@@ -283,8 +293,9 @@ def niqe(img_u8: np.ndarray, mu_prisparam: np.ndarray, cov_prisparam: np.ndarray
     return float(np.sqrt(d @ np.linalg.pinv((np.asarray(cov_prisparam) + cov) / 2) @ d))
 
 
-def fit_niqe_params(images: list[np.ndarray],
-                    sharpness_threshold: float = NIQE_SHARPNESS) -> dict[str, np.ndarray]:
+def fit_niqe_params(
+    images: list[np.ndarray], sharpness_threshold: float = NIQE_SHARPNESS
+) -> dict[str, np.ndarray]:
     """Fit a pristine NIQE model to uint8 RGB images (the release's ``estimatemodelparam``):
     the blocks of each image sharper than ``sharpness_threshold`` times its sharpest block are
     pooled. Returns ``{"mu_prisparam": [36], "cov_prisparam": [36, 36]}``."""

@@ -33,8 +33,7 @@ def make_mesh(data: int = -1, fsdp: int = 1, devices=None) -> Mesh:
             raise ValueError(f"{n} devices cannot be split into fsdp={fsdp} groups")
         data = n // fsdp
     if data * fsdp != n:
-        raise ValueError(f"mesh data={data} x fsdp={fsdp} needs {data * fsdp} devices, "
-                         f"have {n}")
+        raise ValueError(f"mesh data={data} x fsdp={fsdp} needs {data * fsdp} devices, have {n}")
     grid = np.asarray(devices, dtype=object).reshape(data, fsdp)
     return Mesh(grid, AXES, axis_types=(AxisType.Auto, AxisType.Auto))
 
@@ -93,12 +92,14 @@ class ShardingRules:
 # and linear kernels, the text encoder's projections and its token embedding split their
 # output (or vocabulary) axis over 'fsdp'; small leaves stay replicated.
 FSDP_RULES = ShardingRules(
-    param_axes=((r"(unet|controlnet)/.*kernel$", ("in", "out")),
-                (r"text_encoder/.*(q_proj|k_proj|v_proj|out_proj|fc1|fc2)/kernel$",
-                 ("in", "out")),
-                (r"text_encoder/.*token_embedding/embedding$", ("vocab", "embed"))),
+    param_axes=(
+        (r"(unet|controlnet)/.*kernel$", ("in", "out")),
+        (r"text_encoder/.*(q_proj|k_proj|v_proj|out_proj|fc1|fc2)/kernel$", ("in", "out")),
+        (r"text_encoder/.*token_embedding/embedding$", ("vocab", "embed")),
+    ),
     logical_rules=(("in", None), ("out", "fsdp"), ("vocab", "fsdp"), ("embed", None)),
-    min_size=2**18)
+    min_size=2**18,
+)
 
 
 def path_str(path) -> str:
@@ -127,8 +128,7 @@ def logical_axes(path: str, ndim: int, rules: ShardingRules) -> tuple[str | None
     return (None,) * ndim
 
 
-def partition_spec(path: str, shape: tuple[int, ...], mesh: Mesh,
-                   rules: ShardingRules) -> P:
+def partition_spec(path: str, shape: tuple[int, ...], mesh: Mesh, rules: ShardingRules) -> P:
     """The PartitionSpec of one leaf under ``rules`` on ``mesh``."""
     if math.prod(shape) < rules.min_size:
         return P()
@@ -152,13 +152,17 @@ def tree_shardings(tree, mesh: Mesh, rules: ShardingRules, prefix: str = ""):
     """``NamedSharding`` of every leaf of ``tree`` (arrays or ShapeDtypeStructs) by its path;
     ``prefix`` is prepended to the paths (e.g. ``"opt_state/"``)."""
     return jax.tree_util.tree_map_with_path(
-        lambda p, x: NamedSharding(mesh, partition_spec(prefix + path_str(p), tuple(x.shape),
-                                                        mesh, rules)), tree)
+        lambda p, x: NamedSharding(
+            mesh, partition_spec(prefix + path_str(p), tuple(x.shape), mesh, rules)
+        ),
+        tree,
+    )
 
 
 def place(tree, shardings):
     """Global arrays with ``shardings`` from values every process holds in full (e.g. params
     initialised from the same seed); each device receives only its own shard."""
+
     def put(x, s):
         x = np.asarray(x)
         return jax.make_array_from_callback(x.shape, s, lambda index: x[index])

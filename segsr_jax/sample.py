@@ -38,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-DEFAULT_PROMPT = "clean, high-resolution, 8k"            # SeeSR's positive suffix
+DEFAULT_PROMPT = "clean, high-resolution, 8k"  # SeeSR's positive suffix
 DEFAULT_NEGATIVE = "dotted, noise, blur, lowres, smooth"  # SeeSR's negative prompt
 # (segsr_jax.inference.SampleOptions holds the same defaults; this module avoids importing
 # JAX before the arguments are parsed, so --help is instant.)
@@ -58,57 +58,116 @@ def bundled_paths() -> tuple[Path, Path]:
 def parse_args(argv=None) -> argparse.Namespace:
     """The command-line flags (see ``--help``)."""
     ckpt, demo = bundled_paths()
-    p = argparse.ArgumentParser(prog="python -m segsr_jax.sample", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", default=str(ckpt),
-                   help="SegSR checkpoint folder (from segsr_jax.convert or training); "
-                        "default: the bundled tiny model")
+    p = argparse.ArgumentParser(
+        prog="python -m segsr_jax.sample",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--checkpoint",
+        default=str(ckpt),
+        help="SegSR checkpoint folder (from segsr_jax.convert or training); "
+        "default: the bundled tiny model",
+    )
     p.add_argument("--input", default=str(demo), help="an image file or a folder of images")
     p.add_argument("--output", default="outputs/sample", help="output folder")
     p.add_argument("--upscale", type=float, default=4.0, help="output size / input size")
-    p.add_argument("--steps", type=int, default=None,
-                   help="denoising steps (default: the checkpoint's, else 50)")
-    p.add_argument("--sampler", default=None, choices=("ddpm", "ddim", "dpmpp_2m"),
-                   help="default: the checkpoint's, else ddpm (SeeSR)")
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="denoising steps (default: the checkpoint's, else 50)",
+    )
+    p.add_argument(
+        "--sampler",
+        default=None,
+        choices=("ddpm", "ddim", "dpmpp_2m"),
+        help="default: the checkpoint's, else ddpm (SeeSR)",
+    )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--tile", type=int, default=None,
-                   help="latent tile size (default: the checkpoint's, else 96)")
-    p.add_argument("--tile-overlap", type=int, default=None,
-                   help="latent tile overlap (default: the checkpoint's, else 32)")
-    p.add_argument("--tiles-per-call", type=int, default=None,
-                   help="tiles denoised together (memory vs. speed; default: the "
-                        "checkpoint's, else 1 on CPU, where more is slower, and 4 on GPU/TPU)")
-    p.add_argument("--color-fix", default=None, choices=("adain", "wavelet", "none"),
-                   help="default: the checkpoint's, else adain")
-    p.add_argument("--min-side", type=int, default=None,
-                   help="LQ inputs with a shorter side are enlarged to it first (default: the "
-                        "checkpoint's, else 128 as SeeSR)")
-    p.add_argument("--prompt", default=None,
-                   help=f"default: the checkpoint's, else {DEFAULT_PROMPT!r} (SeeSR)")
-    p.add_argument("--negative-prompt", default=None,
-                   help=f"default: the checkpoint's, else {DEFAULT_NEGATIVE!r} (SeeSR)")
-    p.add_argument("--guidance", type=float, default=None,
-                   help="text guidance scale (default: the checkpoint's, else 5.5)")
-    p.add_argument("--seg-prior", default=None, choices=("diffusion", "fixed", "none"),
-                   help="segmentation guidance: diffusion (SegSR: SegDM refined jointly), fixed "
-                        "(the LQ segmenter's map), none (SRDM alone); with fixed and none the "
-                        "written segmentation is the LQ segmenter's; default: the checkpoint's, "
-                        "else diffusion")
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
-                   help="compute dtype; bfloat16 also stores the conv / dense / embedding "
-                        "weights in bfloat16 (norms stay float32): half the memory, for "
-                        "GPU/TPU; on CPU it is slower than float32")
-    p.add_argument("--fsdp", type=int, default=1,
-                   help="shard the model's weights over this many devices (FSDP) for a model "
-                        "that does not fit one; the device count must be a multiple of it, "
-                        "and a batch is split over the remaining devices (default 1: every "
-                        "device holds the whole model)")
-    p.add_argument("--batch-size", type=int, default=1,
-                   help="images of the same size sampled together")
+    p.add_argument(
+        "--tile",
+        type=int,
+        default=None,
+        help="latent tile size (default: the checkpoint's, else 96)",
+    )
+    p.add_argument(
+        "--tile-overlap",
+        type=int,
+        default=None,
+        help="latent tile overlap (default: the checkpoint's, else 32)",
+    )
+    p.add_argument(
+        "--tiles-per-call",
+        type=int,
+        default=None,
+        help="tiles denoised together (memory vs. speed; default: the "
+        "checkpoint's, else 1 on CPU, where more is slower, and 4 on GPU/TPU)",
+    )
+    p.add_argument(
+        "--color-fix",
+        default=None,
+        choices=("adain", "wavelet", "none"),
+        help="default: the checkpoint's, else adain",
+    )
+    p.add_argument(
+        "--min-side",
+        type=int,
+        default=None,
+        help="LQ inputs with a shorter side are enlarged to it first (default: the "
+        "checkpoint's, else 128 as SeeSR)",
+    )
+    p.add_argument(
+        "--prompt", default=None, help=f"default: the checkpoint's, else {DEFAULT_PROMPT!r} (SeeSR)"
+    )
+    p.add_argument(
+        "--negative-prompt",
+        default=None,
+        help=f"default: the checkpoint's, else {DEFAULT_NEGATIVE!r} (SeeSR)",
+    )
+    p.add_argument(
+        "--guidance",
+        type=float,
+        default=None,
+        help="text guidance scale (default: the checkpoint's, else 5.5)",
+    )
+    p.add_argument(
+        "--seg-prior",
+        default=None,
+        choices=("diffusion", "fixed", "none"),
+        help="segmentation guidance: diffusion (SegSR: SegDM refined jointly), fixed "
+        "(the LQ segmenter's map), none (SRDM alone); with fixed and none the "
+        "written segmentation is the LQ segmenter's; default: the checkpoint's, "
+        "else diffusion",
+    )
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        choices=("float32", "bfloat16"),
+        help="compute dtype; bfloat16 also stores the conv / dense / embedding "
+        "weights in bfloat16 (norms stay float32): half the memory, for "
+        "GPU/TPU; on CPU it is slower than float32",
+    )
+    p.add_argument(
+        "--fsdp",
+        type=int,
+        default=1,
+        help="shard the model's weights over this many devices (FSDP) for a model "
+        "that does not fit one; the device count must be a multiple of it, "
+        "and a batch is split over the remaining devices (default 1: every "
+        "device holds the whole model)",
+    )
+    p.add_argument(
+        "--batch-size", type=int, default=1, help="images of the same size sampled together"
+    )
     p.add_argument("--overwrite", action="store_true", help="redo images already done")
-    p.add_argument("--cache-dir", default=os.environ.get(
-        "SEGSR_JAX_CACHE", str(Path.home() / ".cache" / "segsr_jax" / "xla")),
-        help="persistent XLA compilation cache ('' to disable)")
+    p.add_argument(
+        "--cache-dir",
+        default=os.environ.get(
+            "SEGSR_JAX_CACHE", str(Path.home() / ".cache" / "segsr_jax" / "xla")
+        ),
+        help="persistent XLA compilation cache ('' to disable)",
+    )
     args = p.parse_args(argv)
     if not (math.isfinite(args.upscale) and args.upscale > 0):
         p.error(f"--upscale must be a positive number, not {args.upscale}")
@@ -122,8 +181,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--min-side must be >= 0, not {args.min_side}")
     if args.tile_overlap is not None and args.tile_overlap < 0:
         p.error(f"--tile-overlap must be >= 0, not {args.tile_overlap}")
-    if args.tile is not None and args.tile_overlap is not None and \
-            args.tile_overlap >= args.tile:
+    if args.tile is not None and args.tile_overlap is not None and args.tile_overlap >= args.tile:
         p.error("--tile-overlap must be in [0, --tile)")
     return args
 
@@ -133,7 +191,7 @@ class Job:
     """One input image on its way through the sampler."""
 
     path: Path
-    lq: np.ndarray          # uint8 [h, w, 3] as read
+    lq: np.ndarray  # uint8 [h, w, 3] as read
     out_hw: tuple[int, int]  # final output size (upscale x input)
     work_hw: tuple[int, int]  # size the model sees (before padding)
 
@@ -153,8 +211,10 @@ def output_names(files: list[Path]) -> dict[Path, str]:
     same stem (compared case-insensitively, as some file systems do), so none overwrites
     another's outputs."""
     counts = collections.Counter(f.stem.casefold() for f in files)
-    return {f: f"{f.stem}_{f.suffix.lstrip('.')}" if counts[f.stem.casefold()] > 1 else f.stem
-            for f in files}
+    return {
+        f: f"{f.stem}_{f.suffix.lstrip('.')}" if counts[f.stem.casefold()] > 1 else f.stem
+        for f in files
+    }
 
 
 def outputs_of(out_dir: Path, name: str) -> list[Path]:
@@ -208,8 +268,11 @@ def main(argv=None) -> int:
         return run(args, progress)
     except KeyboardInterrupt:
         # Outputs are written atomically: nothing partial is left, and a rerun resumes.
-        print(f"interrupted: {progress.written} of {progress.total} images written; rerun the "
-              "same command to resume", file=sys.stderr)
+        print(
+            f"interrupted: {progress.written} of {progress.total} images written; rerun the "
+            "same command to resume",
+            file=sys.stderr,
+        )
         return 130
     finally:
         if in_main_thread:
@@ -230,25 +293,32 @@ def run(args: argparse.Namespace, progress: Progress) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if not files:
-        print(f"error: no images ({', '.join(images.IMAGE_SUFFIXES)}) in {args.input}",
-              file=sys.stderr)
+        print(
+            f"error: no images ({', '.join(images.IMAGE_SUFFIXES)}) in {args.input}",
+            file=sys.stderr,
+        )
         return 2
     # Before loading the model, so that a wrong --output fails in a second, not after sampling.
     out_dir = Path(args.output)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        print(f"error: cannot use --output {out_dir} as the output folder: {e}",
-              file=sys.stderr)
+        print(f"error: cannot use --output {out_dir} as the output folder: {e}", file=sys.stderr)
         return 2
     names = output_names(files)
     renamed = [f for f in files if names[f] != f.stem]
     if renamed:
         shown = ", ".join(f.name for f in renamed[:6]) + (", ..." if len(renamed) > 6 else "")
-        print(f"note: inputs with the same name ({shown}) get their extension in their output "
-              f"names, e.g. {renamed[0].name} -> {names[renamed[0]]}_sr.png", file=sys.stderr)
-    todo = [f for f in files
-            if args.overwrite or not all(p.exists() for p in outputs_of(out_dir, names[f]))]
+        print(
+            f"note: inputs with the same name ({shown}) get their extension in their output "
+            f"names, e.g. {renamed[0].name} -> {names[renamed[0]]}_sr.png",
+            file=sys.stderr,
+        )
+    todo = [
+        f
+        for f in files
+        if args.overwrite or not all(p.exists() for p in outputs_of(out_dir, names[f]))
+    ]
     skipped = len(files) - len(todo)
     if skipped:
         print(f"skipping {skipped} image(s) already done in {out_dir} (--overwrite to redo)")
@@ -256,22 +326,34 @@ def run(args: argparse.Namespace, progress: Progress) -> int:
         return 0
     progress.total = len(todo)
     try:
-        restorer = Restorer.from_checkpoint(args.checkpoint, dtype=args.dtype,
-                                            fsdp=args.fsdp)
+        restorer = Restorer.from_checkpoint(args.checkpoint, dtype=args.dtype, fsdp=args.fsdp)
     except (OSError, ValueError) as e:
         print(f"error: cannot load checkpoint {args.checkpoint}: {e}", file=sys.stderr)
         return 2
-    options = restorer.options(steps=args.steps, sampler=args.sampler, guidance=args.guidance,
-                               prompt=args.prompt, negative_prompt=args.negative_prompt,
-                               tile=args.tile, tile_overlap=args.tile_overlap,
-                               tiles_per_call=args.tiles_per_call, color_fix=args.color_fix,
-                               min_side=args.min_side, seg_prior=args.seg_prior)
-    if not 0 <= options.tile_overlap < options.tile:   # one of them from the checkpoint
-        print(f"error: tile overlap {options.tile_overlap} must be in [0, tile {options.tile}) "
-              "(--tile, --tile-overlap)", file=sys.stderr)
+    options = restorer.options(
+        steps=args.steps,
+        sampler=args.sampler,
+        guidance=args.guidance,
+        prompt=args.prompt,
+        negative_prompt=args.negative_prompt,
+        tile=args.tile,
+        tile_overlap=args.tile_overlap,
+        tiles_per_call=args.tiles_per_call,
+        color_fix=args.color_fix,
+        min_side=args.min_side,
+        seg_prior=args.seg_prior,
+    )
+    if not 0 <= options.tile_overlap < options.tile:  # one of them from the checkpoint
+        print(
+            f"error: tile overlap {options.tile_overlap} must be in [0, tile {options.tile}) "
+            "(--tile, --tile-overlap)",
+            file=sys.stderr,
+        )
         return 2
-    print(f"model: {args.checkpoint} | sampler {options.sampler}, {options.steps} steps, "
-          f"guidance {options.guidance}, seg prior {options.seg_prior}, {args.dtype}")
+    print(
+        f"model: {args.checkpoint} | sampler {options.sampler}, {options.steps} steps, "
+        f"guidance {options.guidance}, seg prior {options.seg_prior}, {args.dtype}"
+    )
 
     from tqdm import tqdm
 
@@ -279,32 +361,40 @@ def run(args: argparse.Namespace, progress: Progress) -> int:
     jobs: list[Job] = []
     for path in todo:
         try:
-            jobs.append(plan_job(path, images.read_image(path), args.upscale,
-                                 options.min_side))
+            jobs.append(plan_job(path, images.read_image(path), args.upscale, options.min_side))
         except images.ImageError as e:
             print(f"error: {e}", file=sys.stderr)
             failed += 1
     # Same-size images share a compiled program and may share a batch.
     jobs.sort(key=lambda j: j.work_hw)
-    batches = [chunk[i:i + args.batch_size]
-               for _, group in itertools.groupby(jobs, key=lambda j: j.work_hw)
-               for chunk in [list(group)] for i in range(0, len(chunk), args.batch_size)]
+    batches = [
+        chunk[i : i + args.batch_size]
+        for _, group in itertools.groupby(jobs, key=lambda j: j.work_hw)
+        for chunk in [list(group)]
+        for i in range(0, len(chunk), args.batch_size)
+    ]
     latent_factor = restorer.config.latent_factor
-    max_batch = args.batch_size      # lowered to 1 after an out-of-memory (see shrink_after_oom)
+    max_batch = args.batch_size  # lowered to 1 after an out-of-memory (see shrink_after_oom)
     pending = collections.deque(batches)
-    with tqdm(total=len(jobs) * options.steps, unit="step", desc="sampling",
-              disable=None, dynamic_ncols=True) as bar:
+    with tqdm(
+        total=len(jobs) * options.steps,
+        unit="step",
+        desc="sampling",
+        disable=None,
+        dynamic_ncols=True,
+    ) as bar:
         while pending:
             batch = pending.popleft()
             if len(batch) > max_batch:
-                pending.extendleft(reversed([batch[i:i + max_batch]
-                                             for i in range(0, len(batch), max_batch)]))
+                pending.extendleft(
+                    reversed([batch[i : i + max_batch] for i in range(0, len(batch), max_batch)])
+                )
                 continue
             t0 = time.perf_counter()
             try:
-                results, compile_s = restorer.restore_batch([j.lq for j in batch],
-                                                            batch[0].work_hw, options,
-                                                            seed=args.seed)
+                results, compile_s = restorer.restore_batch(
+                    [j.lq for j in batch], batch[0].work_hw, options, seed=args.seed
+                )
             except (ValueError, MemoryError) as e:
                 print(f"error: {', '.join(str(j.path) for j in batch)}: {e}", file=sys.stderr)
                 failed += len(batch)
@@ -317,8 +407,11 @@ def run(args: argparse.Namespace, progress: Progress) -> int:
                 now = describe_setting(options, len(batch), latent_hw)
                 smaller = shrink_after_oom(options, len(batch), latent_hw)
                 if smaller is None:
-                    bar.write(f"error: {', '.join(str(j.path) for j in batch)}: out of memory "
-                              f"even at {now}, the smallest setting; skipped", file=sys.stderr)
+                    bar.write(
+                        f"error: {', '.join(str(j.path) for j in batch)}: out of memory "
+                        f"even at {now}, the smallest setting; skipped",
+                        file=sys.stderr,
+                    )
                     failed += len(batch)
                     bar.update(len(batch) * options.steps)
                     continue
@@ -329,8 +422,9 @@ def run(args: argparse.Namespace, progress: Progress) -> int:
                 continue
             run_s = time.perf_counter() - t0 - compile_s
             for job, result in zip(batch, results, strict=True):
-                write_outputs(outputs_of(out_dir, names[job.path]), job, result,
-                              restorer.num_classes)
+                write_outputs(
+                    outputs_of(out_dir, names[job.path]), job, result, restorer.num_classes
+                )
                 progress.written += 1
             bar.update(len(batch) * options.steps)
             msg = f"{', '.join(j.path.name for j in batch)}: {run_s:.2f} s"
@@ -349,8 +443,7 @@ def is_out_of_memory(error: BaseException) -> bool:
     import jax
 
     text = str(error).lower()
-    return isinstance(error, jax.errors.JaxRuntimeError) and any(m in text
-                                                                 for m in OOM_MARKERS)
+    return isinstance(error, jax.errors.JaxRuntimeError) and any(m in text for m in OOM_MARKERS)
 
 
 def _tile_setting(options, latent_hw: tuple[int, int]) -> tuple[int, int]:
@@ -382,14 +475,19 @@ def shrink_after_oom(options, n_images: int, latent_hw: tuple[int, int]):
     tile, per_call = _tile_setting(options, latent_hw)
     if per_call > 1:
         fewer = per_call // 2
-        return (dataclasses.replace(options, tiles_per_call=fewer), n_images,
-                f"{fewer} tile{'s' if fewer > 1 else ''} per call")
+        return (
+            dataclasses.replace(options, tiles_per_call=fewer),
+            n_images,
+            f"{fewer} tile{'s' if fewer > 1 else ''} per call",
+        )
     smaller = max(MIN_TILE, tile // 2)
     if smaller < tile:
         overlap = options.tile_overlap * smaller // options.tile
-        return (dataclasses.replace(options, tile=smaller, tile_overlap=overlap,
-                                    tiles_per_call=1), n_images,
-                f"tile {smaller} (overlap {overlap})")
+        return (
+            dataclasses.replace(options, tile=smaller, tile_overlap=overlap, tiles_per_call=1),
+            n_images,
+            f"tile {smaller} (overlap {overlap})",
+        )
     if n_images > 1:
         return options, 1, "one image at a time"
     return None
@@ -402,8 +500,7 @@ def write_outputs(paths: list[Path], job: Job, result, num_classes: int) -> None
 
     sr, labels = result
     sr = images.resize(sr, job.out_hw)
-    labels_hr = images.resize(labels.astype(np.uint8), job.out_hw,
-                              resample=images.Image.NEAREST)
+    labels_hr = images.resize(labels.astype(np.uint8), job.out_hw, resample=images.Image.NEAREST)
     seg = images.colorize(labels_hr, num_classes)
     lq_big = images.resize(job.lq, job.out_hw, resample=images.Image.NEAREST)
     sr_p, seg_p, lab_p, sheet_p = paths

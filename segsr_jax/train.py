@@ -77,13 +77,19 @@ def missing_init_message(init_from: str, reason: str, config_file: str | None) -
     path = epath.Path(init_from)
     if path.name == "checkpoints" and config_file:
         workdir = path.parent
-        made_by = (f"it is written by run {workdir.name!r}: train that first (python -m "
-                   f"segsr_jax.train --config {config_file}:{workdir.name} --workdir {workdir})")
+        made_by = (
+            f"it is written by run {workdir.name!r}: train that first (python -m "
+            f"segsr_jax.train --config {config_file}:{workdir.name} --workdir {workdir})"
+        )
     else:
-        made_by = ("it must be a converted checkpoint (python -m segsr_jax.convert) or a "
-                   "previous run's WORKDIR/checkpoints")
-    return (f"this run starts from the checkpoint in {init_from}, which is missing ({reason}); "
-            f"{made_by}, or pass --config.init_from=DIR to start from a checkpoint elsewhere")
+        made_by = (
+            "it must be a converted checkpoint (python -m segsr_jax.convert) or a "
+            "previous run's WORKDIR/checkpoints"
+        )
+    return (
+        f"this run starts from the checkpoint in {init_from}, which is missing ({reason}); "
+        f"{made_by}, or pass --config.init_from=DIR to start from a checkpoint elsewhere"
+    )
 
 
 def validation_config(options: ConfigDict) -> ValidationConfig:
@@ -107,12 +113,19 @@ def stop_signals(enabled: bool):
     def handle(signum, frame):
         del frame
         if received and signum == signal.SIGINT:
-            print("second Ctrl-C: stopped at once; nothing saved since the last checkpoint",
-                  file=sys.stderr, flush=True)
+            print(
+                "second Ctrl-C: stopped at once; nothing saved since the last checkpoint",
+                file=sys.stderr,
+                flush=True,
+            )
             os._exit(INTERRUPTED_EXIT_CODE)  # now: no waiting for the step or any thread
         if signum == signal.SIGINT:
-            print("Ctrl-C: saving a checkpoint after this step (Ctrl-C again to stop at once, "
-                  "without saving)", file=sys.stderr, flush=True)
+            print(
+                "Ctrl-C: saving a checkpoint after this step (Ctrl-C again to stop at once, "
+                "without saving)",
+                file=sys.stderr,
+                flush=True,
+            )
         received.append(signum)
 
     previous = {s: signal.signal(s, handle) for s in (signal.SIGTERM, signal.SIGINT)}
@@ -139,9 +152,14 @@ def pipeline_config(cfg: ConfigDict, stage: str, **overrides) -> PipelineConfig:
     """The grain pipeline settings of ``cfg.data`` (stage ``vae`` needs no degradation)."""
     crop = CropConfig(size=cfg.crop_size, scale=cfg.scale, hflip=cfg.hflip)
     deg = None if stage == "vae" else DegradationConfig(scale=cfg.scale)
-    fields = dict(global_batch_size=cfg.global_batch_size, seed=cfg.seed, crop=crop,
-                  degradation=deg, num_workers=cfg.num_workers,
-                  prefetch_batches=cfg.prefetch_batches)
+    fields = dict(
+        global_batch_size=cfg.global_batch_size,
+        seed=cfg.seed,
+        crop=crop,
+        degradation=deg,
+        num_workers=cfg.num_workers,
+        prefetch_batches=cfg.prefetch_batches,
+    )
     return PipelineConfig(**{**fields, **overrides})
 
 
@@ -149,9 +167,11 @@ def sharding_rules(cfg: ConfigDict) -> parallel.ShardingRules:
     """``config.sharding`` as :class:`parallel.ShardingRules` (lists become tuples)."""
     return parallel.ShardingRules(
         param_axes=tuple((p, tuple(n)) for p, n in cfg.param_axes),
-        logical_rules=tuple((n, tuple(a) if isinstance(a, list) else a)
-                            for n, a in cfg.logical_rules),
-        min_size=cfg.min_size)
+        logical_rules=tuple(
+            (n, tuple(a) if isinstance(a, list) else a) for n, a in cfg.logical_rules
+        ),
+        min_size=cfg.min_size,
+    )
 
 
 def abstract_batch(cfg: ConfigDict, stage: str, max_length: int, sharding) -> dict:
@@ -159,8 +179,11 @@ def abstract_batch(cfg: ConfigDict, stage: str, max_length: int, sharding) -> di
     b, size, lq = cfg.global_batch_size, cfg.crop_size, cfg.crop_size // cfg.scale
     shapes = {"hr": ((b, size, size, 3), jnp.uint8)}
     if stage != "vae":
-        shapes.update(lq=((b, lq, lq, 3), jnp.uint8), label=((b, size, size), jnp.uint8),
-                      input_ids=((b, max_length), jnp.int32))
+        shapes.update(
+            lq=((b, lq, lq, 3), jnp.uint8),
+            label=((b, size, size), jnp.uint8),
+            input_ids=((b, max_length), jnp.int32),
+        )
     return {k: jax.ShapeDtypeStruct(s, d, sharding=sharding) for k, (s, d) in shapes.items()}
 
 
@@ -174,8 +197,9 @@ def setup_tokenizer(config: ConfigDict, ckpt_dir: epath.Path, max_length: int):
         if config.tokenizer == "char":
             prompts.write_char_tokenizer(dest, max_length)
         else:
-            src = epath.Path(config.init_from if config.tokenizer == "from_init"
-                             else config.tokenizer)
+            src = epath.Path(
+                config.init_from if config.tokenizer == "from_init" else config.tokenizer
+            )
             src = src / "tokenizer" if (src / "tokenizer").is_dir() else src
             workdir_lib.copy_tree(src, dest)
     multihost_utils.sync_global_devices("tokenizer written")
@@ -192,8 +216,10 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> int:
     ``workdir`` is a local folder or a ``gs://`` URI (every file goes through epath).
     """
     if config.tokenizer == "from_init" and not config.init_from:
-        raise ValueError("this config starts from a converted checkpoint (tokenizer "
-                         "'from_init'): pass --config.init_from=CHECKPOINT_DIR")
+        raise ValueError(
+            "this config starts from a converted checkpoint (tokenizer "
+            "'from_init'): pass --config.init_from=CHECKPOINT_DIR"
+        )
     init_config = None
     if config.init_from:
         try:
@@ -203,14 +229,22 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> int:
     workdir = workdir_lib.open_workdir(workdir)  # fails fast on gs:// without gcsfs
     # Closed (a remote workdir: uploaded) also when training raises, e.g. on NaN/Inf; the
     # stack restores the signal handlers that the loop installs.
-    with metrics_log.MetricsLog(workdir, enabled=jax.process_index() == 0,
-                                tensorboard=config.log.tensorboard) as log, \
-            contextlib.ExitStack() as stack:
+    with (
+        metrics_log.MetricsLog(
+            workdir, enabled=jax.process_index() == 0, tensorboard=config.log.tensorboard
+        ) as log,
+        contextlib.ExitStack() as stack,
+    ):
         return _train(config, workdir, log, init_config, stack)
 
 
-def _train(config: ConfigDict, workdir: epath.Path, log: metrics_log.MetricsLog,
-           init_config: dict | None, stack: contextlib.ExitStack) -> int:
+def _train(
+    config: ConfigDict,
+    workdir: epath.Path,
+    log: metrics_log.MetricsLog,
+    init_config: dict | None,
+    stack: contextlib.ExitStack,
+) -> int:
     """The body of :func:`train_and_evaluate`, writing to an open ``log``; ``init_config``
     is the config of ``config.init_from``'s checkpoint (None: no init_from)."""
     model_cfg = SegSRConfig.from_dict(config.model.to_dict())
@@ -223,12 +257,15 @@ def _train(config: ConfigDict, workdir: epath.Path, log: metrics_log.MetricsLog,
     step_cfg = step_lib.StepConfig(
         loss=LossConfig(stage=stage, **config.loss),
         optimizer=state_lib.OptimizerConfig(**config.optim),
-        accum_steps=config.train.accum_steps)
+        accum_steps=config.train.accum_steps,
+    )
     dtype = DTYPES[config.dtype]
     mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp)
     rules = sharding_rules(config.sharding)
-    log.text(f"devices: {jax.device_count()} ({jax.process_count()} processes), mesh "
-             f"{dict(mesh.shape)}; stage {stage}; remat {config.train.get('remat', 'none')}")
+    log.text(
+        f"devices: {jax.device_count()} ({jax.process_count()} processes), mesh "
+        f"{dict(mesh.shape)}; stage {stage}; remat {config.train.get('remat', 'none')}"
+    )
 
     # The model, split into trainable params and frozen variables, and their shardings.
     abstract = state_lib.abstract_model(model_cfg, dtype)
@@ -236,32 +273,40 @@ def _train(config: ConfigDict, workdir: epath.Path, log: metrics_log.MetricsLog,
     remat.set_remat(abstract, config.train.get("remat", "none"))
     graphdef, abs_params, abs_frozen = state_lib.split_model(abstract, stage, also_train)
     optimizer = state_lib.make_optimizer(step_cfg.optimizer)
-    abs_state = jax.eval_shape(lambda p: state_lib.init_train_state(p, optimizer, config.seed),
-                               abs_params)
+    abs_state = jax.eval_shape(
+        lambda p: state_lib.init_train_state(p, optimizer, config.seed), abs_params
+    )
     shardings = step_lib.StepShardings(
         state=parallel.tree_shardings(abs_state, mesh, rules),
         frozen=parallel.tree_shardings(abs_frozen, mesh, rules),
-        batch=None, replicated=parallel.replicated(mesh))
-    log.text(f"trainable {state_lib.count_params(abs_params):,} params "
-             f"({', '.join(state_lib.trainable_modules(stage, also_train))}); frozen "
-             f"{state_lib.count_params(abs_frozen):,}")
+        batch=None,
+        replicated=parallel.replicated(mesh),
+    )
+    log.text(
+        f"trainable {state_lib.count_params(abs_params):,} params "
+        f"({', '.join(state_lib.trainable_modules(stage, also_train))}); frozen "
+        f"{state_lib.count_params(abs_frozen):,}"
+    )
 
     # Data: this process's share of every global batch, and prompts for it.
     ckpt_dir = workdir / "checkpoints"
-    ckpt = checkpoint.TrainCheckpointer(ckpt_dir, checkpoint.CheckpointOptions(
-        **config.checkpoint))
+    ckpt = checkpoint.TrainCheckpointer(ckpt_dir, checkpoint.CheckpointOptions(**config.checkpoint))
     tokenizer = setup_tokenizer(config, ckpt_dir, model_cfg.text.max_position_embeddings)
     source = make_source(config.data, model_cfg.segdm.num_classes)
     data_iter = iter(make_dataset(source, pipeline_config(config.data, stage)))
     prompt_maker = prompts.PromptMaker(
-        tokenizer, model_cfg.class_names,
+        tokenizer,
+        model_cfg.class_names,
         prompts.PromptConfig(seed=config.seed, **config.train.prompt),
-        process_index=jax.process_index())
+        process_index=jax.process_index(),
+    )
 
     # The train state: resumed, else initialised (from a checkpoint or at random).
     resumed = ckpt.restore(
         state_lib.restore_targets(abs_state, abs_frozen, shardings.state, shardings.frozen),
-        data_iter, report=metrics_log.stderr)
+        data_iter,
+        report=metrics_log.stderr,
+    )
     if resumed is not None:
         start, items = resumed
         train_state, frozen = state_lib.from_checkpoint_items(items, abs_params, abs_frozen)
@@ -269,32 +314,64 @@ def _train(config: ConfigDict, workdir: epath.Path, log: metrics_log.MetricsLog,
     else:
         start = 0
         params, frozen = state_lib.initial_params(
-            model_cfg, dtype, stage, also_train, config.seed, config.init_from or None,
-            (shardings.state.params, shardings.frozen))
-        train_state = jax.jit(lambda p: state_lib.init_train_state(p, optimizer, config.seed),
-                              out_shardings=shardings.state)(params)
+            model_cfg,
+            dtype,
+            stage,
+            also_train,
+            config.seed,
+            config.init_from or None,
+            (shardings.state.params, shardings.frozen),
+        )
+        train_state = jax.jit(
+            lambda p: state_lib.init_train_state(p, optimizer, config.seed),
+            out_shardings=shardings.state,
+        )(params)
         if config.init_from:
             log.text(f"initialised from {config.init_from}")
 
     # Compile once, before the first step, and report what it costs.
     batch_spec = jax.sharding.PartitionSpec(("data", "fsdp"))  # FSDP: batch over all devices
-    abs_batch = abstract_batch(config.data, stage, tokenizer.max_length,
-                               jax.sharding.NamedSharding(mesh, batch_spec))
-    shardings = dataclasses.replace(shardings, batch=jax.tree.map(lambda x: x.sharding,
-                                                                  abs_batch))
+    abs_batch = abstract_batch(
+        config.data, stage, tokenizer.max_length, jax.sharding.NamedSharding(mesh, batch_spec)
+    )
+    shardings = dataclasses.replace(shardings, batch=jax.tree.map(lambda x: x.sharding, abs_batch))
     step_fn = step_lib.make_train_step(graphdef, step_cfg, shardings)
     compiled, report = step_lib.compile_step(step_fn, train_state, frozen, abs_batch)
-    log.event("compile", start, seconds=round(report.seconds, 2),
-              argument_bytes=report.argument_bytes, output_bytes=report.output_bytes,
-              temp_bytes=report.temp_bytes, alias_bytes=report.alias_bytes)
+    log.event(
+        "compile",
+        start,
+        seconds=round(report.seconds, 2),
+        argument_bytes=report.argument_bytes,
+        output_bytes=report.output_bytes,
+        temp_bytes=report.temp_bytes,
+        alias_bytes=report.alias_bytes,
+    )
     log.text(report.summary())
     validator = None
     if config.sample.every:
-        val_batch = next(iter(make_dataset(source, pipeline_config(
-            config.data, "sr", global_batch_size=config.sample.num_images,
-            seed=config.data.seed + 1, shuffle=False, prefetch_batches=0))))
-        validator = Validator(sample_graphdef, model_cfg, val_batch, tokenizer,
-                              validation_config(config.sample.options), mesh)
+        val_batch = next(
+            iter(
+                make_dataset(
+                    source,
+                    pipeline_config(
+                        config.data,
+                        "sr",
+                        global_batch_size=config.sample.num_images,
+                        seed=config.data.seed + 1,
+                        shuffle=False,
+                        prefetch_batches=0,
+                    ),
+                )
+            )
+        )
+        validator = Validator(
+            sample_graphdef,
+            model_cfg,
+            val_batch,
+            tokenizer,
+            validation_config(config.sample.options),
+            mesh,
+        )
         seconds = validator.compile(state_lib.merge_trees(train_state.ema_params, frozen))
         log.event("compile_sampler", start, seconds=round(seconds, 2))
 
@@ -318,13 +395,14 @@ def _train(config: ConfigDict, workdir: epath.Path, log: metrics_log.MetricsLog,
             batch = {"hr": batch["hr"]}
         else:
             batch["input_ids"] = prompt_maker(batch["label"], step)
-        train_state, metrics = compiled(train_state, frozen,
-                                        to_global_arrays(batch, mesh, batch_spec))
+        train_state, metrics = compiled(
+            train_state, frozen, to_global_arrays(batch, mesh, batch_spec)
+        )
         step += 1
         pending.add(step, metrics)
         last = step == config.num_steps
         if step % config.log.every == 0 or last:
-            means = pending.drain(last_checkpoint())   # the NaN/Inf guard
+            means = pending.drain(last_checkpoint())  # the NaN/Inf guard
             means["images_per_s"] = config.data.global_batch_size / means["step_time"]
             log.scalars(step, means, extra={"data_index": data_index})
         if validator is not None and step % config.sample.every == 0:
@@ -335,17 +413,27 @@ def _train(config: ConfigDict, workdir: epath.Path, log: metrics_log.MetricsLog,
             # Never checkpoint a bad state: every step's metrics and the state are finite.
             pending.drain(last_checkpoint())
             step_lib.check_state_finite(train_state, step)
-            ckpt.save(step, **state_lib.checkpoint_items(train_state, frozen),
-                      data_iterator=data_iter,
-                      config={"model": model_cfg.to_dict(), "train": config.to_dict(),
-                              "sampling": config.sample.options.to_dict()})
+            ckpt.save(
+                step,
+                **state_lib.checkpoint_items(train_state, frozen),
+                data_iterator=data_iter,
+                config={
+                    "model": model_cfg.to_dict(),
+                    "train": config.to_dict(),
+                    "sampling": config.sample.options.to_dict(),
+                },
+            )
             log.event("checkpoint", step, path=str(ckpt_dir / str(step)))
             log.flush()  # a remote workdir: upload the logs with every checkpoint
     ckpt.close()  # waits for an async save: the messages below are true once it returns
     interrupted = stopped and bool(received) and received[0] == signal.SIGINT
     if interrupted:
-        log.event("interrupted", step, message=f"checkpoint saved in {ckpt_dir / str(step)}; "
-                  "run the same command again to resume")
+        log.event(
+            "interrupted",
+            step,
+            message=f"checkpoint saved in {ckpt_dir / str(step)}; "
+            "run the same command again to resume",
+        )
     elif stopped:
         log.event("preempted", step, message="checkpoint saved; run again to resume")
     if hasattr(data_iter, "close"):
@@ -373,16 +461,18 @@ def main(argv) -> None:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
         kwargs = {}
         if FLAGS.coordinator_address:
-            kwargs = dict(coordinator_address=FLAGS.coordinator_address,
-                          num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
+            kwargs = dict(
+                coordinator_address=FLAGS.coordinator_address,
+                num_processes=FLAGS.num_processes,
+                process_id=FLAGS.process_id,
+            )
         jax.distributed.initialize(**kwargs)
     try:
         status = train_and_evaluate(FLAGS.config, FLAGS.workdir)
     except MissingInitCheckpointError as e:
         # The flag's file name still carries ":RUN" (the argument of get_config).
         config_file = config_flags.get_config_filename(FLAGS["config"]).split(":", 1)[0]
-        print("error: " + missing_init_message(e.init_from, e.reason, config_file),
-              file=sys.stderr)
+        print("error: " + missing_init_message(e.init_from, e.reason, config_file), file=sys.stderr)
         sys.exit(BAD_INPUT_EXIT_CODE)
     except KeyboardInterrupt:  # Ctrl-C before the training loop (which handles it itself)
         print("interrupted (Ctrl-C) before training started; nothing saved", file=sys.stderr)
@@ -392,17 +482,23 @@ def main(argv) -> None:
 
 if __name__ == "__main__":
     config_flags.DEFINE_config_file(
-        "config", None, "training config, configs/NAME.py[:RUN]; RUN is one of the runs "
+        "config",
+        None,
+        "training config, configs/NAME.py[:RUN]; RUN is one of the runs "
         "that the config's docstring lists (configs/tiny.py: vae, sr, seg, joint, sronly, "
-        "prior, segmenter)", lock_config=True)
+        "prior, segmenter)",
+        lock_config=True,
+    )
     flags.DEFINE_string("workdir", None, "output folder (checkpoints, logs, samples)")
     flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize() (auto-detect)")
     flags.DEFINE_string("coordinator_address", None, "host:port of process 0")
     flags.DEFINE_integer("num_processes", None, "number of processes")
     flags.DEFINE_integer("process_id", None, "this process's index")
-    flags.DEFINE_string("cache_dir", os.environ.get(
-        "SEGSR_JAX_CACHE", str(Path.home() / ".cache" / "segsr_jax" / "xla")),
-        "persistent XLA compilation cache ('' to disable)")
+    flags.DEFINE_string(
+        "cache_dir",
+        os.environ.get("SEGSR_JAX_CACHE", str(Path.home() / ".cache" / "segsr_jax" / "xla")),
+        "persistent XLA compilation cache ('' to disable)",
+    )
     flags.mark_flags_as_required(["config", "workdir"])
     if any(arg in ("-h", "--help", "-?") for arg in sys.argv[1:]):
         # absl's --help exits with status 1, but asking for help is not an error.

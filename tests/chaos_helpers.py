@@ -21,21 +21,38 @@ PYTREE_ITEMS = ("params", "ema_params", "opt_state", "train")
 
 
 def env(devices: int = 8) -> dict:
-    return dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1",
-                XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    return dict(
+        os.environ,
+        JAX_PLATFORMS="cpu",
+        PYTHONPATH=str(ROOT),
+        PYTHONUNBUFFERED="1",
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+    )
 
 
 def start_train(workdir: Path, cache_dir: Path, *flags: str) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "segsr_jax.train", "--config", TRAIN_CONFIG, "--workdir",
-           str(workdir), "--cache_dir", str(cache_dir), *flags]
-    return subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "segsr_jax.train",
+        "--config",
+        TRAIN_CONFIG,
+        "--workdir",
+        str(workdir),
+        "--cache_dir",
+        str(cache_dir),
+        *flags,
+    ]
+    return subprocess.Popen(
+        cmd, cwd=ROOT, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
 
 
 def start_sample(cache_dir: Path, *flags: str) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "segsr_jax.sample", "--cache-dir", str(cache_dir), *flags]
-    return subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        cmd, cwd=ROOT, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
 
 
 def finish(proc: subprocess.Popen, timeout: float = 300) -> tuple[int, str]:
@@ -67,8 +84,7 @@ def records(workdir: Path, event: str = "train") -> list[dict]:
     return out
 
 
-def wait_until(condition, proc: subprocess.Popen, timeout: float = 300,
-               poll: float = 0.01) -> bool:
+def wait_until(condition, proc: subprocess.Popen, timeout: float = 300, poll: float = 0.01) -> bool:
     """Poll ``condition()`` until it holds (True), or the process ends (False)."""
     deadline = time.time() + timeout
     while not condition():
@@ -93,15 +109,17 @@ def restore_step(ckpt_dir: Path, step: int) -> dict:
     the data iterator state (parsed JSON)."""
     mgr = ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(read_only=True))
     try:
-        items = mgr.restore(step, args=ocp.args.Composite(
-            **{k: ocp.args.StandardRestore() for k in PYTREE_ITEMS}))
+        items = mgr.restore(
+            step, args=ocp.args.Composite(**{k: ocp.args.StandardRestore() for k in PYTREE_ITEMS})
+        )
     finally:
         mgr.close()
     got = {k: jax.tree.map(np.asarray, items[k]) for k in PYTREE_ITEMS}
     folder = ckpt_dir / str(step)
     got["config"] = json.loads((folder / "config" / "metadata").read_text())
-    got["data"] = {p.name: json.loads(p.read_text())
-                   for p in sorted((folder / "data").glob("process_*.json"))}
+    got["data"] = {
+        p.name: json.loads(p.read_text()) for p in sorted((folder / "data").glob("process_*.json"))
+    }
     assert got["data"], f"{folder}/data holds no iterator state"
     return got
 

@@ -39,7 +39,7 @@ from tests.training.tiny_train_config import random_params, write_init_checkpoin
 KILLS = int(os.environ.get("SEGSR_CHAOS_KILLS", "3"))
 SAMPLE_KILLS = int(os.environ.get("SEGSR_CHAOS_SAMPLE_KILLS", "3"))
 SEED = int(os.environ.get("SEGSR_CHAOS_SEED", "17"))
-IMAGES = max(8, 3 * SAMPLE_KILLS)   # a killed sampling run gets through 3 images at most
+IMAGES = max(8, 3 * SAMPLE_KILLS)  # a killed sampling run gets through 3 images at most
 # Each life of the killed run trains at least one new step and at most a few: enough steps
 # that every planned kill lands before the end.
 STEPS = 3 * KILLS + 3
@@ -60,8 +60,15 @@ def init(tmp_path_factory):
 def reference(tmp_path_factory, cache_dir, init):
     """An uninterrupted run of STEPS steps: (its workdir, its last checkpoint's items)."""
     work = tmp_path_factory.mktemp("straight")
-    rc, err = ch.finish(ch.start_train(work, cache_dir, *TRAIN_FLAGS, f"--config.init_from={init}",
-                                       "--config.checkpoint.every=1"))
+    rc, err = ch.finish(
+        ch.start_train(
+            work,
+            cache_dir,
+            *TRAIN_FLAGS,
+            f"--config.init_from={init}",
+            "--config.checkpoint.every=1",
+        )
+    )
     assert rc == 0, err[-3000:]
     return work, ch.restore_step(work / "checkpoints", STEPS)
 
@@ -89,7 +96,8 @@ def _entries(folder):
 
 
 def test_sigkill_at_random_moments_then_resume_equals_an_uninterrupted_run(
-        tmp_path, cache_dir, init, reference):
+    tmp_path, cache_dir, init, reference
+):
     rng = random.Random(SEED)
     work = tmp_path / "killed"
     ckpts = work / "checkpoints"
@@ -99,29 +107,43 @@ def test_sigkill_at_random_moments_then_resume_equals_an_uninterrupted_run(
         logged = len(ch.records(work))
         proc = ch.start_train(work, cache_dir, *flags)
         # Kill only once this life has trained a step, so that every life makes progress.
-        assert ch.wait_until(lambda n=logged: len(ch.records(work)) > n, proc), \
-            ch.finish(proc)[1][-3000:]
+        assert ch.wait_until(lambda n=logged: len(ch.records(work)) > n, proc), ch.finish(proc)[1][
+            -3000:
+        ]
         before = _entries(ckpts)
-        if mode == "writing":       # Orbax's temporary folder of a save in flight
-            ch.wait_until(lambda b=before: any(not n.isdigit() and n not in b
-                                           for n in _entries(ckpts)), proc, poll=0.001)
-        elif mode == "committed":   # a new step folder, just renamed into place
-            ch.wait_until(lambda b=before: any(n.isdigit() and n not in b
-                                           for n in _entries(ckpts)), proc, poll=0.001)
+        if mode == "writing":  # Orbax's temporary folder of a save in flight
+            ch.wait_until(
+                lambda b=before: any(not n.isdigit() and n not in b for n in _entries(ckpts)),
+                proc,
+                poll=0.001,
+            )
+        elif mode == "committed":  # a new step folder, just renamed into place
+            ch.wait_until(
+                lambda b=before: any(n.isdigit() and n not in b for n in _entries(ckpts)),
+                proc,
+                poll=0.001,
+            )
         else:
             time.sleep(rng.uniform(0.0, 1.5))
         assert proc.poll() is None, "the run ended before it was killed: raise STEPS"
         ch.kill(proc)
-        kills.append((mode, max((r["step"] for r in ch.records(work)), default=0),
-                      sorted(_entries(ckpts) - {"tokenizer"})))
+        kills.append(
+            (
+                mode,
+                max((r["step"] for r in ch.records(work)), default=0),
+                sorted(_entries(ckpts) - {"tokenizer"}),
+            )
+        )
         # Every checkpoint listed as finished restores, whole.
         for step in ch.finished_steps(ckpts):
             items = ch.restore_step(ckpts, step)
             assert int(items["train"]["step"]) == step
             restored += 1
     assert len(kills) == KILLS
-    print(f"{KILLS} kills (mode, last logged step, checkpoint folder): {kills}; "
-          f"{restored} checkpoint restores checked")
+    print(
+        f"{KILLS} kills (mode, last logged step, checkpoint folder): {kills}; "
+        f"{restored} checkpoint restores checked"
+    )
 
     rc, err = ch.finish(ch.start_train(work, cache_dir, *flags))
     assert rc == 0, err[-3000:]
@@ -155,16 +177,19 @@ def test_in_step_guard_keeps_the_state_when_the_loss_is_not_finite():
     ``finite == 0``; a normal step from the same state does change them."""
     graphdef, full = random_params()
     graphdef, params, frozen = state_lib.split_model(nnx.merge(graphdef, full), "seg")
-    cfg = step_lib.StepConfig(loss=losses.LossConfig(stage="seg"),
-                              optimizer=state_lib.OptimizerConfig(learning_rate=1e-3,
-                                                                  warmup_steps=0))
+    cfg = step_lib.StepConfig(
+        loss=losses.LossConfig(stage="seg"),
+        optimizer=state_lib.OptimizerConfig(learning_rate=1e-3, warmup_steps=0),
+    )
     opt = state_lib.make_optimizer(cfg.optimizer)
-    fn = step_lib.make_train_step(graphdef, cfg)        # donates the state: copies below
+    fn = step_lib.make_train_step(graphdef, cfg)  # donates the state: copies below
     rng = np.random.default_rng(0)
-    batch = {"hr": rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8),
-             "lq": rng.integers(0, 256, (8, 8, 8, 3), dtype=np.uint8),
-             "label": rng.integers(0, 4, (8, 32, 32), dtype=np.uint8),
-             "input_ids": rng.integers(0, 60, (8, 16)).astype(np.int32)}
+    batch = {
+        "hr": rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8),
+        "lq": rng.integers(0, 256, (8, 8, 8, 3), dtype=np.uint8),
+        "label": rng.integers(0, 4, (8, 32, 32), dtype=np.uint8),
+        "input_ids": rng.integers(0, 60, (8, 16)).astype(np.int32),
+    }
 
     def step(host_state):
         """One step from a host copy (fresh device arrays: the step donates its input)."""
@@ -172,14 +197,16 @@ def test_in_step_guard_keeps_the_state_when_the_loss_is_not_finite():
         return jax.device_get(new), jax.device_get(metrics)
 
     def same(a, b):
-        return all(np.asarray(x).tobytes() == np.asarray(y).tobytes()
-                   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
+        return all(
+            np.asarray(x).tobytes() == np.asarray(y).tobytes()
+            for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+        )
 
     # One good step first, so that the optimizer state and EMA are not at their initial
     # values (zeros / the params).
     state, metrics = step(jax.device_get(state_lib.init_train_state(params, opt, seed=1)))
     assert metrics["finite"] == 1.0
-    after, metrics = step(state)                      # a normal step changes everything
+    after, metrics = step(state)  # a normal step changes everything
     assert metrics["finite"] == 1.0
     for item in ("params", "ema_params", "opt_state"):
         changed = not same(getattr(state, item), getattr(after, item))
@@ -202,7 +229,8 @@ def _sample_inputs(folder):
     rng = np.random.default_rng(SEED)
     for i in range(IMAGES):
         Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(
-            folder / f"img{i}.png")
+            folder / f"img{i}.png"
+        )
     return folder
 
 
@@ -216,9 +244,9 @@ def _check_outputs(out):
     expect = {"_sr.png": (64, 64, 3), "_seg.png": (64, 64, 3), "_seg_labels.png": (64, 64)}
     for n in visible:
         suffix = next(s for s in sample.OUTPUT_SUFFIXES if n.endswith(s))
-        assert n[:-len(suffix)] in {f"img{i}" for i in range(IMAGES)}, n
+        assert n[: -len(suffix)] in {f"img{i}" for i in range(IMAGES)}, n
         with Image.open(out / n) as im:
-            im.load()                        # decodes the whole file
+            im.load()  # decodes the whole file
             shape = np.asarray(im).shape
         if suffix == "_sheet.png":
             assert shape[0] == 64 and shape[1] > 3 * 64, (n, shape)
@@ -241,8 +269,9 @@ def test_sample_killed_at_random_moments_never_leaves_a_broken_output(tmp_path, 
         proc = ch.start_sample(cache_dir, *flags, "--output", str(out))
         # "temp": a temporary file just appeared (a write in flight); "output": an output
         # just appeared (a non-atomic write would be caught halfway); "delay": at random.
-        new = lambda s=seen, m=mode: {n for n in _entries(out) - s
-                                      if m == "delay" or n.startswith(".") == (m == "temp")}
+        new = lambda s=seen, m=mode: {
+            n for n in _entries(out) - s if m == "delay" or n.startswith(".") == (m == "temp")
+        }
         assert ch.wait_until(new, proc, poll=0.0005), ch.finish(proc)[1][-3000:]
         if mode == "delay":
             time.sleep(rng.uniform(0.0, 0.5))

@@ -11,14 +11,26 @@ from flax import nnx
 from segsr_jax import checkpoint
 from segsr_jax.models.segdm import SegDM, SegDMConfig
 
-CFG = SegDMConfig(num_classes=3, embed_dim=4, feat_channels=2, cond_channels=2,
-                  hidden_channels=8, num_blocks=1, attention_blocks=(), num_heads=2,
-                  norm_groups=4)
+CFG = SegDMConfig(
+    num_classes=3,
+    embed_dim=4,
+    feat_channels=2,
+    cond_channels=2,
+    hidden_channels=8,
+    num_blocks=1,
+    attention_blocks=(),
+    num_heads=2,
+    norm_groups=4,
+)
 
 
 def _build(cfg_dict):
-    return SegDM(SegDMConfig(**{k: tuple(v) if isinstance(v, list) else v
-                                for k, v in cfg_dict["segdm"].items()}), rngs=nnx.Rngs(0))
+    return SegDM(
+        SegDMConfig(
+            **{k: tuple(v) if isinstance(v, list) else v for k, v in cfg_dict["segdm"].items()}
+        ),
+        rngs=nnx.Rngs(0),
+    )
 
 
 def _leaves(model):
@@ -26,7 +38,7 @@ def _leaves(model):
 
 
 def test_round_trip_is_bitwise(tmp_path):
-    model = SegDM(CFG, rngs=nnx.Rngs(7))   # different init from _build's Rngs(0)
+    model = SegDM(CFG, rngs=nnx.Rngs(7))  # different init from _build's Rngs(0)
     checkpoint.save_model(tmp_path / "ck", model, {"segdm": dataclasses.asdict(CFG)})
     restored, cfg = checkpoint.restore_model(tmp_path / "ck", _build)
     assert cfg["format"] == checkpoint.FORMAT
@@ -45,8 +57,9 @@ def test_latest_step_is_restored(tmp_path):
 
 
 def test_config_that_does_not_match_params_is_refused(tmp_path):
-    checkpoint.save_model(tmp_path, SegDM(CFG, rngs=nnx.Rngs(1)),
-                          {"segdm": dataclasses.asdict(CFG)})
+    checkpoint.save_model(
+        tmp_path, SegDM(CFG, rngs=nnx.Rngs(1)), {"segdm": dataclasses.asdict(CFG)}
+    )
     wider = lambda cfg: _build({"segdm": dict(cfg["segdm"], hidden_channels=16)})
     want = r"blocks/0/conv1/kernel: saved \(3, 3, 8, 8\), model \(3, 3, 16, 16\)"
     with pytest.raises(checkpoint.CheckpointMismatchError, match=want):

@@ -42,8 +42,9 @@ def _degraded(img: np.ndarray, kind: str, seed: int = 0) -> np.ndarray:
 def test_y_channel_is_matlab_rgb2ycbcr():
     px = np.array([[[255, 255, 255], [0, 0, 0], [255, 0, 0], [128, 128, 128]]], np.uint8)
     y = M.rgb_to_y(np.repeat(px, 8, axis=0))
-    np.testing.assert_allclose(y[0], [235.0, 16.0, 16 + 65.481, 16 + 219 * 128 / 255],
-                               rtol=0, atol=1e-12)
+    np.testing.assert_allclose(
+        y[0], [235.0, 16.0, 16 + 65.481, 16 + 219 * 128 / 255], rtol=0, atol=1e-12
+    )
     assert y.dtype == np.float64  # not rounded: BasicSR's float path
 
 
@@ -59,9 +60,15 @@ def test_psnr_and_ssim_match_scikit_image(source, kind, y_channel):
     # skimage filters the whole image (reflect padding) and then drops the (win - 1) / 2 = 5
     # border rows and columns from the mean: the same "valid" windows as BasicSR, so the two
     # agree to rounding. channel_axis averages per-channel SSIM, as BasicSR does for RGB.
-    want_ssim = structural_similarity(a, b, gaussian_weights=True, sigma=1.5,
-                                      use_sample_covariance=False, data_range=255,
-                                      channel_axis=None if y_channel else -1)
+    want_ssim = structural_similarity(
+        a,
+        b,
+        gaussian_weights=True,
+        sigma=1.5,
+        use_sample_covariance=False,
+        data_range=255,
+        channel_axis=None if y_channel else -1,
+    )
     got_psnr = M.psnr(pred, gt, CROP, y_channel)
     got_ssim = M.ssim(pred, gt, CROP, y_channel)
     assert abs(got_psnr - want_psnr) < 1e-9
@@ -74,10 +81,12 @@ def test_psnr_of_a_constant_offset_is_exact():
     gt = rng.integers(0, 240, (40, 50, 3), dtype=np.uint8)
     pred = gt + np.uint8(10)
     assert M.psnr(pred, gt, 0, y_channel=False) == pytest.approx(
-        10 * math.log10(255**2 / 100), abs=1e-12)
+        10 * math.log10(255**2 / 100), abs=1e-12
+    )
     # Y moves by 10 * (65.481 + 128.553 + 24.966) / 255 = 10 * 219 / 255.
     assert M.psnr(pred, gt, 0, y_channel=True) == pytest.approx(
-        20 * math.log10(255 / (2190 / 255)), abs=1e-9)
+        20 * math.log10(255 / (2190 / 255)), abs=1e-9
+    )
     assert M.psnr(gt, gt, 0) == math.inf
     assert M.ssim(gt, gt, 0) == pytest.approx(1.0, abs=1e-12)
 
@@ -99,10 +108,8 @@ def test_border_crop_removes_crop_pixels_from_every_side():
 
 
 def test_confusion_and_miou_by_hand():
-    true = np.array([[0, 0, 1, 255],
-                     [1, 1, 2, 2]])
-    pred = np.array([[0, 1, 1, 4],
-                     [1, 1, 2, 3]])
+    true = np.array([[0, 0, 1, 255], [1, 1, 2, 2]])
+    pred = np.array([[0, 1, 1, 4], [1, 1, 2, 3]])
     conf = M.confusion(pred, true, num_classes=6)
     want = np.zeros((6, 6), np.int64)
     for t, p in [(0, 0), (0, 1), (1, 1), (1, 1), (1, 1), (2, 2), (2, 3)]:
@@ -148,8 +155,13 @@ def test_niqe_is_deterministic_finite_and_worse_for_noise(niqe_params):
 
 def test_niqe_params_load_from_npz_and_mat(niqe_params, tmp_path):
     np.savez(tmp_path / "p.npz", **niqe_params)
-    savemat(tmp_path / "p.mat", {"mu_prisparam": niqe_params["mu_prisparam"][None],
-                                 "cov_prisparam": niqe_params["cov_prisparam"]})
+    savemat(
+        tmp_path / "p.mat",
+        {
+            "mu_prisparam": niqe_params["mu_prisparam"][None],
+            "cov_prisparam": niqe_params["cov_prisparam"],
+        },
+    )
     for name in ("p.npz", "p.mat"):
         loaded = E.load_niqe_params(tmp_path / name)
         for key, value in niqe_params.items():
@@ -172,10 +184,14 @@ def folders(tmp_path):
     """pred/ as the sampler writes it (3 images, one without ground truth), gt/, labels/."""
     photo = data.astronaut()
     gts = {"scene0": photo[:128, :128], "scene1": photo[200:328, 100:228]}
-    preds = {"scene0": _degraded(gts["scene0"], "noise"),
-             "scene1": _degraded(gts["scene1"], "blur"), "scene2": photo[:128, 300:428]}
-    labels = {stem: (np.arange(128)[:, None] // 32 + np.zeros(128, int)).astype(np.uint8)
-              for stem in gts}  # four horizontal bands: classes 0..3
+    preds = {
+        "scene0": _degraded(gts["scene0"], "noise"),
+        "scene1": _degraded(gts["scene1"], "blur"),
+        "scene2": photo[:128, 300:428],
+    }
+    labels = {
+        stem: (np.arange(128)[:, None] // 32 + np.zeros(128, int)).astype(np.uint8) for stem in gts
+    }  # four horizontal bands: classes 0..3
     labels["scene1"][:10] = 255
     seg = {stem: lab.copy() for stem, lab in labels.items()}
     seg["scene0"][:32, :64] = 1  # half of class 0 predicted as 1
@@ -194,9 +210,22 @@ def folders(tmp_path):
 def test_cli_scores_pairs_and_writes_csv_and_json(folders, niqe_params, capsys):
     root, gts, preds = folders
     np.savez(root / "niqe.npz", **niqe_params)
-    argv = ["--pred", str(root / "pred"), "--gt", str(root / "gt"), "--labels",
-            str(root / "labels"), "--seg-pred", str(root / "pred"), "--out", str(root / "out"),
-            "--niqe-params", str(root / "niqe.npz"), "--no-pyiqa", "--per-image"]
+    argv = [
+        "--pred",
+        str(root / "pred"),
+        "--gt",
+        str(root / "gt"),
+        "--labels",
+        str(root / "labels"),
+        "--seg-pred",
+        str(root / "pred"),
+        "--out",
+        str(root / "out"),
+        "--niqe-params",
+        str(root / "niqe.npz"),
+        "--no-pyiqa",
+        "--per-image",
+    ]
     assert E.main(argv) == 0
     out, err = capsys.readouterr()
     assert "scene2" in err and "without ground truth" in err
@@ -210,8 +239,9 @@ def test_cli_scores_pairs_and_writes_csv_and_json(folders, niqe_params, capsys):
     psnrs = [M.psnr(preds[s], gts[s], 4) for s in ("scene0", "scene1")]
     for row, want in zip(rows, psnrs, strict=False):
         assert float(row["psnr"]) == pytest.approx(want, abs=1e-12)
-        assert float(row["niqe"]) == pytest.approx(M.niqe(preds[row["name"]], **niqe_params,
-                                                          crop_border=4), abs=1e-12)
+        assert float(row["niqe"]) == pytest.approx(
+            M.niqe(preds[row["name"]], **niqe_params, crop_border=4), abs=1e-12
+        )
     assert float(rows[2]["psnr"]) == pytest.approx(np.mean(psnrs), abs=1e-12)
     # scene0: half of class 0 (2048 px) predicted 1: IoU 2048/4096 and 4096/6144; classes 2
     # and 3 exact. scene1's ignored rows (predicted 2) do not count: perfect.
@@ -231,12 +261,26 @@ def test_cli_scores_pairs_and_writes_csv_and_json(folders, niqe_params, capsys):
     assert [r["name"] for r in doc["per_image"]] == ["scene0", "scene1"]
 
     # --out defaults to --pred; --rgb scores RGB.
-    assert E.main(["--pred", str(root / "pred"), "--gt", str(root / "gt"), "--rgb",
-                   "--no-pyiqa", "--crop-border", "0"]) == 0
+    assert (
+        E.main(
+            [
+                "--pred",
+                str(root / "pred"),
+                "--gt",
+                str(root / "gt"),
+                "--rgb",
+                "--no-pyiqa",
+                "--crop-border",
+                "0",
+            ]
+        )
+        == 0
+    )
     doc = json.loads((root / "pred" / "metrics.json").read_text())
     assert doc["settings"]["y_channel"] is False and "niqe" not in doc["mean"]
     assert doc["per_image"][0]["psnr"] == pytest.approx(
-        M.psnr(preds["scene0"], gts["scene0"], 0, y_channel=False), abs=1e-12)
+        M.psnr(preds["scene0"], gts["scene0"], 0, y_channel=False), abs=1e-12
+    )
     assert any("NIQE omitted" in n for n in doc["notes"])
     assert not list((root / "pred").glob("*.tmp"))
 
@@ -255,8 +299,22 @@ def test_cli_errors_name_the_files(folders, capsys):
 
     _save(root / "gt" / "scene1_hr.png", gts["scene1"])
     _save(root / "labels" / "scene0_label.png", np.zeros((64, 128), np.uint8))
-    assert E.main(["--pred", str(root / "pred"), "--gt", str(root / "gt"), "--labels",
-                   str(root / "labels"), "--seg-pred", str(root / "pred"), "--no-pyiqa"]) == 2
+    assert (
+        E.main(
+            [
+                "--pred",
+                str(root / "pred"),
+                "--gt",
+                str(root / "gt"),
+                "--labels",
+                str(root / "labels"),
+                "--seg-pred",
+                str(root / "pred"),
+                "--no-pyiqa",
+            ]
+        )
+        == 2
+    )
     assert "scene0_label.png is 128x64 but the image scene0 is 128x128" in capsys.readouterr().err
 
     (root / "pred" / "scene0_sr.png").write_bytes(b"\x89PNG not really")
@@ -265,9 +323,11 @@ def test_cli_errors_name_the_files(folders, capsys):
     assert not (root / "pred" / "metrics.json").exists()
 
 
-@pytest.mark.parametrize("content", [b"", b"not numpy", b"PK\x03\x04 broken zip",
-                                     "npy", b"MATLAB 5.0 nonsense"],
-                         ids=["empty", "text", "zip", "npy", "mat"])
+@pytest.mark.parametrize(
+    "content",
+    [b"", b"not numpy", b"PK\x03\x04 broken zip", "npy", b"MATLAB 5.0 nonsense"],
+    ids=["empty", "text", "zip", "npy", "mat"],
+)
 def test_cli_unreadable_niqe_params_is_a_one_line_error(folders, content, capsys):
     root, _, _ = folders
     path = root / ("p.mat" if content == b"MATLAB 5.0 nonsense" else "p.npz")
@@ -276,8 +336,20 @@ def test_cli_unreadable_niqe_params_is_a_one_line_error(folders, content, capsys
         (root / "p.npy").rename(path)
     else:
         path.write_bytes(content)
-    assert E.main(["--pred", str(root / "pred"), "--gt", str(root / "gt"), "--no-pyiqa",
-                   "--niqe-params", str(path)]) == 2
+    assert (
+        E.main(
+            [
+                "--pred",
+                str(root / "pred"),
+                "--gt",
+                str(root / "gt"),
+                "--no-pyiqa",
+                "--niqe-params",
+                str(path),
+            ]
+        )
+        == 2
+    )
     (line,) = capsys.readouterr().err.splitlines()
     assert line.startswith(f"error: --niqe-params {path}: ")
 
@@ -288,30 +360,54 @@ def test_labels_matching_no_prediction_are_reported(folders):
     for stem in ("x", "y"):
         _save(other / f"{stem}_label.png", np.zeros((128, 128), np.uint8))
     warnings = []
-    ev = E.evaluate_folders(root / "pred", root / "gt", labels=other, seg_pred=root / "pred",
-                            use_pyiqa=False, progress=False, warn=warnings.append)
+    ev = E.evaluate_folders(
+        root / "pred",
+        root / "gt",
+        labels=other,
+        seg_pred=root / "pred",
+        use_pyiqa=False,
+        progress=False,
+        warn=warnings.append,
+    )
     assert all(np.isnan(r["seg_miou"]) for r in ev.rows)
     (warning,) = [w for w in warnings if "matches a prediction" in w]
     assert f"no label map in {other} matches a prediction (2 label files)" in warning
     assert "scene0_sr.png <-> scene0_label.png" in warning
     # Labels that match: no such warning. Labels with nothing to score them: said so.
     warnings.clear()
-    E.evaluate_folders(root / "pred", root / "gt", labels=root / "labels",
-                       seg_pred=root / "pred", use_pyiqa=False, progress=False,
-                       warn=warnings.append)
+    E.evaluate_folders(
+        root / "pred",
+        root / "gt",
+        labels=root / "labels",
+        seg_pred=root / "pred",
+        use_pyiqa=False,
+        progress=False,
+        warn=warnings.append,
+    )
     label_warnings = lambda: [w for w in warnings if "label map" in w or "--labels" in w]
     assert not label_warnings()
-    E.evaluate_folders(root / "pred", root / "gt", labels=root / "labels", use_pyiqa=False,
-                       progress=False, warn=warnings.append)
-    assert label_warnings() == [f"warning: --labels {root / 'labels'} is used only with "
-                                "--segmenter or --seg-pred; no mIoU without them"]
+    E.evaluate_folders(
+        root / "pred",
+        root / "gt",
+        labels=root / "labels",
+        use_pyiqa=False,
+        progress=False,
+        warn=warnings.append,
+    )
+    assert label_warnings() == [
+        f"warning: --labels {root / 'labels'} is used only with "
+        "--segmenter or --seg-pred; no mIoU without them"
+    ]
 
 
 def test_pairing_prefers_sr_and_ignores_sampler_outputs(folders):
     root, _, _ = folders
     preds = E.find_predictions(root / "pred")
     assert {s: p.name for s, p in preds.items()} == {
-        "scene0": "scene0_sr.png", "scene1": "scene1_sr.png", "scene2": "scene2_sr.png"}
+        "scene0": "scene0_sr.png",
+        "scene1": "scene1_sr.png",
+        "scene2": "scene2_sr.png",
+    }
     _save(root / "plain" / "a.png", np.zeros((16, 16, 3), np.uint8))
     _save(root / "plain" / "a.jpg", np.zeros((16, 16, 3), np.uint8))
     with pytest.raises(E.EvaluationError, match="a.jpg and a.png|a.png and a.jpg"):
@@ -333,8 +429,9 @@ def test_pyiqa_metrics_are_used_when_importable_and_failures_noted(folders, monk
         raise RuntimeError("weights not downloadable")
 
     monkeypatch.setitem(sys.modules, "pyiqa", types.SimpleNamespace(create_metric=create_metric))
-    ev = E.evaluate_folders(root / "pred", root / "gt", crop_border=4, progress=False,
-                            warn=lambda msg: None)
+    ev = E.evaluate_folders(
+        root / "pred", root / "gt", crop_border=4, progress=False, warn=lambda msg: None
+    )
     assert ev.columns == ["psnr", "ssim", "lpips", "musiq"]
     assert ev.mean["lpips"] == 0.25 and ev.mean["musiq"] == 50.0
     assert [p.split("/")[-1] for p, _ in calls] == ["scene0_sr.png", "scene1_sr.png"]
@@ -348,10 +445,19 @@ def test_pyiqa_metrics_are_used_when_importable_and_failures_noted(folders, monk
 
 @pytest.fixture(scope="module")
 def segformer():
-    cfg = SegFormerConfig(num_encoder_blocks=2, depths=(1, 1), sr_ratios=(2, 1),
-                          hidden_sizes=(16, 32), patch_sizes=(7, 3), strides=(4, 2),
-                          num_attention_heads=(1, 2), mlp_ratios=(2, 2), decoder_hidden_size=32,
-                          num_labels=5, id2label=("a", "b", "c", "d", "e"))
+    cfg = SegFormerConfig(
+        num_encoder_blocks=2,
+        depths=(1, 1),
+        sr_ratios=(2, 1),
+        hidden_sizes=(16, 32),
+        patch_sizes=(7, 3),
+        strides=(4, 2),
+        num_attention_heads=(1, 2),
+        mlp_ratios=(2, 2),
+        decoder_hidden_size=32,
+        num_labels=5,
+        id2label=("a", "b", "c", "d", "e"),
+    )
     # An RBG key: threefry initialisers compile one program per parameter shape (slow here).
     return SegFormer(cfg, rngs=nnx.Rngs(jax.random.key(0, impl="rbg")))
 
@@ -370,31 +476,55 @@ def test_semantic_miou_is_one_against_own_labels_and_drops_when_perturbed(segfor
         _save(tmp_path / "pred" / f"{s}_sr.png", img)
         _save(tmp_path / "gt" / f"{s}.png", img)
         _save(tmp_path / "labels" / f"{s}.png", own[s])
-    ev = E.evaluate_folders(tmp_path / "pred", tmp_path / "gt", labels=tmp_path / "labels",
-                            segmenter=segformer, use_pyiqa=False, progress=False)
+    ev = E.evaluate_folders(
+        tmp_path / "pred",
+        tmp_path / "gt",
+        labels=tmp_path / "labels",
+        segmenter=segformer,
+        use_pyiqa=False,
+        progress=False,
+    )
     assert ev.mean["semantic_miou"] == 1.0 and all(r["semantic_miou"] == 1.0 for r in ev.rows)
     assert [c["name"] for c in ev.per_class_iou["semantic_miou"]] == list("abcde")
 
     wrong = own["x"].copy()
     wrong[:50] = (wrong[:50] + 1) % 5
     _save(tmp_path / "labels" / "x.png", wrong)
-    ev = E.evaluate_folders(tmp_path / "pred", tmp_path / "gt", labels=tmp_path / "labels",
-                            segmenter=segformer, use_pyiqa=False, progress=False)
+    ev = E.evaluate_folders(
+        tmp_path / "pred",
+        tmp_path / "gt",
+        labels=tmp_path / "labels",
+        segmenter=segformer,
+        use_pyiqa=False,
+        progress=False,
+    )
     assert ev.rows[0]["semantic_miou"] < 0.8 and ev.rows[1]["semantic_miou"] == 1.0
     assert ev.mean["semantic_miou"] < 1.0
 
     (tmp_path / "labels" / "y.png").unlink()
     warnings = []
-    ev = E.evaluate_folders(tmp_path / "pred", tmp_path / "gt", labels=tmp_path / "labels",
-                            segmenter=segformer, use_pyiqa=False, progress=False,
-                            warn=warnings.append)
+    ev = E.evaluate_folders(
+        tmp_path / "pred",
+        tmp_path / "gt",
+        labels=tmp_path / "labels",
+        segmenter=segformer,
+        use_pyiqa=False,
+        progress=False,
+        warn=warnings.append,
+    )
     assert np.isnan(ev.rows[1]["semantic_miou"]) and ev.counts["missing_labels"] == ["y"]
     assert ev.mean["semantic_miou"] == ev.rows[0]["semantic_miou"] and "y" in warnings[0]
 
     _save(tmp_path / "labels" / "x.png", np.full((100, 76), 7, np.uint8))
     with pytest.raises(E.EvaluationError, match=r"x.png.*true labels \[7\]"):
-        E.evaluate_folders(tmp_path / "pred", tmp_path / "gt", labels=tmp_path / "labels",
-                           segmenter=segformer, use_pyiqa=False, progress=False)
+        E.evaluate_folders(
+            tmp_path / "pred",
+            tmp_path / "gt",
+            labels=tmp_path / "labels",
+            segmenter=segformer,
+            use_pyiqa=False,
+            progress=False,
+        )
 
 
 def test_segmenter_from_a_segsr_checkpoint(tmp_path):
@@ -406,8 +536,24 @@ def test_segmenter_from_a_segsr_checkpoint(tmp_path):
     (tmp_path / "pred").mkdir()
     for path in gt.glob("*_hr.png"):
         (tmp_path / "pred" / path.name.replace("_hr", "_sr")).write_bytes(path.read_bytes())
-    assert E.main(["--pred", str(tmp_path / "pred"), "--gt", str(gt), "--labels", str(gt),
-                   "--segmenter", str(ckpt), "--no-pyiqa", "--out", str(tmp_path)]) == 0
+    assert (
+        E.main(
+            [
+                "--pred",
+                str(tmp_path / "pred"),
+                "--gt",
+                str(gt),
+                "--labels",
+                str(gt),
+                "--segmenter",
+                str(ckpt),
+                "--no-pyiqa",
+                "--out",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
     doc = json.loads((tmp_path / "metrics.json").read_text())
     assert doc["counts"]["images"] == 3 and doc["mean"]["psnr"] is None  # identical: inf
     assert doc["settings"]["segmenter"] == str(ckpt)
@@ -420,10 +566,18 @@ def test_segmenter_from_a_transformers_folder_matches_its_labels(tmp_path):
     from tests.torch_reference import nhwc_to_nchw, perturb_, torch
 
     torch.manual_seed(0)
-    cfg = tf.SegformerConfig(num_encoder_blocks=2, depths=[1, 1], hidden_sizes=[8, 16],
-                             num_attention_heads=[1, 2], sr_ratios=[2, 1], patch_sizes=[7, 3],
-                             strides=[4, 2], mlp_ratios=[2, 2], decoder_hidden_size=16,
-                             num_labels=4)
+    cfg = tf.SegformerConfig(
+        num_encoder_blocks=2,
+        depths=[1, 1],
+        hidden_sizes=[8, 16],
+        num_attention_heads=[1, 2],
+        sr_ratios=[2, 1],
+        patch_sizes=[7, 3],
+        strides=[4, 2],
+        mlp_ratios=[2, 2],
+        decoder_hidden_size=16,
+        num_labels=4,
+    )
     # Perturbed enough that the argmax is not one class everywhere.
     model = perturb_(tf.SegformerForSemanticSegmentation(cfg), seed=0, scale=0.2).eval()
     model.save_pretrained(tmp_path / "segformer")
@@ -434,8 +588,9 @@ def test_segmenter_from_a_transformers_folder_matches_its_labels(tmp_path):
     pixels = (image / 255 - [0.485, 0.456, 0.406]) / [0.229, 0.224, 0.225]
     with torch.no_grad():
         logits = model(pixel_values=nhwc_to_nchw(pixels[None])).logits
-        logits = torch.nn.functional.interpolate(logits, size=image.shape[:2], mode="bilinear",
-                                                 align_corners=False)
+        logits = torch.nn.functional.interpolate(
+            logits, size=image.shape[:2], mode="bilinear", align_corners=False
+        )
     want = logits.argmax(1)[0].numpy()
     assert len(np.unique(want)) > 1
     assert (E.semantic_labels(seg, image) == want).mean() > 0.995  # float ties at most

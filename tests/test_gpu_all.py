@@ -15,9 +15,13 @@ def _sampler(t):
 
 
 def test_in_scan_step_from_two_sampler_rows_of_the_same_kind_and_batch():
-    rows = {"sampler_nocfg_50": _sampler(0.50), "sampler_nocfg_2": _sampler(0.02),
-            "sampler_cfg_50": _sampler(0.70),  # no 2-step CFG row: no CFG in-scan step
-            "sampler_nocfg_10_b8": _sampler(0.35), "sampler_nocfg_2_b8": _sampler(0.15)}
+    rows = {
+        "sampler_nocfg_50": _sampler(0.50),
+        "sampler_nocfg_2": _sampler(0.02),
+        "sampler_cfg_50": _sampler(0.70),  # no 2-step CFG row: no CFG in-scan step
+        "sampler_nocfg_10_b8": _sampler(0.35),
+        "sampler_nocfg_2_b8": _sampler(0.15),
+    }
     got = gpu_all.in_scan_steps(rows)
     assert set(got) == {"in_scan_step_nocfg_s", "in_scan_step_nocfg_b8_s"}
     assert abs(got["in_scan_step_nocfg_s"] - 0.48 / 48) < 1e-12
@@ -26,21 +30,38 @@ def test_in_scan_step_from_two_sampler_rows_of_the_same_kind_and_batch():
 
 def test_scan_mode_measures_the_batch_8_step_and_two_batch_8_samplers():
     jobs = gpu_all.job_list("scan", (512, 1024), (1, 8), 50)
-    assert jobs == [("steps", 512, 8, False, False), ("sampler", 2, False, 8),
-                    ("sampler", 10, False, 8)]
+    assert jobs == [
+        ("steps", 512, 8, False, False),
+        ("sampler", 2, False, 8),
+        ("sampler", 10, False, 8),
+    ]
     for mode in ("quick", "rest", "full"):  # every sampler row says its batch
-        assert all(len(j) == 4 for j in gpu_all.job_list(mode, (512, 1024), (1, 8), 50)
-                   if j[0] == "sampler")
+        assert all(
+            len(j) == 4
+            for j in gpu_all.job_list(mode, (512, 1024), (1, 8), 50)
+            if j[0] == "sampler"
+        )
 
 
 def test_summary_reports_the_peak_goal_three_ways():
-    step = {"median_s": 0.040, "pipelined_s": 0.030, "flops_jaxpr": 10e12,
-            "tflops_per_s": 250.0, "peak_fraction": 0.25, "ratio_to_diffusers": 0.8}
-    r = {"machine": {"gpu": "X", "jax_device": "X", "jax": "0", "torch": "0", "diffusers": "0"},
-         "config": "sd2", "dtype": "bfloat16", "bf16_peak_tflops": 1000.0,
-         "diffusers_step_512px_b8": {"median_s": 0.05},
-         "segsr_step_512px_b8": step,
-         "sampler_nocfg_2_b8": _sampler(0.1), "sampler_nocfg_10_b8": _sampler(0.3)}
+    step = {
+        "median_s": 0.040,
+        "pipelined_s": 0.030,
+        "flops_jaxpr": 10e12,
+        "tflops_per_s": 250.0,
+        "peak_fraction": 0.25,
+        "ratio_to_diffusers": 0.8,
+    }
+    r = {
+        "machine": {"gpu": "X", "jax_device": "X", "jax": "0", "torch": "0", "diffusers": "0"},
+        "config": "sd2",
+        "dtype": "bfloat16",
+        "bf16_peak_tflops": 1000.0,
+        "diffusers_step_512px_b8": {"median_s": 0.05},
+        "segsr_step_512px_b8": step,
+        "sampler_nocfg_2_b8": _sampler(0.1),
+        "sampler_nocfg_10_b8": _sampler(0.3),
+    }
     r.update(gpu_all.in_scan_steps(r))
     text = gpu_all.summary(r, (512, 1024), (1, 8), 50)
     assert "at 512px_b8: 25% NOT MET" in text

@@ -57,8 +57,12 @@ def test_bad_files_raise_image_error_naming_the_file(tmp_path, photo, monkeypatc
     raw = (tmp_path / "full.png").read_bytes()
     (tmp_path / "trunc.png").write_bytes(raw[: len(raw) // 2])
     Image.fromarray(photo[:4, :4]).save(tmp_path / "tiny.png")
-    for name, reason in [("empty.png", "empty"), ("text.jpg", "not a readable image"),
-                         ("trunc.png", "cannot decode"), ("tiny.png", "too small")]:
+    for name, reason in [
+        ("empty.png", "empty"),
+        ("text.jpg", "not a readable image"),
+        ("trunc.png", "cannot decode"),
+        ("tiny.png", "too small"),
+    ]:
         with pytest.raises(images.ImageError, match=reason) as err:
             images.read_image(tmp_path / name)
         assert name in str(err.value)

@@ -28,10 +28,17 @@ MiB, GiB = 2**20, 2**30
 def _measure(size: int) -> dict:
     env = dict(os.environ)
     # One CPU device, as a user's run has (conftest fakes 8 for the mesh tests).
-    env["XLA_FLAGS"] = env.get("XLA_FLAGS", "").replace(
-        "--xla_force_host_platform_device_count=8", "").strip()
-    proc = subprocess.run([sys.executable, str(BENCH), "--one", str(size), "--steps", "1"],
-                          capture_output=True, text=True, env=env, timeout=600, check=False)
+    env["XLA_FLAGS"] = (
+        env.get("XLA_FLAGS", "").replace("--xla_force_host_platform_device_count=8", "").strip()
+    )
+    proc = subprocess.run(
+        [sys.executable, str(BENCH), "--one", str(size), "--steps", "1"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -49,7 +56,8 @@ def test_2048_output_fits_and_memory_grows_only_with_the_image():
     image_growth = big["image_bytes"] - small["image_bytes"]
     assert growth <= 3 * image_growth + 64 * MiB, (
         f"working memory grew {growth / MiB:.0f} MiB from 1024 to 2048 px; the images only "
-        f"{image_growth / MiB:.0f} MiB")
+        f"{image_growth / MiB:.0f} MiB"
+    )
 
 
 def test_chunked_attention_equals_one_block(monkeypatch):
@@ -58,15 +66,17 @@ def test_chunked_attention_equals_one_block(monkeypatch):
     rng = np.random.default_rng(0)
     b, heads, d = 2, 3, 8
     for lq, lk in [(203, 203), (203, 77)]:
-        q, k, v = (jnp.asarray(rng.standard_normal((b, n, heads * d)), jnp.float32)
-                   for n in (lq, lk, lk))
+        q, k, v = (
+            jnp.asarray(rng.standard_normal((b, n, heads * d)), jnp.float32) for n in (lq, lk, lk)
+        )
         whole = layers.attention(q, k, v, heads)
-        monkeypatch.setitem(layers.MAX_SCORE_ELEMENTS, jax.default_backend(),
-                            b * heads * lk * 40)  # chunks of 40 queries: 6 chunks, 37 padded
+        monkeypatch.setitem(
+            layers.MAX_SCORE_ELEMENTS, jax.default_backend(), b * heads * lk * 40
+        )  # chunks of 40 queries: 6 chunks, 37 padded
         chunked = layers.attention(q, k, v, heads)
         monkeypatch.undo()
-        want = jax.nn.dot_product_attention(q.reshape(b, lq, heads, d),
-                                            k.reshape(b, lk, heads, d),
-                                            v.reshape(b, lk, heads, d)).reshape(b, lq, -1)
+        want = jax.nn.dot_product_attention(
+            q.reshape(b, lq, heads, d), k.reshape(b, lk, heads, d), v.reshape(b, lk, heads, d)
+        ).reshape(b, lq, -1)
         np.testing.assert_allclose(whole, want, atol=2e-6)
         np.testing.assert_allclose(chunked, whole, atol=2e-6)

@@ -11,7 +11,7 @@ from segsr_jax.lpips import LPIPS, load_lpips
 from segsr_jax.weights.torch_mapping import load_state_dict, state_dict_from_module
 
 _VGG = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512]
-_TAPS = (3, 8, 15, 22, 29)      # torchvision features indices of relu1_2 ... relu5_3
+_TAPS = (3, 8, 15, 22, 29)  # torchvision features indices of relu1_2 ... relu5_3
 
 
 class TorchLPIPS(nn.Module):
@@ -28,8 +28,9 @@ class TorchLPIPS(nn.Module):
                 mods += [nn.Conv2d(cin, v, 3, padding=1), nn.ReLU()]
                 cin = v
         self.features = nn.Sequential(*mods)
-        self.lins = nn.ModuleList([nn.Conv2d(c, 1, 1, bias=False)
-                                   for c in (64, 128, 256, 512, 512)])
+        self.lins = nn.ModuleList(
+            [nn.Conv2d(c, 1, 1, bias=False) for c in (64, 128, 256, 512, 512)]
+        )
         self.register_buffer("shift", torch.tensor([-0.030, -0.088, -0.188])[None, :, None, None])
         self.register_buffer("scale", torch.tensor([0.458, 0.448, 0.450])[None, :, None, None])
 
@@ -43,9 +44,12 @@ class TorchLPIPS(nn.Module):
 
     def forward(self, x, y):
         def unit(f):
-            return f / (torch.sqrt(torch.sum(f ** 2, dim=1, keepdim=True)) + 1e-10)
-        terms = [lin((unit(a) - unit(b)) ** 2).mean(dim=(1, 2, 3))
-                 for a, b, lin in zip(self.taps(x), self.taps(y), self.lins, strict=True)]
+            return f / (torch.sqrt(torch.sum(f**2, dim=1, keepdim=True)) + 1e-10)
+
+        terms = [
+            lin((unit(a) - unit(b)) ** 2).mean(dim=(1, 2, 3))
+            for a, b, lin in zip(self.taps(x), self.taps(y), self.lins, strict=True)
+        ]
         return torch.stack(terms, dim=-1)
 
 
@@ -53,9 +57,11 @@ _CONV_IDX = [i for i, m in enumerate(TorchLPIPS().features) if isinstance(m, nn.
 
 
 # (our tensor name, the reference module's state-dict name), both directions.
-_NAMES = ([(f"convs.{i}.{p}", f"features.{idx}.{p}") for i, idx in enumerate(_CONV_IDX)
-           for p in ("weight", "bias")] + [(f"lins.{k}.weight", f"lins.{k}.weight")
-                                            for k in range(5)])
+_NAMES = [
+    (f"convs.{i}.{p}", f"features.{idx}.{p}")
+    for i, idx in enumerate(_CONV_IDX)
+    for p in ("weight", "bias")
+] + [(f"lins.{k}.weight", f"lins.{k}.weight") for k in range(5)]
 
 
 def to_ours(ref: TorchLPIPS) -> dict:
@@ -66,8 +72,7 @@ def to_ours(ref: TorchLPIPS) -> dict:
 def from_ours(tensors: dict) -> TorchLPIPS:
     ref = TorchLPIPS().eval()
     sd = {theirs: tensors[ours] for ours, theirs in _NAMES}
-    ref.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in sd.items()},
-                        strict=False)
+    ref.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in sd.items()}, strict=False)
     return ref
 
 
@@ -86,7 +91,7 @@ def _pair(rng, shape):
 def test_parity_random_weights(np_rng):
     torch.manual_seed(0)
     ref = TorchLPIPS().eval()
-    with torch.no_grad():   # He-scaled convs keep the activations O(1) through 13 layers
+    with torch.no_grad():  # He-scaled convs keep the activations O(1) through 13 layers
         for m in ref.modules():
             if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3):
                 nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
@@ -94,7 +99,7 @@ def test_parity_random_weights(np_rng):
             elif isinstance(m, nn.Conv2d):
                 nn.init.uniform_(m.weight, 0, 1)
     ours = load_state_dict(lambda: LPIPS(rngs=nnx.Rngs(0)), to_ours(ref))
-    x, y = _pair(np_rng, (2, 37, 45, 3))   # odd sizes: pooling drops the last row / column
+    x, y = _pair(np_rng, (2, 37, 45, 3))  # odd sizes: pooling drops the last row / column
     want = torch_terms(ref, x, y)
     got = np.asarray(nnx.jit(lambda m, a, b: m.layer_distances(a, b))(ours, x, y))
     assert got.shape == (2, 5) and want.min() > 5e-3
@@ -132,8 +137,13 @@ def test_real_weights_sanity(np_rng):
     metric = load_lpips(_converted())
     # LPIPS v0.1's linear heads are non-negative (the released weights were clamped).
     assert all(float(lin.kernel[...].min()) >= 0 for lin in metric.lins)
-    imgs = np.stack([skimage.data.astronaut()[100:228, 180:308],
-                     skimage.data.coffee()[100:228, 200:328]]).astype(np.float32) / 127.5 - 1
+    imgs = (
+        np.stack(
+            [skimage.data.astronaut()[100:228, 180:308], skimage.data.coffee()[100:228, 200:328]]
+        ).astype(np.float32)
+        / 127.5
+        - 1
+    )
     noisy = np.clip(imgs + np_rng.normal(0, 0.02, imgs.shape), -1, 1).astype(np.float32)
     blurred = _blur(imgs, 2.0).astype(np.float32)
     more_blurred = _blur(imgs, 4.0).astype(np.float32)
@@ -143,8 +153,7 @@ def test_real_weights_sanity(np_rng):
     d_blur = np.asarray(score(metric, imgs, blurred))
     d_more = np.asarray(score(metric, imgs, more_blurred))
     d_other = np.asarray(score(metric, imgs, imgs[::-1]))
-    print("LPIPS same", same, "noise", d_noise, "blur2", d_blur, "blur4", d_more, "other",
-          d_other)
+    print("LPIPS same", same, "noise", d_noise, "blur2", d_blur, "blur4", d_more, "other", d_other)
     np.testing.assert_allclose(same, 0, atol=1e-6)
     assert np.all(d_noise < d_blur) and np.all(d_blur < d_more) and np.all(d_more < d_other)
     np.testing.assert_allclose(np.asarray(score(metric, blurred, imgs)), d_blur, rtol=1e-5)

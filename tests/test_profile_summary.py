@@ -11,8 +11,9 @@ import profile_summary  # noqa: E402
 
 
 def _conv_then_dense(a, k, w):
-    y = jax.lax.conv_general_dilated(a, k, (1, 1), "SAME",
-                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    y = jax.lax.conv_general_dilated(
+        a, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
     return jnp.tanh(y).reshape(-1, w.shape[0]) @ w
 
 
@@ -32,7 +33,7 @@ def test_profile_of_a_conv_and_a_matmul(tmp_path):
     assert {"convolution", "matmul"} <= set(s["categories_ms"])
     assert abs(sum(s["categories_ms"].values()) - s["device_ms_per_call"]) < 1e-6
     ops = [r["op"] for r in s["top_ops"]]
-    assert all(op in cats for op in ops), ops   # the trace's op names are the HLO's
+    assert all(op in cats for op in ops), ops  # the trace's op names are the HLO's
     assert "convolution" in profile_summary.format_summary(s)
 
 
@@ -74,7 +75,7 @@ def test_gpu_like_hlo_categories():
     assert cats["cudnn-conv.4"] == "convolution"
     assert cats["custom-call.5"] == "attention"
     assert cats["custom-call.6"] == "matmul"
-    assert cats["fusion-start.7"] == "matmul"       # through the async wrapper
+    assert cats["fusion-start.7"] == "matmul"  # through the async wrapper
     # Without the program text, names alone: a convert is not a convolution.
     assert profile_summary.category("loop_convert_fusion", "") == "elementwise/other"
     assert profile_summary.category("cudnn-conv.4", "") == "convolution"

@@ -26,7 +26,7 @@ def inputs(tmp_path):
     """A folder mixing good images of several modes (all 24x32) and broken files."""
     d = tmp_path / "in"
     d.mkdir()
-    photo = data.astronaut()[::16, ::16][:24]           # 24 x 32 RGB
+    photo = data.astronaut()[::16, ::16][:24]  # 24 x 32 RGB
     Image.fromarray(photo).save(d / "rgb.png")
     Image.fromarray(photo.mean(-1).astype(np.uint8)).save(d / "gray.jpg")
     rgba = np.dstack([photo, np.full(photo.shape[:2], 200, np.uint8)])
@@ -40,8 +40,21 @@ def inputs(tmp_path):
 
 
 def _args(ckpt, inputs, out, tmp_path, *extra):
-    return ["--checkpoint", str(ckpt), "--input", str(inputs), "--output", str(out),
-            "--upscale", "1", "--min-side", "16", "--cache-dir", str(tmp_path / "xla"), *extra]
+    return [
+        "--checkpoint",
+        str(ckpt),
+        "--input",
+        str(inputs),
+        "--output",
+        str(out),
+        "--upscale",
+        "1",
+        "--min-side",
+        "16",
+        "--cache-dir",
+        str(tmp_path / "xla"),
+        *extra,
+    ]
 
 
 def test_folder_with_good_and_bad_files(ckpt, inputs, tmp_path, capsys):
@@ -53,8 +66,9 @@ def test_folder_with_good_and_bad_files(ckpt, inputs, tmp_path, capsys):
         assert bad in err
     assert err.count("error:") == 4
     written = sorted(p.name for p in out.iterdir())
-    assert written == sorted(f"{s}{suf}" for s in ("rgb", "gray", "rgba")
-                             for suf in sample.OUTPUT_SUFFIXES)   # nothing partial, no temps
+    assert written == sorted(
+        f"{s}{suf}" for s in ("rgb", "gray", "rgba") for suf in sample.OUTPUT_SUFFIXES
+    )  # nothing partial, no temps
     sr = np.asarray(Image.open(out / "rgb_sr.png"))
     assert sr.shape == (24, 32, 3)
     labels = np.asarray(Image.open(out / "rgb_seg_labels.png"))
@@ -81,8 +95,23 @@ def test_upscale_and_seed_determinism(ckpt, inputs, tmp_path):
     one = tmp_path / "one.png"
     one.write_bytes((inputs / "rgb.png").read_bytes())
     for out in ("a", "b"):
-        assert sample.main(_args(ckpt, one, tmp_path / out, tmp_path, "--upscale", "2",
-                                 "--tile", "48", "--tile-overlap", "16")) == 0
+        assert (
+            sample.main(
+                _args(
+                    ckpt,
+                    one,
+                    tmp_path / out,
+                    tmp_path,
+                    "--upscale",
+                    "2",
+                    "--tile",
+                    "48",
+                    "--tile-overlap",
+                    "16",
+                )
+            )
+            == 0
+        )
     a = np.asarray(Image.open(tmp_path / "a" / "one_sr.png"))
     b = np.asarray(Image.open(tmp_path / "b" / "one_sr.png"))
     assert a.shape == (48, 64, 3)
@@ -108,8 +137,8 @@ def test_checkpoint_errors(ckpt, inputs, tmp_path, capsys):
 def test_small_inputs_are_enlarged_first_and_resized_back():
     lq = np.zeros((24, 32, 3), np.uint8)
     job = sample.plan_job(sample.Path("x.png"), lq, upscale=4, min_side=128)
-    assert job.out_hw == (96, 128)                   # exactly upscale x the input
-    assert job.work_hw == (512, 683)                 # short side 128 before the x4
+    assert job.out_hw == (96, 128)  # exactly upscale x the input
+    assert job.work_hw == (512, 683)  # short side 128 before the x4
     assert sample.plan_job(sample.Path("x.png"), lq, 2, 16).work_hw == (48, 64)
 
 
@@ -159,7 +188,7 @@ def test_restorer_returns_label_trajectories(ckpt):
     restorer = Restorer.from_checkpoint(ckpt)
     lq = data.astronaut()[::16, ::16][:24]
     opts = restorer.options(steps=3, seg_prior="diffusion")
-    (sr, labels, traj), = restorer.restore_batch([lq], (24, 32), opts, record_labels=True)[0]
+    ((sr, labels, traj),) = restorer.restore_batch([lq], (24, 32), opts, record_labels=True)[0]
     f = restorer.config.latent_factor
     assert sr.shape == (24, 32, 3) and traj.shape == (3, 24 // f, 32 // f)
     np.testing.assert_array_equal(traj[-1], labels)
@@ -178,22 +207,24 @@ def test_bf16_restorer_holds_weights_in_bf16(ckpt, monkeypatch):
     model = nnx.merge(restorer.graphdef, restorer.state)
     assert model.unet.conv_in.kernel[...].dtype == jnp.bfloat16
     assert model.vae.decoder.conv_out.kernel[...].dtype == jnp.bfloat16
-    assert model.unet.conv_norm_out.scale[...].dtype == jnp.float32   # norms stay float32
+    assert model.unet.conv_norm_out.scale[...].dtype == jnp.float32  # norms stay float32
     lq = data.astronaut()[::16, ::16][:24]
     opts = restorer.options(steps=2)
-    (sr, labels), = restorer.restore_batch([lq], (24, 32), opts)[0]
+    ((sr, labels),) = restorer.restore_batch([lq], (24, 32), opts)[0]
 
     monkeypatch.setattr(layers, "inference_weights", lambda m: m)
     per_call = Restorer.from_checkpoint(ckpt, dtype="bfloat16")
-    assert nnx.merge(per_call.graphdef, per_call.state).unet.conv_in.kernel[...].dtype == \
-        jnp.float32
-    (sr_ref, labels_ref), = per_call.restore_batch([lq], (24, 32), opts)[0]
+    assert (
+        nnx.merge(per_call.graphdef, per_call.state).unet.conv_in.kernel[...].dtype == jnp.float32
+    )
+    ((sr_ref, labels_ref),) = per_call.restore_batch([lq], (24, 32), opts)[0]
     np.testing.assert_array_equal(sr, sr_ref)
     np.testing.assert_array_equal(labels, labels_ref)
 
 
-def test_ctrl_c_stops_with_one_line_and_a_rerun_resumes(ckpt, inputs, tmp_path, capsys,
-                                                         monkeypatch):
+def test_ctrl_c_stops_with_one_line_and_a_rerun_resumes(
+    ckpt, inputs, tmp_path, capsys, monkeypatch
+):
     from segsr_jax.inference import Restorer
 
     d = tmp_path / "two"
@@ -214,7 +245,7 @@ def test_ctrl_c_stops_with_one_line_and_a_rerun_resumes(ckpt, inputs, tmp_path, 
     assert sample.main(_args(ckpt, d, out, tmp_path)) == 130
     err = capsys.readouterr().err
     assert "interrupted: 1 of 2 images written; rerun the same command to resume" in err
-    assert len(sorted(out.iterdir())) == len(sample.OUTPUT_SUFFIXES)   # one image, no temps
+    assert len(sorted(out.iterdir())) == len(sample.OUTPUT_SUFFIXES)  # one image, no temps
     monkeypatch.undo()
     assert sample.main(_args(ckpt, d, out, tmp_path)) == 0
     assert "skipping 1 image(s)" in capsys.readouterr().out
@@ -233,11 +264,24 @@ def test_ctrl_c_in_a_real_run_exits_at_once_and_quietly(tmp_path):
 
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "segsr_jax.sample", "--output", str(tmp_path / "out"),
-         "--cache-dir", str(tmp_path / "xla"), "--steps", "150"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        [
+            sys.executable,
+            "-m",
+            "segsr_jax.sample",
+            "--output",
+            str(tmp_path / "out"),
+            "--cache-dir",
+            str(tmp_path / "xla"),
+            "--steps",
+            "150",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     try:
-        for line in proc.stdout:   # the first image's line: "scene0.png: 7.12 s (+ ...)"
+        for line in proc.stdout:  # the first image's line: "scene0.png: 7.12 s (+ ...)"
             if m := re.search(r"\.png: ([0-9.]+) s", line):
                 break
         else:
@@ -257,8 +301,7 @@ def test_ctrl_c_in_a_real_run_exits_at_once_and_quietly(tmp_path):
     assert len(list((tmp_path / "out").iterdir())) == len(sample.OUTPUT_SUFFIXES)
 
 
-def test_inputs_with_the_same_stem_get_their_extension_in_output_names(ckpt, tmp_path,
-                                                                       capsys):
+def test_inputs_with_the_same_stem_get_their_extension_in_output_names(ckpt, tmp_path, capsys):
     d = tmp_path / "in"
     d.mkdir()
     photo = data.astronaut()[::16, ::16][:24]
@@ -270,7 +313,8 @@ def test_inputs_with_the_same_stem_get_their_extension_in_output_names(ckpt, tmp
     err = capsys.readouterr().err
     assert err.count("note:") == 1 and "pic.jpg -> pic_jpg_sr.png" in err
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        f"{s}{suf}" for s in ("pic_jpg", "pic_png", "other") for suf in sample.OUTPUT_SUFFIXES)
+        f"{s}{suf}" for s in ("pic_jpg", "pic_png", "other") for suf in sample.OUTPUT_SUFFIXES
+    )
     a = np.asarray(Image.open(out / "pic_png_sr.png"))
     b = np.asarray(Image.open(out / "pic_jpg_sr.png"))
     assert not np.array_equal(a, b)
@@ -278,8 +322,9 @@ def test_inputs_with_the_same_stem_get_their_extension_in_output_names(ckpt, tmp
     assert "skipping 3 image(s)" in capsys.readouterr().out
 
 
-def test_output_that_is_a_file_fails_before_loading_the_model(ckpt, inputs, tmp_path, capsys,
-                                                              monkeypatch):
+def test_output_that_is_a_file_fails_before_loading_the_model(
+    ckpt, inputs, tmp_path, capsys, monkeypatch
+):
     from segsr_jax.inference import Restorer
 
     def no_loading(*args, **kwargs):
@@ -295,10 +340,22 @@ def test_output_that_is_a_file_fails_before_loading_the_model(ckpt, inputs, tmp_
     assert taken.read_text() == "mine"
 
 
-@pytest.mark.parametrize("flags", [
-    ["--guidance", "nan"], ["--guidance", "inf"], ["--guidance", "-1"], ["--upscale", "nan"],
-    ["--upscale", "inf"], ["--steps", "0"], ["--tile", "-1"], ["--tiles-per-call", "-2"],
-    ["--batch-size", "0"], ["--min-side", "-1"], ["--tile", "16", "--tile-overlap", "16"]])
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--guidance", "nan"],
+        ["--guidance", "inf"],
+        ["--guidance", "-1"],
+        ["--upscale", "nan"],
+        ["--upscale", "inf"],
+        ["--steps", "0"],
+        ["--tile", "-1"],
+        ["--tiles-per-call", "-2"],
+        ["--batch-size", "0"],
+        ["--min-side", "-1"],
+        ["--tile", "16", "--tile-overlap", "16"],
+    ],
+)
 def test_bad_numbers_are_refused_by_argparse(flags, capsys):
     with pytest.raises(SystemExit) as e:
         sample.parse_args(flags)
@@ -330,15 +387,14 @@ def test_tiles_per_call_defaults_to_1_on_cpu_unless_set(ckpt, monkeypatch):
     assert inference.jax.default_backend() == "cpu"
     assert restorer.options().tiles_per_call == 1
     assert restorer.options(tiles_per_call=3).tiles_per_call == 3
-    restorer.defaults["tiles_per_call"] = 2        # the checkpoint's sampling defaults
+    restorer.defaults["tiles_per_call"] = 2  # the checkpoint's sampling defaults
     assert restorer.options().tiles_per_call == 2
     del restorer.defaults["tiles_per_call"]
     monkeypatch.setattr(inference.jax, "default_backend", lambda: "gpu")
     assert restorer.options().tiles_per_call == 4
 
 
-def test_tiles_come_from_the_checkpoint_unless_given(ckpt, inputs, tmp_path, capsys,
-                                                      monkeypatch):
+def test_tiles_come_from_the_checkpoint_unless_given(ckpt, inputs, tmp_path, capsys, monkeypatch):
     """--tile/--tile-overlap left out: the checkpoint's sampling defaults (configs/tiny.py
     sets tiles for its small model) apply, not the SD-sized 96/32; a tile that conflicts with
     the checkpoint's overlap is a clear error before sampling."""

@@ -34,16 +34,31 @@ def cache_dir(tmp_path_factory):
 
 
 def _env(devices=8):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT),
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    env = dict(
+        os.environ,
+        JAX_PLATFORMS="cpu",
+        PYTHONPATH=str(ROOT),
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+    )
     return env
 
 
 def _start(workdir, cache_dir, *flags, devices=8):
-    cmd = [sys.executable, "-m", "segsr_jax.train", "--config", CONFIG, "--workdir",
-           str(workdir), "--cache_dir", str(cache_dir), *flags]
-    return subprocess.Popen(cmd, cwd=ROOT, env=_env(devices), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "segsr_jax.train",
+        "--config",
+        CONFIG,
+        "--workdir",
+        str(workdir),
+        "--cache_dir",
+        str(cache_dir),
+        *flags,
+    ]
+    return subprocess.Popen(
+        cmd, cwd=ROOT, env=_env(devices), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
 
 
 def _finish(proc, timeout=240):
@@ -60,11 +75,18 @@ def _records(workdir, event="train"):
 
 
 def _checkpoint(workdir, step):
-    mgr = ocp.CheckpointManager(workdir / "checkpoints",
-                                options=ocp.CheckpointManagerOptions(read_only=True))
-    items = mgr.restore(step, args=ocp.args.Composite(
-        **{k: ocp.args.StandardRestore() for k in ("params", "ema_params", "opt_state",
-                                                   "train")}))
+    mgr = ocp.CheckpointManager(
+        workdir / "checkpoints", options=ocp.CheckpointManagerOptions(read_only=True)
+    )
+    items = mgr.restore(
+        step,
+        args=ocp.args.Composite(
+            **{
+                k: ocp.args.StandardRestore()
+                for k in ("params", "ema_params", "opt_state", "train")
+            }
+        ),
+    )
     mgr.close()
     return items
 
@@ -81,8 +103,11 @@ def _wait_for_step(proc, workdir, step: int, timeout: float = 240) -> None:
 def test_sigterm_then_resume_equals_an_uninterrupted_run(tmp_path, cache_dir):
     interrupted, straight = tmp_path / "interrupted", tmp_path / "straight"
     init = write_init_checkpoint(tmp_path / "init")
-    common = ["--config.log.every=1", "--config.checkpoint.every=1000",
-              f"--config.init_from={init}"]
+    common = [
+        "--config.log.every=1",
+        "--config.checkpoint.every=1000",
+        f"--config.init_from={init}",
+    ]
     proc = _start(interrupted, cache_dir, "--config.num_steps=100000", *common)
     _wait_for_step(proc, interrupted, 4)
     proc.send_signal(signal.SIGTERM)
@@ -122,24 +147,37 @@ def _free_port():
 def test_two_processes_train_and_checkpoint(tmp_path, cache_dir):
     port = _free_port()
     init = write_init_checkpoint(tmp_path / "init")
-    procs = [_start(tmp_path, cache_dir, f"--coordinator_address=127.0.0.1:{port}",
-                    f"--config.init_from={init}",
-                    "--num_processes=2", f"--process_id={i}", "--config.num_steps=3",
-                    "--config.checkpoint.every=3", "--config.log.every=1",
-                    # FSDP across the two processes' devices, and a validation grid.
-                    "--config.mesh.fsdp=2", "--config.sample.every=3", devices=4)
-             for i in range(2)]
+    procs = [
+        _start(
+            tmp_path,
+            cache_dir,
+            f"--coordinator_address=127.0.0.1:{port}",
+            f"--config.init_from={init}",
+            "--num_processes=2",
+            f"--process_id={i}",
+            "--config.num_steps=3",
+            "--config.checkpoint.every=3",
+            "--config.log.every=1",
+            # FSDP across the two processes' devices, and a validation grid.
+            "--config.mesh.fsdp=2",
+            "--config.sample.every=3",
+            devices=4,
+        )
+        for i in range(2)
+    ]
     results = [_finish(p) for p in procs]
     for rc, _, err in results:
         assert rc == 0, err[-3000:]
     (out0, _), (out1, _) = [(r[1], r[2]) for r in results]
     assert "devices: 8 (2 processes), mesh {'data': 4, 'fsdp': 2}" in out0
     assert len(list((tmp_path / "samples").glob("samples_step0000003.png"))) == 1
-    assert "step 3:" in out0 and "step" not in out1       # only process 0 logs
+    assert "step 3:" in out0 and "step" not in out1  # only process 0 logs
     assert [r["step"] for r in _records(tmp_path)] == [1, 2, 3]
     data = tmp_path / "checkpoints" / "3" / "data"
-    assert sorted(p.name for p in data.glob("process_*")) == ["process_0-of-2.json",
-                                                              "process_1-of-2.json"]
+    assert sorted(p.name for p in data.glob("process_*")) == [
+        "process_0-of-2.json",
+        "process_1-of-2.json",
+    ]
     assert (tmp_path / "checkpoints" / "tokenizer" / "vocab.json").is_file()
 
 
@@ -154,8 +192,14 @@ def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(tmp_path, cache_dir):
     """A first Ctrl-C (SIGINT) stops as SIGTERM does, with the Ctrl-C status 130."""
     init = write_init_checkpoint(tmp_path / "init")
     work = tmp_path / "work"
-    proc = _start(work, cache_dir, "--config.num_steps=100000", "--config.log.every=1",
-                  "--config.checkpoint.every=1000", f"--config.init_from={init}")
+    proc = _start(
+        work,
+        cache_dir,
+        "--config.num_steps=100000",
+        "--config.log.every=1",
+        "--config.checkpoint.every=1000",
+        f"--config.init_from={init}",
+    )
     _wait_for_step(proc, work, 2)
     proc.send_signal(signal.SIGINT)
     rc, out, err = _finish(proc)
@@ -169,17 +213,25 @@ def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(tmp_path, cache_dir):
 
 
 def test_second_ctrl_c_stops_at_once():
-    code = ("import os, signal, time\n"
-            "from segsr_jax.train import stop_signals\n"
-            "with stop_signals(True) as received:\n"
-            "    os.kill(os.getpid(), signal.SIGINT)\n"
-            "    time.sleep(0.1)\n"
-            "    assert received == [signal.SIGINT], received\n"
-            "    os.kill(os.getpid(), signal.SIGINT)\n"
-            "    time.sleep(5)\n"
-            "print('not stopped')\n")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=_env(1),
-                          capture_output=True, text=True, timeout=120)
+    code = (
+        "import os, signal, time\n"
+        "from segsr_jax.train import stop_signals\n"
+        "with stop_signals(True) as received:\n"
+        "    os.kill(os.getpid(), signal.SIGINT)\n"
+        "    time.sleep(0.1)\n"
+        "    assert received == [signal.SIGINT], received\n"
+        "    os.kill(os.getpid(), signal.SIGINT)\n"
+        "    time.sleep(5)\n"
+        "print('not stopped')\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        env=_env(1),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 130, proc.stderr[-3000:]
     assert "second Ctrl-C: stopped at once" in proc.stderr and "not stopped" not in proc.stdout
 
@@ -199,20 +251,24 @@ def test_missing_init_checkpoint_is_a_one_line_error(tmp_path, cache_dir):
     """A run started before the run it starts from exists: exit 2, no traceback, naming the
     folder, the command that writes it and the init_from override."""
     missing = tmp_path / "runs" / "tiny" / "seg" / "checkpoints"
-    rc, _, err = _finish(_start(tmp_path / "joint", cache_dir,
-                                f"--config.init_from={missing}"))
+    rc, _, err = _finish(_start(tmp_path / "joint", cache_dir, f"--config.init_from={missing}"))
     assert rc == 2, err[-3000:]
     assert "Traceback" not in err
     (line,) = [x for x in err.splitlines() if x.startswith("error:")]
     assert f"starts from the checkpoint in {missing}, which is missing" in line
-    assert (f"--config tests/training/tiny_train_config.py:seg --workdir {missing.parent}"
-            in line)
+    assert f"--config tests/training/tiny_train_config.py:seg --workdir {missing.parent}" in line
     assert "--config.init_from=DIR" in line
 
 
 def test_help_lists_the_runs_and_exits_0():
-    proc = subprocess.run([sys.executable, "-m", "segsr_jax.train", "--help"], cwd=ROOT,
-                          env=_env(1), capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "segsr_jax.train", "--help"],
+        cwd=ROOT,
+        env=_env(1),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     for run in ("vae", "sr", "seg", "joint", "sronly", "prior", "segmenter"):
         assert f"``{run}``" in proc.stdout
@@ -226,10 +282,11 @@ def _load_config(name: str):
     return module
 
 
-@pytest.mark.parametrize(("name", "run", "min_side"),
-                         [("tiny", "joint", 32), ("tiny", "prior", 32), ("small", "joint", 64)])
-def test_from_scratch_configs_give_checkpoints_small_image_sampling_defaults(name, run,
-                                                                             min_side):
+@pytest.mark.parametrize(
+    ("name", "run", "min_side"),
+    [("tiny", "joint", 32), ("tiny", "prior", 32), ("small", "joint", 64)],
+)
+def test_from_scratch_configs_give_checkpoints_small_image_sampling_defaults(name, run, min_side):
     """The sampler's defaults (min_side 128, 96-latent tiles) suit SD-2-sized models; the
     from-scratch configs' checkpoints carry their own (train.py saves sample.options as the
     checkpoint's sampling defaults: tests/training/test_train_loop.py)."""

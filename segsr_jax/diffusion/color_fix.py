@@ -60,8 +60,8 @@ def wavelet_blur(x: jax.Array, radius: int) -> jax.Array:
     """
     h, w = x.shape[1], x.shape[2]
     x = jnp.pad(x, ((0, 0), (radius, radius), (radius, radius), (0, 0)), mode="edge")
-    x = sum(wt * x[:, k * radius:k * radius + h] for k, wt in enumerate(_BLUR_TAPS))
-    return sum(wt * x[:, :, k * radius:k * radius + w] for k, wt in enumerate(_BLUR_TAPS))
+    x = sum(wt * x[:, k * radius : k * radius + h] for k, wt in enumerate(_BLUR_TAPS))
+    return sum(wt * x[:, :, k * radius : k * radius + w] for k, wt in enumerate(_BLUR_TAPS))
 
 
 @functools.partial(jax.jit, static_argnames="levels")
@@ -83,8 +83,10 @@ def wavelet(sr: jax.Array, ref: jax.Array, levels: int = WAVELET_LEVELS) -> jax.
       levels: number of dilated blur levels (5: low frequencies below ~1/64 cycles per pixel).
     """
     if sr.shape != ref.shape:
-        raise ValueError(f"wavelet colour fix needs ref at sr's shape, got {ref.shape} vs "
-                         f"{sr.shape}; resize the LQ reference to the output size first")
+        raise ValueError(
+            f"wavelet colour fix needs ref at sr's shape, got {ref.shape} vs "
+            f"{sr.shape}; resize the LQ reference to the output size first"
+        )
     high, _ = wavelet_decompose(sr.astype(jnp.float32), levels)
     _, low = wavelet_decompose(ref.astype(jnp.float32), levels)
     return (high + low).astype(sr.dtype)

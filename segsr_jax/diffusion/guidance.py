@@ -34,6 +34,7 @@ def double_batch(tree):
 def split_batch(tree):
     """Every leaf ``[2B, ...]`` -> ``(uncond [B, ...], cond [B, ...])`` trees (first half,
     second half)."""
+
     def half(a, which):
         if a.shape[0] % 2:
             raise ValueError(f"split_batch needs an even leading axis, got shape {a.shape}")

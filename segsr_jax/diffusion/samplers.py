@@ -143,8 +143,9 @@ def init_state(x_start: jax.Array) -> SamplerState:
     return SamplerState(x=x_start, x0=jnp.zeros_like(x_start))
 
 
-def sr_step(c: SRCoeffs, state: SamplerState, model_out: jax.Array,
-            noise: jax.Array) -> SamplerState:
+def sr_step(
+    c: SRCoeffs, state: SamplerState, model_out: jax.Array, noise: jax.Array
+) -> SamplerState:
     """One SR reverse step ``x_t -> x_prev`` for any sampler (pure, elementwise, any layout).
 
     Args:
@@ -162,8 +163,7 @@ def sr_step(c: SRCoeffs, state: SamplerState, model_out: jax.Array,
     f32 = jnp.float32
     x = state.x.astype(f32)
     x0 = c.x0_from_x * x + c.x0_from_out * model_out.astype(f32)
-    x_prev = (c.x * x + c.x0 * x0 + c.prev_x0 * state.x0.astype(f32)
-              + c.noise * noise.astype(f32))
+    x_prev = c.x * x + c.x0 * x0 + c.prev_x0 * state.x0.astype(f32) + c.noise * noise.astype(f32)
     return SamplerState(x=x_prev.astype(state.x.dtype), x0=x0.astype(state.x0.dtype))
 
 
@@ -186,8 +186,9 @@ def seg_step(c: SegCoeffs, s_t: jax.Array, s0_hat: jax.Array) -> jax.Array:
     return (c.alpha_next * s0 + c.sigma_next * eps).astype(s_t.dtype)
 
 
-def initial_latent(z_lq: jax.Array, noise: jax.Array, alphas_cumprod: np.ndarray,
-                   t_start: int = 999) -> jax.Array:
+def initial_latent(
+    z_lq: jax.Array, noise: jax.Array, alphas_cumprod: np.ndarray, t_start: int = 999
+) -> jax.Array:
     """SeeSR's start: the LQ latent noised to ``t_start``,
     ``sqrt(a) z_lq + sqrt(1 - a) eps`` with ``a = alphas_cumprod[t_start]``.
 
@@ -222,9 +223,15 @@ def ddpm_coeffs(timesteps: np.ndarray, ac: np.ndarray, prediction_type: str) -> 
     return _sr_coeffs(p, q, c_x, c_x0, np.zeros_like(a_t), std)
 
 
-def ddim_coeffs(timesteps: np.ndarray, ac: np.ndarray, prediction_type: str, *,
-                num_train_timesteps: int, eta: float = 0.0,
-                set_alpha_to_one: bool = False) -> SRCoeffs:
+def ddim_coeffs(
+    timesteps: np.ndarray,
+    ac: np.ndarray,
+    prediction_type: str,
+    *,
+    num_train_timesteps: int,
+    eta: float = 0.0,
+    set_alpha_to_one: bool = False,
+) -> SRCoeffs:
     """DDIM steps, as diffusers' ``DDIMScheduler`` (no clipping):
     ``x_prev = sqrt(a') x0_hat + sqrt(1 - a' - std^2) eps_hat + std noise`` with
     ``std = eta * sqrt((1-a')/(1-a) (1 - a/a'))``.
@@ -295,13 +302,26 @@ def seg_coeffs(timesteps: np.ndarray, num_train_timesteps: int) -> SegCoeffs:
     alpha, sigma = seg_alpha_sigma(now)
     alpha_next, sigma_next = seg_alpha_sigma(nxt)
     f32 = lambda a: np.asarray(a).astype(np.float32)
-    return SegCoeffs(alpha=f32(alpha), sigma=f32(sigma), alpha_next=f32(alpha_next),
-                     sigma_next=f32(sigma_next), time=f32(now), logsnr=f32(seg_logsnr(now)))
+    return SegCoeffs(
+        alpha=f32(alpha),
+        sigma=f32(sigma),
+        alpha_next=f32(alpha_next),
+        sigma_next=f32(sigma_next),
+        time=f32(now),
+        logsnr=f32(seg_logsnr(now)),
+    )
 
 
-def make_schedule(sampler: str, num_steps: int, noise: NoiseConfig | None = None, *,
-                  timestep_spacing: str | None = None, steps_offset: int = 1, eta: float = 0.0,
-                  set_alpha_to_one: bool = False) -> Schedule:
+def make_schedule(
+    sampler: str,
+    num_steps: int,
+    noise: NoiseConfig | None = None,
+    *,
+    timestep_spacing: str | None = None,
+    steps_offset: int = 1,
+    eta: float = 0.0,
+    set_alpha_to_one: bool = False,
+) -> Schedule:
     """Everything one sampling run needs, as host numpy arrays with leading axis ``num_steps``.
 
     Args:
@@ -325,18 +345,35 @@ def make_schedule(sampler: str, num_steps: int, noise: NoiseConfig | None = None
     noise = noise or NoiseConfig()
     spacing = timestep_spacing or DEFAULT_SPACING[sampler]
     big_t = noise.num_train_timesteps
-    ts = make_timesteps(num_steps, spacing, num_train_timesteps=big_t,
-                        steps_offset=steps_offset, endpoint_grid=sampler == "dpmpp_2m")
+    ts = make_timesteps(
+        num_steps,
+        spacing,
+        num_train_timesteps=big_t,
+        steps_offset=steps_offset,
+        endpoint_grid=sampler == "dpmpp_2m",
+    )
     if ts.max() >= big_t or ts.min() < 0:
-        raise ValueError(f"timesteps {ts.min()}..{ts.max()} fall outside [0, {big_t}): "
-                         f"steps_offset={steps_offset} is too large for {num_steps} steps")
+        raise ValueError(
+            f"timesteps {ts.min()}..{ts.max()} fall outside [0, {big_t}): "
+            f"steps_offset={steps_offset} is too large for {num_steps} steps"
+        )
     ac = alphas_cumprod(noise)
     if sampler == "ddpm":
         sr = ddpm_coeffs(ts, ac, noise.prediction_type)
     elif sampler == "ddim":
-        sr = ddim_coeffs(ts, ac, noise.prediction_type, num_train_timesteps=big_t, eta=eta,
-                         set_alpha_to_one=set_alpha_to_one)
+        sr = ddim_coeffs(
+            ts,
+            ac,
+            noise.prediction_type,
+            num_train_timesteps=big_t,
+            eta=eta,
+            set_alpha_to_one=set_alpha_to_one,
+        )
     else:
         sr = dpmpp_2m_coeffs(ts, ac, noise.prediction_type)
-    return Schedule(timestep=ts.astype(np.int32), sr=sr, seg=seg_coeffs(ts, big_t),
-                    stochastic=bool(np.any(sr.noise != 0)))
+    return Schedule(
+        timestep=ts.astype(np.int32),
+        sr=sr,
+        seg=seg_coeffs(ts, big_t),
+        stochastic=bool(np.any(sr.noise != 0)),
+    )

@@ -81,8 +81,9 @@ class SamplingPlan:
     @property
     def use_bridge(self) -> tuple[bool, bool]:
         """``(use C_t, use I_t)`` for :meth:`SegSR.denoise`."""
-        return {"diffusion": (True, True), "fixed": (True, False),
-                "none": (False, False)}[self.seg_prior]
+        return {"diffusion": (True, True), "fixed": (True, False), "none": (False, False)}[
+            self.seg_prior
+        ]
 
     @property
     def latent_shape(self) -> tuple[int, int]:
@@ -90,11 +91,20 @@ class SamplingPlan:
         return self.tiles.shape
 
 
-def make_plan(image_hw: tuple[int, int], latent_factor: int, *, tile: int = 96,
-              overlap: int = 32, tiles_per_call: int = 4, guidance: bool = True,
-              color_fix: str = "adain", vae_encode_tile: int = 1024,
-              vae_decode_tile: int = 224, seg_prior: str = "diffusion",
-              record_labels: bool = False) -> SamplingPlan:
+def make_plan(
+    image_hw: tuple[int, int],
+    latent_factor: int,
+    *,
+    tile: int = 96,
+    overlap: int = 32,
+    tiles_per_call: int = 4,
+    guidance: bool = True,
+    color_fix: str = "adain",
+    vae_encode_tile: int = 1024,
+    vae_decode_tile: int = 224,
+    seg_prior: str = "diffusion",
+    record_labels: bool = False,
+) -> SamplingPlan:
     """A :class:`SamplingPlan` for an LQ input of ``image_hw`` (already upscaled and padded).
 
     ``tile``/``overlap`` are in latent pixels (SeeSR: 96 / 4; OSEDiff overlap 32). The VAE
@@ -111,11 +121,17 @@ def make_plan(image_hw: tuple[int, int], latent_factor: int, *, tile: int = 96,
     big = max(h, w) > vae_encode_tile or max(lh, lw) > vae_decode_tile
     vae_tile = (vae_encode_tile, vae_decode_tile) if big else None
     enc_overlap = max(latent_factor, (vae_encode_tile // 16) // latent_factor * latent_factor)
-    return SamplingPlan(image_shape=(h, w), tiles=plan,
-                        tiles_per_call=max(1, min(tiles_per_call, len(plan))),
-                        guidance=guidance, color_fix=color_fix, vae_tile=vae_tile,
-                        vae_overlap=(enc_overlap, max(1, vae_decode_tile // 16)),
-                        seg_prior=seg_prior, record_labels=record_labels)
+    return SamplingPlan(
+        image_shape=(h, w),
+        tiles=plan,
+        tiles_per_call=max(1, min(tiles_per_call, len(plan))),
+        guidance=guidance,
+        color_fix=color_fix,
+        vae_tile=vae_tile,
+        vae_overlap=(enc_overlap, max(1, vae_decode_tile // 16)),
+        seg_prior=seg_prior,
+        record_labels=record_labels,
+    )
 
 
 @jax.tree_util.register_dataclass
@@ -171,8 +187,18 @@ def _denoise_tiles(model: SegSR, plan: SamplingPlan, z_t, s_t, t, t_seg, cond: C
     uncond = cond.uncond_context if plan.guidance else None
     ub = plan.use_bridge
     if len(tp) == 1:
-        return model.denoise(z_t, s_t, t, t_seg, cond.z_lq, cond.f_lq, cond.context, uncond,
-                             cond.guidance_scale, use_bridge=ub)
+        return model.denoise(
+            z_t,
+            s_t,
+            t,
+            t_seg,
+            cond.z_lq,
+            cond.f_lq,
+            cond.context,
+            uncond,
+            cond.guidance_scale,
+            use_bridge=ub,
+        )
     b = z_t.shape[0]
     k = plan.tiles_per_call
     n = len(tp)
@@ -190,11 +216,11 @@ def _denoise_tiles(model: SegSR, plan: SamplingPlan, z_t, s_t, t, t_seg, cond: C
 
     def one_call(args):
         zt, st, zl, fl = args
-        return model.denoise(zt, st, t, t_seg, zl, fl, ctx, uctx, cond.guidance_scale,
-                             use_bridge=ub)
+        return model.denoise(
+            zt, st, t, t_seg, zl, fl, ctx, uctx, cond.guidance_scale, use_bridge=ub
+        )
 
-    out, logits = jax.lax.map(one_call, tuple(chunk(a) for a in (z_t, s_t, cond.z_lq,
-                                                                  cond.f_lq)))
+    out, logits = jax.lax.map(one_call, tuple(chunk(a) for a in (z_t, s_t, cond.z_lq, cond.f_lq)))
     weights = tiling.gaussian_weights(tp.tile)
 
     def unchunk(y):
@@ -204,12 +230,14 @@ def _denoise_tiles(model: SegSR, plan: SamplingPlan, z_t, s_t, t, t_seg, cond: C
     return unchunk(out), unchunk(logits)
 
 
-def reverse_step(model: SegSR, plan: SamplingPlan, cond: Conditions, carry: Carry,
-                 s: samplers.Schedule) -> Carry:
+def reverse_step(
+    model: SegSR, plan: SamplingPlan, cond: Conditions, carry: Carry, s: samplers.Schedule
+) -> Carry:
     """One reverse step ``t -> t-1`` of both diffusions (the scan body; ``s`` holds this step's
     scalar coefficients)."""
-    model_out, seg_logits = _denoise_tiles(model, plan, carry.sr.x, carry.s_t, s.timestep,
-                                           s.seg.time, cond)
+    model_out, seg_logits = _denoise_tiles(
+        model, plan, carry.sr.x, carry.s_t, s.timestep, s.seg.time, cond
+    )
     key, k_noise = jax.random.split(carry.key)
     noise = jax.random.normal(k_noise, carry.sr.x.shape, carry.sr.x.dtype)
     sr = samplers.sr_step(s.sr, carry.sr, model_out, noise)
@@ -220,8 +248,9 @@ def reverse_step(model: SegSR, plan: SamplingPlan, cond: Conditions, carry: Carr
     return Carry(sr=sr, s_t=s_next, key=key, seg_logits=seg_logits)
 
 
-def _prepare(model: SegSR, plan: SamplingPlan, lq, context, uncond_context, guidance_scale,
-             key) -> tuple[Conditions, Carry, jax.Array]:
+def _prepare(
+    model: SegSR, plan: SamplingPlan, lq, context, uncond_context, guidance_scale, key
+) -> tuple[Conditions, Carry, jax.Array]:
     """LQ conditions and the start carry."""
     if tuple(lq.shape[1:3]) != plan.image_shape:
         raise ValueError(f"LQ batch {lq.shape} does not match the plan's {plan.image_shape}")
@@ -232,13 +261,16 @@ def _prepare(model: SegSR, plan: SamplingPlan, lq, context, uncond_context, guid
         mean, _ = vae_tiling.tiled_encode(model.vae, lq, plan.vae_tile[0], plan.vae_overlap[0])
         z_lq = model.vae.scale_latent(mean)
         f_lq, lq_logits = _tiled_lq_features(model, plan, lq)
-    cond = Conditions(z_lq=z_lq, f_lq=f_lq, context=context,
-                      uncond_context=uncond_context if plan.guidance else None,
-                      guidance_scale=jnp.asarray(guidance_scale, jnp.float32))
+    cond = Conditions(
+        z_lq=z_lq,
+        f_lq=f_lq,
+        context=context,
+        uncond_context=uncond_context if plan.guidance else None,
+        guidance_scale=jnp.asarray(guidance_scale, jnp.float32),
+    )
     k_z, k_s, k_loop = jax.random.split(key, 3)
     ac = alphas_cumprod(NoiseConfig(prediction_type=model.config.prediction_type))
-    z_start = samplers.initial_latent(z_lq, jax.random.normal(k_z, z_lq.shape), ac,
-                                      plan.t_start)
+    z_start = samplers.initial_latent(z_lq, jax.random.normal(k_z, z_lq.shape), ac, plan.t_start)
     b, h, w, _ = z_lq.shape
     lq_labels = jnp.argmax(lq_logits, axis=-1).astype(jnp.int32)
     if plan.seg_prior == "diffusion":
@@ -265,24 +297,28 @@ def _tiled_lq_features(model: SegSR, plan: SamplingPlan, lq) -> tuple[jax.Array,
     def window(x):  # [B, th, tw, 3] -> [B, th/f, tw/f, F + K] at the window's latent size
         return jnp.concatenate(model.lq_features(x, (x.shape[1] // f, x.shape[2] // f)), -1)
 
-    both = vae_tiling.tiled_apply(window, lq, plan.vae_tile[0], plan.vae_overlap[0], num=1,
-                                  den=f, align=f)
+    both = vae_tiling.tiled_apply(
+        window, lq, plan.vae_tile[0], plan.vae_overlap[0], num=1, den=f, align=f
+    )
     return both[..., :width], both[..., width:]
 
 
-def _finish(model: SegSR, plan: SamplingPlan, lq, carry: Carry, lq_labels,
-            trajectory=None) -> SampleOutput:
+def _finish(
+    model: SegSR, plan: SamplingPlan, lq, carry: Carry, lq_labels, trajectory=None
+) -> SampleOutput:
     """Decode ``Z_0``, colour-fix against the LQ, and take the segmentation's argmax."""
     z0 = carry.sr.x
     if plan.vae_tile is None:
         image = model.vae.decode_latent(z0)
     else:
-        image = vae_tiling.tiled_decode(model.vae, model.vae.unscale_latent(z0),
-                                        plan.vae_tile[1], plan.vae_overlap[1])
+        image = vae_tiling.tiled_decode(
+            model.vae, model.vae.unscale_latent(z0), plan.vae_tile[1], plan.vae_overlap[1]
+        )
     image = jnp.clip(color_fix(plan.color_fix, image, lq), -1.0, 1.0)
     labels = jnp.argmax(carry.seg_logits, axis=-1).astype(jnp.int32)
-    return SampleOutput(image=image, labels=labels, lq_labels=lq_labels, latent=z0,
-                        trajectory=trajectory)
+    return SampleOutput(
+        image=image, labels=labels, lq_labels=lq_labels, latent=z0, trajectory=trajectory
+    )
 
 
 def _step_labels(carry: Carry) -> jax.Array:
@@ -290,9 +326,16 @@ def _step_labels(carry: Carry) -> jax.Array:
     return jnp.argmax(carry.seg_logits, axis=-1).astype(jnp.uint8)
 
 
-def sample(model: SegSR, plan: SamplingPlan, lq: jax.Array, context: jax.Array,
-           uncond_context: jax.Array | None, guidance_scale, schedule: samplers.Schedule,
-           key: jax.Array) -> SampleOutput:
+def sample(
+    model: SegSR,
+    plan: SamplingPlan,
+    lq: jax.Array,
+    context: jax.Array,
+    uncond_context: jax.Array | None,
+    guidance_scale,
+    schedule: samplers.Schedule,
+    key: jax.Array,
+) -> SampleOutput:
     """The whole reverse process for a batch (traceable; :func:`make_sample_fn` jits it).
 
     Args:
@@ -308,8 +351,7 @@ def sample(model: SegSR, plan: SamplingPlan, lq: jax.Array, context: jax.Array,
     # Weights in each layer's compute dtype once, so the scan carries bf16 weights and the
     # casts are not repeated at every step (XLA does not hoist them out of the loop).
     model = layers.with_compute_dtype_weights(model)
-    cond, carry, lq_labels = _prepare(model, plan, lq, context, uncond_context,
-                                      guidance_scale, key)
+    cond, carry, lq_labels = _prepare(model, plan, lq, context, uncond_context, guidance_scale, key)
 
     def body(c, s):
         c = reverse_step(model, plan, cond, c, s)
@@ -317,12 +359,17 @@ def sample(model: SegSR, plan: SamplingPlan, lq: jax.Array, context: jax.Array,
 
     carry, traj = jax.lax.scan(body, carry, schedule)
     if traj is not None:
-        traj = jnp.swapaxes(traj, 0, 1)   # [steps, B, ...] -> [B, steps, ...]
+        traj = jnp.swapaxes(traj, 0, 1)  # [steps, B, ...] -> [B, steps, ...]
     return _finish(model, plan, lq, carry, lq_labels, traj)
 
 
-def make_sample_fn(graphdef: nnx.GraphDef, plan: SamplingPlan, mesh: jax.sharding.Mesh | None
-                   = None, state_shardings=None, batch_sharding=None):
+def make_sample_fn(
+    graphdef: nnx.GraphDef,
+    plan: SamplingPlan,
+    mesh: jax.sharding.Mesh | None = None,
+    state_shardings=None,
+    batch_sharding=None,
+):
     """``fn(state, lq, context, uncond_context, guidance_scale, schedule, key)`` jitted.
 
     With a mesh, the batch axis of the images, contexts and outputs is split by
@@ -344,10 +391,14 @@ def make_sample_fn(graphdef: nnx.GraphDef, plan: SamplingPlan, mesh: jax.shardin
     rep = parallel.replicated(mesh)
     batch = batch_sharding or parallel.batch_sharding(mesh)
     params = rep if state_shardings is None else state_shardings
-    out = SampleOutput(image=batch, labels=batch, lq_labels=batch, latent=batch,
-                       trajectory=batch if plan.record_labels else None)
-    return jax.jit(fn, in_shardings=(params, batch, batch, batch, rep, rep, rep),
-                   out_shardings=out)
+    out = SampleOutput(
+        image=batch,
+        labels=batch,
+        lq_labels=batch,
+        latent=batch,
+        trajectory=batch if plan.record_labels else None,
+    )
+    return jax.jit(fn, in_shardings=(params, batch, batch, batch, rep, rep, rep), out_shardings=out)
 
 
 def shardings_of(tree):
@@ -356,16 +407,25 @@ def shardings_of(tree):
     return jax.tree.map(lambda x: x.sharding, tree)
 
 
-def sample_loop(model: SegSR, plan: SamplingPlan, lq, context, uncond_context, guidance_scale,
-                schedule: samplers.Schedule, key) -> SampleOutput:
+def sample_loop(
+    model: SegSR,
+    plan: SamplingPlan,
+    lq,
+    context,
+    uncond_context,
+    guidance_scale,
+    schedule: samplers.Schedule,
+    key,
+) -> SampleOutput:
     """Debug driver: the same step body as :func:`sample`, one jitted step per Python
     iteration (inspect or print the carry between steps)."""
     graphdef, state = nnx.split(layers.with_compute_dtype_weights(model))
 
     @partial(jax.jit, static_argnums=0)
     def prepare(plan, state, lq, context, uncond_context, guidance_scale, key):
-        return _prepare(nnx.merge(graphdef, state), plan, lq, context, uncond_context,
-                        guidance_scale, key)
+        return _prepare(
+            nnx.merge(graphdef, state), plan, lq, context, uncond_context, guidance_scale, key
+        )
 
     @partial(jax.jit, static_argnums=0)
     def step(plan, state, cond, carry, s):
@@ -375,8 +435,7 @@ def sample_loop(model: SegSR, plan: SamplingPlan, lq, context, uncond_context, g
     def finish(plan, state, lq, carry, lq_labels, traj):
         return _finish(nnx.merge(graphdef, state), plan, lq, carry, lq_labels, traj)
 
-    cond, carry, lq_labels = prepare(plan, state, lq, context, uncond_context, guidance_scale,
-                                     key)
+    cond, carry, lq_labels = prepare(plan, state, lq, context, uncond_context, guidance_scale, key)
     traj = []
     for i in range(len(schedule)):
         carry = step(plan, state, cond, carry, jax.tree.map(lambda a, i=i: a[i], schedule))

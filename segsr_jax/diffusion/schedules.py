@@ -61,12 +61,14 @@ class NoiseConfig:
             raise ValueError(f"beta_schedule {self.beta_schedule!r} is not one of {BETA_SCHEDULES}")
         if self.prediction_type not in PREDICTION_TYPES:
             raise ValueError(
-                f"prediction_type {self.prediction_type!r} is not one of {PREDICTION_TYPES}")
+                f"prediction_type {self.prediction_type!r} is not one of {PREDICTION_TYPES}"
+            )
         if self.num_train_timesteps < 2:
             raise ValueError(f"num_train_timesteps must be >= 2, got {self.num_train_timesteps}")
         if not 0.0 < self.beta_start < self.beta_end < 1.0:
             raise ValueError(
-                f"need 0 < beta_start < beta_end < 1, got {self.beta_start}, {self.beta_end}")
+                f"need 0 < beta_start < beta_end < 1, got {self.beta_start}, {self.beta_end}"
+            )
 
 
 def make_betas(config: NoiseConfig) -> np.ndarray:
@@ -85,8 +87,14 @@ def alphas_cumprod(config: NoiseConfig) -> np.ndarray:
     return np.cumprod(1.0 - make_betas(config))
 
 
-def make_timesteps(num_steps: int, spacing: str = "leading", *, num_train_timesteps: int = 1000,
-                   steps_offset: int = 0, endpoint_grid: bool = False) -> np.ndarray:
+def make_timesteps(
+    num_steps: int,
+    spacing: str = "leading",
+    *,
+    num_train_timesteps: int = 1000,
+    steps_offset: int = 0,
+    endpoint_grid: bool = False,
+) -> np.ndarray:
     """The descending integer timesteps of an inference schedule, as diffusers computes them.
 
     Args:

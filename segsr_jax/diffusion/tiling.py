@@ -74,8 +74,9 @@ def plan_tiles(h: int, w: int, tile: int | tuple[int, int], overlap: int) -> Til
     if h < 1 or w < 1:
         raise ValueError(f"cannot tile an empty array of size {h}x{w}")
     if min(th, tw) < 1 or not 0 <= overlap < min(th, tw):
-        raise ValueError(f"need tile >= 1 and 0 <= overlap < tile, got tile={tile}, "
-                         f"overlap={overlap}")
+        raise ValueError(
+            f"need tile >= 1 and 0 <= overlap < tile, got tile={tile}, overlap={overlap}"
+        )
     th, tw = min(th, h), min(tw, w)
     ys = _axis_origins(h, th, overlap)
     xs = _axis_origins(w, tw, overlap)
@@ -106,8 +107,9 @@ def extract_tiles(x: jax.Array, plan: TilePlan) -> jax.Array:
     grow with the number of windows.
     """
     if tuple(x.shape[1:3]) != plan.shape:
-        raise ValueError(f"array spatial size {x.shape[1:3]} does not match the plan's "
-                         f"{plan.shape}")
+        raise ValueError(
+            f"array spatial size {x.shape[1:3]} does not match the plan's {plan.shape}"
+        )
     b, _, _, c = x.shape
     th, tw = plan.tile
     cut = lambda o: lax.dynamic_slice(x, (0, o[0], o[1], 0), (b, th, tw, c))
@@ -129,8 +131,9 @@ def blend_tiles(tiles: jax.Array, plan: TilePlan, weights) -> jax.Array:
     """
     n, b, th, tw, c = tiles.shape
     if n != len(plan) or (th, tw) != plan.tile:
-        raise ValueError(f"tiles {tiles.shape} do not match the plan ({len(plan)} windows of "
-                         f"{plan.tile})")
+        raise ValueError(
+            f"tiles {tiles.shape} do not match the plan ({len(plan)} windows of {plan.tile})"
+        )
     wt = jnp.asarray(weights, jnp.float32)
     if wt.shape != (th, tw):
         raise ValueError(f"weights shape {wt.shape} != tile shape {(th, tw)}")

@@ -47,9 +47,16 @@ class BridgeConfig:
 
 
 def _zero_conv(cin: int, cout: int, *, dtype, rngs: nnx.Rngs) -> nnx.Conv:
-    return nnx.Conv(cin, cout, (1, 1), dtype=dtype, param_dtype=layers.PARAM_DTYPE,
-                    kernel_init=nnx.initializers.zeros, bias_init=nnx.initializers.zeros,
-                    rngs=rngs)
+    return nnx.Conv(
+        cin,
+        cout,
+        (1, 1),
+        dtype=dtype,
+        param_dtype=layers.PARAM_DTYPE,
+        kernel_init=nnx.initializers.zeros,
+        bias_init=nnx.initializers.zeros,
+        rngs=rngs,
+    )
 
 
 class Bridge(nnx.Module):
@@ -65,14 +72,25 @@ class Bridge(nnx.Module):
         self.seg_in = layers.conv(c.seg_channels, hid, 3, dtype=dtype, rngs=rngs)
 
         def blocks():
-            return nnx.List([
-                layers.ResnetBlock2D(hid, hid, temb_channels=temb, groups=c.norm_groups,
-                                     eps=1e-6, dtype=dtype, rngs=rngs)
-                for _ in range(c.num_blocks)])
+            return nnx.List(
+                [
+                    layers.ResnetBlock2D(
+                        hid,
+                        hid,
+                        temb_channels=temb,
+                        groups=c.norm_groups,
+                        eps=1e-6,
+                        dtype=dtype,
+                        rngs=rngs,
+                    )
+                    for _ in range(c.num_blocks)
+                ]
+            )
 
         def exchange():
-            return nnx.List([layers.conv(hid, hid, 1, dtype=dtype, rngs=rngs)
-                             for _ in range(c.num_blocks)])
+            return nnx.List(
+                [layers.conv(hid, hid, 1, dtype=dtype, rngs=rngs) for _ in range(c.num_blocks)]
+            )
 
         self.image_blocks, self.seg_blocks = blocks(), blocks()
         self.seg_to_image, self.image_to_seg = exchange(), exchange()
@@ -81,8 +99,7 @@ class Bridge(nnx.Module):
         self.i_out = _zero_conv(hid, c.i_channels, dtype=dtype, rngs=rngs)
         self.c_out = _zero_conv(hid, c.c_channels, dtype=dtype, rngs=rngs)
 
-    def __call__(self, z_t: jax.Array, s_t: jax.Array,
-                 t: jax.Array) -> tuple[jax.Array, jax.Array]:
+    def __call__(self, z_t: jax.Array, s_t: jax.Array, t: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Encode the current pair into the two conditions.
 
         Args:
@@ -95,13 +112,15 @@ class Bridge(nnx.Module):
         """
         b = z_t.shape[0]
         t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (b,))
-        temb = layers.timestep_embedding(t, self.config.hidden_channels, flip_sin_to_cos=True,
-                                         downscale_freq_shift=0.0)
+        temb = layers.timestep_embedding(
+            t, self.config.hidden_channels, flip_sin_to_cos=True, downscale_freq_shift=0.0
+        )
         temb = self.time_embedding(temb.astype(self.dtype))
         hz = self.image_in(z_t.astype(self.dtype))
         hs = self.seg_in(s_t.astype(self.dtype))
-        for zb, sb, s2z, z2s in zip(self.image_blocks, self.seg_blocks, self.seg_to_image,
-                                    self.image_to_seg, strict=True):
+        for zb, sb, s2z, z2s in zip(
+            self.image_blocks, self.seg_blocks, self.seg_to_image, self.image_to_seg, strict=True
+        ):
             hz, hs = zb(hz + s2z(hs), temb), sb(hs + z2s(hz), temb)
         i_t = self.i_out(jax.nn.silu(self.image_norm(hz)))
         c_t = self.c_out(jax.nn.silu(self.seg_norm(hs)))

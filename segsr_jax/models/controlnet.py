@@ -50,8 +50,12 @@ class ControlNetConfig:
     conditioning_channels: int = 3
     flip_sin_to_cos: bool = True
     freq_shift: float = 0
-    down_block_types: tuple[str, ...] = ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
-                                         "CrossAttnDownBlock2D", "DownBlock2D")
+    down_block_types: tuple[str, ...] = (
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "DownBlock2D",
+    )
     block_out_channels: tuple[int, ...] = (320, 640, 1280, 1280)
     layers_per_block: int | tuple[int, ...] = 2
     downsample_padding: int = 1
@@ -73,8 +77,10 @@ class ControlNetConfig:
         if self.conditioning not in ("pixel", "latent"):
             raise ValueError(f"conditioning={self.conditioning!r}; expected 'pixel' or 'latent'")
         if self.controlnet_conditioning_channel_order not in ("rgb", "bgr"):
-            raise ValueError("controlnet_conditioning_channel_order="
-                             f"{self.controlnet_conditioning_channel_order!r}; expected rgb/bgr")
+            raise ValueError(
+                "controlnet_conditioning_channel_order="
+                f"{self.controlnet_conditioning_channel_order!r}; expected rgb/bgr"
+            )
         if not self.conditioning_embedding_out_channels:
             raise ValueError("conditioning_embedding_out_channels must not be empty")
 
@@ -89,9 +95,16 @@ class ControlNetConfig:
 def zero_conv(in_ch: int, out_ch: int, kernel: int, *, dtype, rngs: nnx.Rngs) -> nnx.Conv:
     """A conv whose kernel and bias start at zero (its output is zero until trained)."""
     p = kernel // 2
-    return nnx.Conv(in_ch, out_ch, (kernel, kernel), padding=((p, p), (p, p)),
-                    kernel_init=nnx.initializers.zeros_init(), dtype=dtype,
-                    param_dtype=PARAM_DTYPE, rngs=rngs)
+    return nnx.Conv(
+        in_ch,
+        out_ch,
+        (kernel, kernel),
+        padding=((p, p), (p, p)),
+        kernel_init=nnx.initializers.zeros_init(),
+        dtype=dtype,
+        param_dtype=PARAM_DTYPE,
+        rngs=rngs,
+    )
 
 
 class ControlNetConditioningEmbedding(nnx.Module):
@@ -101,8 +114,16 @@ class ControlNetConditioningEmbedding(nnx.Module):
     ``stride=2`` is diffusers' pixel-space embedding; ``stride=1`` keeps latent resolution.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, widths: tuple[int, ...], *,
-                 stride: int, dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        widths: tuple[int, ...],
+        *,
+        stride: int,
+        dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
         self.conv_in = conv(in_channels, widths[0], 3, dtype=dtype, rngs=rngs)
         blocks = []
         for w_in, w_out in zip(widths[:-1], widths[1:], strict=True):
@@ -131,13 +152,15 @@ class ControlNet(nnx.Module):
         self.controlnet_cond_embedding = _make_cond_embedding(config, dtype, rngs)
         self.down_blocks = make_down_blocks(config, temb_dim, dtype=dtype, rngs=rngs)
         self.mid_block = make_mid_block(config, temb_dim, dtype=dtype, rngs=rngs)
-        self.controlnet_down_blocks = nnx.List([
-            zero_conv(ch, ch, 1, dtype=dtype, rngs=rngs) for ch in _skip_channels(config)])
+        self.controlnet_down_blocks = nnx.List(
+            [zero_conv(ch, ch, 1, dtype=dtype, rngs=rngs) for ch in _skip_channels(config)]
+        )
         ch_last = config.block_out_channels[-1]
         self.controlnet_mid_block = zero_conv(ch_last, ch_last, 1, dtype=dtype, rngs=rngs)
 
-    def __call__(self, sample: jax.Array, timesteps, context: jax.Array, cond: jax.Array,
-                 scale=1.0) -> tuple[tuple[jax.Array, ...], jax.Array]:
+    def __call__(
+        self, sample: jax.Array, timesteps, context: jax.Array, cond: jax.Array, scale=1.0
+    ) -> tuple[tuple[jax.Array, ...], jax.Array]:
         """Residuals for the UNet.
 
         Args:
@@ -155,28 +178,38 @@ class ControlNet(nnx.Module):
           compute dtype.
         """
         cfg = self.config
-        want = (sample.shape[1] * cfg.cond_downscale, sample.shape[2] * cfg.cond_downscale,
-                cfg.conditioning_channels)
+        want = (
+            sample.shape[1] * cfg.cond_downscale,
+            sample.shape[2] * cfg.cond_downscale,
+            cfg.conditioning_channels,
+        )
         if tuple(cond.shape[1:]) != want:
-            raise ValueError(f"{cfg.conditioning} conditioning must be [B, {want[0]}, {want[1]}, "
-                             f"{want[2]}] for a latent of {tuple(sample.shape[1:3])}; got "
-                             f"{tuple(cond.shape)}")
+            raise ValueError(
+                f"{cfg.conditioning} conditioning must be [B, {want[0]}, {want[1]}, "
+                f"{want[2]}] for a latent of {tuple(sample.shape[1:3])}; got "
+                f"{tuple(cond.shape)}"
+            )
         if cfg.controlnet_conditioning_channel_order == "bgr":
             cond = jnp.flip(cond, axis=-1)
         temb = embed_timesteps(self.time_embedding, cfg, timesteps, sample.shape[0])
         h = self.conv_in(sample) + self.controlnet_cond_embedding(cond)
         h, skips = run_encoder(self.down_blocks, self.mid_block, h, temb, context)
-        down = tuple(zc(s) * scale for zc, s in zip(self.controlnet_down_blocks, skips,
-                                                     strict=True))
+        down = tuple(
+            zc(s) * scale for zc, s in zip(self.controlnet_down_blocks, skips, strict=True)
+        )
         return down, self.controlnet_mid_block(h) * scale
 
 
 def _make_cond_embedding(cfg: ControlNetConfig, dtype, rngs) -> ControlNetConditioningEmbedding:
     """The conditioning stack of ``cfg``: stride 2 (pixel) or 1 (latent)."""
     return ControlNetConditioningEmbedding(
-        cfg.conditioning_channels, cfg.block_out_channels[0],
+        cfg.conditioning_channels,
+        cfg.block_out_channels[0],
         cfg.conditioning_embedding_out_channels,
-        stride=2 if cfg.conditioning == "pixel" else 1, dtype=dtype, rngs=rngs)
+        stride=2 if cfg.conditioning == "pixel" else 1,
+        dtype=dtype,
+        rngs=rngs,
+    )
 
 
 def _skip_channels(cfg) -> list[int]:
@@ -198,8 +231,9 @@ def controlnet_config_from_unet(unet_config: UNetConfig, overrides=None) -> Cont
     return ControlNetConfig(**{**base, **dict(overrides or {})})
 
 
-def controlnet_from_unet(unet: UNet2DCondition, config_or_overrides=None, *,
-                         rngs: nnx.Rngs | None = None) -> ControlNet:
+def controlnet_from_unet(
+    unet: UNet2DCondition, config_or_overrides=None, *, rngs: nnx.Rngs | None = None
+) -> ControlNet:
     """A ControlNet whose encoder starts as a copy of ``unet``'s (diffusers'
     ``ControlNetModel.from_unet``).
 
@@ -230,7 +264,8 @@ def controlnet_from_unet(unet: UNet2DCondition, config_or_overrides=None, *,
         for var in (zc.kernel, zc.bias):
             var.set_value(jnp.zeros(var.get_value().shape, var.get_value().dtype))
     cn.controlnet_cond_embedding = _make_cond_embedding(
-        config, dtype, rngs if rngs is not None else nnx.Rngs(0))
+        config, dtype, rngs if rngs is not None else nnx.Rngs(0)
+    )
     return cn
 
 
@@ -241,6 +276,8 @@ def _copy_params(dst: nnx.Module, src: nnx.Module, name: str) -> None:
     shapes = lambda flat: {p: tuple(v.get_value().shape) for p, v in flat.items()}
     if shapes(src_flat) != shapes(dst_flat):
         diff = sorted(set(shapes(src_flat).items()) ^ set(shapes(dst_flat).items()), key=str)
-        raise ValueError(f"ControlNet {name} does not match the UNet's (e.g. {diff[:3]}); "
-                         "its encoder fields must equal the UNet config's")
+        raise ValueError(
+            f"ControlNet {name} does not match the UNet's (e.g. {diff[:3]}); "
+            "its encoder fields must equal the UNet config's"
+        )
     nnx.update(dst, nnx.state(src))

@@ -20,8 +20,18 @@ from segsr_jax.models.remat import BLOCK, boundary
 PARAM_DTYPE = jnp.float32
 
 
-def conv(in_ch: int, out_ch: int, kernel: int, *, stride: int = 1, padding="torch",
-         groups: int = 1, use_bias: bool = True, dtype=jnp.float32, rngs: nnx.Rngs) -> nnx.Conv:
+def conv(
+    in_ch: int,
+    out_ch: int,
+    kernel: int,
+    *,
+    stride: int = 1,
+    padding="torch",
+    groups: int = 1,
+    use_bias: bool = True,
+    dtype=jnp.float32,
+    rngs: nnx.Rngs,
+) -> nnx.Conv:
     """A 2-D convolution with PyTorch's symmetric padding convention.
 
     ``padding="torch"`` pads ``kernel // 2`` on every side, as ``nn.Conv2d(padding=k//2)`` does;
@@ -30,16 +40,27 @@ def conv(in_ch: int, out_ch: int, kernel: int, *, stride: int = 1, padding="torc
     if padding == "torch":
         p = kernel // 2
         padding = ((p, p), (p, p))
-    return nnx.Conv(in_ch, out_ch, (kernel, kernel), strides=(stride, stride), padding=padding,
-                    feature_group_count=groups, use_bias=use_bias, dtype=dtype,
-                    param_dtype=PARAM_DTYPE, rngs=rngs)
+    return nnx.Conv(
+        in_ch,
+        out_ch,
+        (kernel, kernel),
+        strides=(stride, stride),
+        padding=padding,
+        feature_group_count=groups,
+        use_bias=use_bias,
+        dtype=dtype,
+        param_dtype=PARAM_DTYPE,
+        rngs=rngs,
+    )
 
 
-def linear(in_f: int, out_f: int, *, use_bias: bool = True, dtype=jnp.float32,
-           rngs: nnx.Rngs) -> nnx.Linear:
+def linear(
+    in_f: int, out_f: int, *, use_bias: bool = True, dtype=jnp.float32, rngs: nnx.Rngs
+) -> nnx.Linear:
     """A dense layer with float32 parameters and compute dtype ``dtype``."""
-    return nnx.Linear(in_f, out_f, use_bias=use_bias, dtype=dtype, param_dtype=PARAM_DTYPE,
-                      rngs=rngs)
+    return nnx.Linear(
+        in_f, out_f, use_bias=use_bias, dtype=dtype, param_dtype=PARAM_DTYPE, rngs=rngs
+    )
 
 
 def _casts(module: nnx.Module):
@@ -70,7 +91,7 @@ def with_compute_dtype_weights(module: nnx.Module) -> nnx.Module:
     eager, jitted form.
     """
     graphdef, state = nnx.split(module)
-    copy = nnx.merge(graphdef, state, copy=True)   # new Variables: the caller's stay float32
+    copy = nnx.merge(graphdef, state, copy=True)  # new Variables: the caller's stay float32
     for var, dtype in list(_casts(copy)):
         var.set_value(var[...].astype(dtype))
     return copy
@@ -87,8 +108,9 @@ def inference_weights(module: nnx.Module) -> nnx.Module:
     return nnx.merge(graphdef, cast(state))
 
 
-def group_norm(channels: int, groups: int, eps: float, *, dtype=jnp.float32,
-               rngs: nnx.Rngs) -> GroupNorm:
+def group_norm(
+    channels: int, groups: int, eps: float, *, dtype=jnp.float32, rngs: nnx.Rngs
+) -> GroupNorm:
     """GroupNorm over the last (channel) axis; statistics in float32 whatever ``dtype`` is."""
     return GroupNorm(channels, groups, eps, dtype=dtype, rngs=rngs)
 
@@ -106,8 +128,9 @@ class GroupNorm(nnx.Module):
     ``nnx.GroupNorm``'s default.
     """
 
-    def __init__(self, channels: int, groups: int, eps: float, *, dtype=jnp.float32,
-                 rngs: nnx.Rngs):
+    def __init__(
+        self, channels: int, groups: int, eps: float, *, dtype=jnp.float32, rngs: nnx.Rngs
+    ):
         if channels % groups:
             raise ValueError(f"{groups} groups do not divide {channels} channels")
         del rngs  # ones and zeros: nothing random to draw
@@ -124,23 +147,30 @@ class GroupNorm(nnx.Module):
         xf = x.astype(jnp.float32)
         positions = tuple(range(1, x.ndim - 1))
         count = math.prod(x.shape[1:-1]) * (c // g)
-        mean = jnp.sum(xf, positions).reshape(b, g, c // g).sum(-1) / count      # [B, G]
+        mean = jnp.sum(xf, positions).reshape(b, g, c // g).sum(-1) / count  # [B, G]
         mean_sq = jnp.sum(xf * xf, positions).reshape(b, g, c // g).sum(-1) / count
         inv = jax.lax.rsqrt(jnp.maximum(mean_sq - mean * mean, 0.0) + self.epsilon)
-        a = jnp.repeat(inv, c // g, axis=1) * self.scale[...]                      # [B, C]
+        a = jnp.repeat(inv, c // g, axis=1) * self.scale[...]  # [B, C]
         shift = self.bias[...] - jnp.repeat(mean, c // g, axis=1) * a
         bcast = (b,) + (1,) * (x.ndim - 2) + (c,)
         return (xf * a.reshape(bcast) + shift.reshape(bcast)).astype(self.dtype)
 
 
-def layer_norm(features: int, eps: float = 1e-5, *, dtype=jnp.float32,
-               rngs: nnx.Rngs) -> nnx.LayerNorm:
+def layer_norm(
+    features: int, eps: float = 1e-5, *, dtype=jnp.float32, rngs: nnx.Rngs
+) -> nnx.LayerNorm:
     """LayerNorm over the last axis; statistics in float32 whatever ``dtype`` is."""
     return nnx.LayerNorm(features, epsilon=eps, dtype=dtype, param_dtype=PARAM_DTYPE, rngs=rngs)
 
 
-def timestep_embedding(timesteps: jax.Array, dim: int, *, flip_sin_to_cos: bool,
-                       downscale_freq_shift: float, max_period: float = 10000.0) -> jax.Array:
+def timestep_embedding(
+    timesteps: jax.Array,
+    dim: int,
+    *,
+    flip_sin_to_cos: bool,
+    downscale_freq_shift: float,
+    max_period: float = 10000.0,
+) -> jax.Array:
     """Sinusoidal embedding of ``timesteps [B]`` -> ``[B, dim]`` float32 (diffusers'
     ``Timesteps``)."""
     half = dim // 2
@@ -173,17 +203,31 @@ class ResnetBlock2D(nnx.Module):
     ``temb_channels=None`` drops the time projection (the VAE's blocks).
     """
 
-    def __init__(self, in_ch: int, out_ch: int, *, temb_channels: int | None, groups: int,
-                 eps: float, groups_out: int | None = None, output_scale_factor: float = 1.0,
-                 dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        in_ch: int,
+        out_ch: int,
+        *,
+        temb_channels: int | None,
+        groups: int,
+        eps: float,
+        groups_out: int | None = None,
+        output_scale_factor: float = 1.0,
+        dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
         self.norm1 = group_norm(in_ch, groups, eps, dtype=dtype, rngs=rngs)
         self.conv1 = conv(in_ch, out_ch, 3, dtype=dtype, rngs=rngs)
-        self.time_emb_proj = (linear(temb_channels, out_ch, dtype=dtype, rngs=rngs)
-                              if temb_channels is not None else None)
+        self.time_emb_proj = (
+            linear(temb_channels, out_ch, dtype=dtype, rngs=rngs)
+            if temb_channels is not None
+            else None
+        )
         self.norm2 = group_norm(out_ch, groups_out or groups, eps, dtype=dtype, rngs=rngs)
         self.conv2 = conv(out_ch, out_ch, 3, dtype=dtype, rngs=rngs)
-        self.conv_shortcut = (conv(in_ch, out_ch, 1, dtype=dtype, rngs=rngs)
-                              if in_ch != out_ch else None)
+        self.conv_shortcut = (
+            conv(in_ch, out_ch, 1, dtype=dtype, rngs=rngs) if in_ch != out_ch else None
+        )
         self.output_scale_factor = output_scale_factor
 
     @boundary(BLOCK)
@@ -208,10 +252,24 @@ class Downsample2D(nnx.Module):
     ``(0, 1)`` by hand before an unpadded conv.
     """
 
-    def __init__(self, channels: int, out_channels: int | None = None, *, pad=(1, 1),
-                 dtype=jnp.float32, rngs: nnx.Rngs):
-        self.conv = conv(channels, out_channels or channels, 3, stride=2,
-                         padding=(tuple(pad), tuple(pad)), dtype=dtype, rngs=rngs)
+    def __init__(
+        self,
+        channels: int,
+        out_channels: int | None = None,
+        *,
+        pad=(1, 1),
+        dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        self.conv = conv(
+            channels,
+            out_channels or channels,
+            3,
+            stride=2,
+            padding=(tuple(pad), tuple(pad)),
+            dtype=dtype,
+            rngs=rngs,
+        )
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.conv(x)
@@ -220,8 +278,9 @@ class Downsample2D(nnx.Module):
 class Upsample2D(nnx.Module):
     """Nearest-neighbour x2 then a 3x3 conv named ``conv`` (diffusers' ``Upsample2D``)."""
 
-    def __init__(self, channels: int, out_channels: int | None = None, *, dtype=jnp.float32,
-                 rngs: nnx.Rngs):
+    def __init__(
+        self, channels: int, out_channels: int | None = None, *, dtype=jnp.float32, rngs: nnx.Rngs
+    ):
         self.conv = conv(channels, out_channels or channels, 3, dtype=dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array, output_size: tuple[int, int] | None = None) -> jax.Array:
@@ -266,14 +325,17 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, heads: int) -> jax.Array
     if _use_cudnn(q.dtype, d):
         try:
             out = jax.nn.dot_product_attention(
-                q.reshape(b, lq, heads, d), k.reshape(b, lk, heads, d),
-                v.reshape(b, lk, heads, d), implementation="cudnn")
+                q.reshape(b, lq, heads, d),
+                k.reshape(b, lk, heads, d),
+                v.reshape(b, lk, heads, d),
+                implementation="cudnn",
+            )
             return out.reshape(b, lq, inner)
         except NotImplementedError:
             pass  # jax's trace-time check: a shape this cuDNN cannot fuse; use the XLA path
-    q = (q * d ** -0.5).reshape(b, lq, heads, d).transpose(0, 2, 1, 3)   # [B, H, Lq, D]
-    k = k.reshape(b, lk, heads, d).transpose(0, 2, 3, 1)                 # [B, H, D, Lk]
-    v = v.reshape(b, lk, heads, d).transpose(0, 2, 1, 3)                 # [B, H, Lk, D]
+    q = (q * d**-0.5).reshape(b, lq, heads, d).transpose(0, 2, 1, 3)  # [B, H, Lq, D]
+    k = k.reshape(b, lk, heads, d).transpose(0, 2, 3, 1)  # [B, H, D, Lk]
+    v = v.reshape(b, lk, heads, d).transpose(0, 2, 1, 3)  # [B, H, Lk, D]
     limit = MAX_SCORE_ELEMENTS.get(jax.default_backend(), DEFAULT_MAX_SCORE_ELEMENTS)
     chunk = limit // (b * heads * lk)
     # Rematerialised: a backward pass recomputes each block's scores instead of keeping the
@@ -289,7 +351,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, heads: int) -> jax.Array
         # Zero-padded queries give finite rows that are cut off again below.
         qc = jnp.pad(q, ((0, 0), (0, 0), (0, n * chunk - lq), (0, 0)))
         qc = qc.reshape(b, heads, n, chunk, d).transpose(2, 0, 1, 3, 4)
-        out = jax.lax.map(lambda qi: attend(qi, k, v), qc)   # [n, B, H, chunk, D]
+        out = jax.lax.map(lambda qi: attend(qi, k, v), qc)  # [n, B, H, chunk, D]
         out = out.transpose(1, 2, 0, 3, 4).reshape(b, heads, n * chunk, d)[:, :, :lq]
     return out.transpose(0, 2, 1, 3).reshape(b, lq, inner)
 
@@ -306,8 +368,12 @@ def _softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
 
 def _use_cudnn(dtype, head_dim: int) -> bool:
     """Whether cuDNN flash attention serves this call (GPU, 16-bit, head size <= 128, % 8)."""
-    return (jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-            and head_dim <= 128 and head_dim % 8 == 0 and _cudnn_attention_compiles())
+    return (
+        jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+        and head_dim <= 128
+        and head_dim % 8 == 0
+        and _cudnn_attention_compiles()
+    )
 
 
 @functools.cache
@@ -332,17 +398,27 @@ class Attention(nnx.Module):
     Self-attention when ``context`` is None, cross-attention otherwise.
     """
 
-    def __init__(self, query_dim: int, *, heads: int, dim_head: int,
-                 cross_attention_dim: int | None = None, qkv_bias: bool = False,
-                 out_bias: bool = True, dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        query_dim: int,
+        *,
+        heads: int,
+        dim_head: int,
+        cross_attention_dim: int | None = None,
+        qkv_bias: bool = False,
+        out_bias: bool = True,
+        dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
         inner = heads * dim_head
         kv_dim = cross_attention_dim or query_dim
         self.heads = heads
         self.to_q = linear(query_dim, inner, use_bias=qkv_bias, dtype=dtype, rngs=rngs)
         self.to_k = linear(kv_dim, inner, use_bias=qkv_bias, dtype=dtype, rngs=rngs)
         self.to_v = linear(kv_dim, inner, use_bias=qkv_bias, dtype=dtype, rngs=rngs)
-        self.to_out = nnx.List([linear(inner, query_dim, use_bias=out_bias, dtype=dtype,
-                                       rngs=rngs)])
+        self.to_out = nnx.List(
+            [linear(inner, query_dim, use_bias=out_bias, dtype=dtype, rngs=rngs)]
+        )
 
     def __call__(self, x: jax.Array, context: jax.Array | None = None) -> jax.Array:
         """``x [B, L, Dq]``, ``context [B, Lc, Dc]`` -> ``[B, L, Dq]``."""

@@ -37,7 +37,8 @@ BLOCK, STAGE = "block", "stage"
 MODULES = ("unet", "controlnet", "segdm")
 
 _ACTIVATIONS: contextvars.ContextVar[NamedSharding | None] = contextvars.ContextVar(
-    "segsr_activation_sharding", default=None)
+    "segsr_activation_sharding", default=None
+)
 
 
 @contextlib.contextmanager
@@ -93,8 +94,9 @@ def boundary(level: str):
 
 def _level(node) -> str | None:
     """The :func:`boundary` level of a module's ``__call__`` (None: not a block)."""
-    call = next((c.__dict__["__call__"] for c in type(node).__mro__ if "__call__" in c.__dict__),
-                None)
+    call = next(
+        (c.__dict__["__call__"] for c in type(node).__mro__ if "__call__" in c.__dict__), None
+    )
     return getattr(call, "remat_level", None)
 
 
@@ -109,12 +111,15 @@ def set_remat(model: nnx.Module, policy: str, modules: tuple[str, ...] = MODULES
         part = getattr(model, name, None)
         if part is None:
             continue
-        nodes = [(path, node) for path, node in nnx.iter_graph(part)
-                 if isinstance(node, nnx.Module) and _level(node) is not None]
+        nodes = [
+            (path, node)
+            for path, node in nnx.iter_graph(part)
+            if isinstance(node, nnx.Module) and _level(node) is not None
+        ]
         stages = [path for path, node in nodes if _level(node) == STAGE]
 
         def in_stage(path, stages=stages):
-            return any(path[:len(s)] == s for s in stages if len(s) < len(path))
+            return any(path[: len(s)] == s for s in stages if len(s) < len(path))
 
         for path, node in nodes:
             if policy == "none":

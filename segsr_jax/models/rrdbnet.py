@@ -36,7 +36,7 @@ from flax import nnx
 from segsr_jax.models import layers
 from segsr_jax.models.vae_tiling import tiled_apply
 
-_SLOPE = 0.2      # LeakyReLU negative slope
+_SLOPE = 0.2  # LeakyReLU negative slope
 _RES_SCALE = 0.2  # residual scaling of the dense blocks and the RRDBs
 
 
@@ -80,7 +80,7 @@ def pixel_unshuffle(x: jax.Array, factor: int) -> jax.Array:
     if h % factor or w % factor:
         raise ValueError(f"pixel_unshuffle by {factor} needs H and W divisible by it, got {h}x{w}")
     x = x.reshape(b, h // factor, factor, w // factor, factor, c)
-    return x.transpose(0, 1, 3, 5, 2, 4).reshape(b, h // factor, w // factor, c * factor ** 2)
+    return x.transpose(0, 1, 3, 5, 2, 4).reshape(b, h // factor, w // factor, c * factor**2)
 
 
 def _conv3(cin: int, cout: int, *, dtype, rngs: nnx.Rngs, zeros: bool) -> nnx.Conv:
@@ -90,19 +90,38 @@ def _conv3(cin: int, cout: int, *, dtype, rngs: nnx.Rngs, zeros: bool) -> nnx.Co
     if not zeros:
         return layers.conv(cin, cout, 3, dtype=dtype, rngs=rngs)
     init = nnx.initializers.zeros
-    return nnx.Conv(cin, cout, (3, 3), padding=((1, 1), (1, 1)), dtype=dtype,
-                    param_dtype=layers.PARAM_DTYPE, kernel_init=init, bias_init=init, rngs=rngs)
+    return nnx.Conv(
+        cin,
+        cout,
+        (3, 3),
+        padding=((1, 1), (1, 1)),
+        dtype=dtype,
+        param_dtype=layers.PARAM_DTYPE,
+        kernel_init=init,
+        bias_init=init,
+        rngs=rngs,
+    )
 
 
 class ResidualDenseBlock(nnx.Module):
     """Five densely connected convs and a 0.2-scaled residual (``conv1`` ... ``conv5``)."""
 
-    def __init__(self, num_feat: int, num_grow_ch: int, *, dtype=jnp.float32, rngs: nnx.Rngs,
-                 zeros: bool = False):
+    def __init__(
+        self,
+        num_feat: int,
+        num_grow_ch: int,
+        *,
+        dtype=jnp.float32,
+        rngs: nnx.Rngs,
+        zeros: bool = False,
+    ):
         for k in range(1, 6):
             out = num_grow_ch if k < 5 else num_feat
-            setattr(self, f"conv{k}", _conv3(num_feat + (k - 1) * num_grow_ch, out, dtype=dtype,
-                                             rngs=rngs, zeros=zeros))
+            setattr(
+                self,
+                f"conv{k}",
+                _conv3(num_feat + (k - 1) * num_grow_ch, out, dtype=dtype, rngs=rngs, zeros=zeros),
+            )
 
     def __call__(self, x: jax.Array) -> jax.Array:
         feats = [x]
@@ -114,8 +133,15 @@ class ResidualDenseBlock(nnx.Module):
 class RRDB(nnx.Module):
     """Residual-in-residual dense block: ``rdb1 -> rdb2 -> rdb3`` and a 0.2-scaled residual."""
 
-    def __init__(self, num_feat: int, num_grow_ch: int, *, dtype=jnp.float32, rngs: nnx.Rngs,
-                 zeros: bool = False):
+    def __init__(
+        self,
+        num_feat: int,
+        num_grow_ch: int,
+        *,
+        dtype=jnp.float32,
+        rngs: nnx.Rngs,
+        zeros: bool = False,
+    ):
         kw = dict(dtype=dtype, rngs=rngs, zeros=zeros)
         self.rdb1 = ResidualDenseBlock(num_feat, num_grow_ch, **kw)
         self.rdb2 = ResidualDenseBlock(num_feat, num_grow_ch, **kw)
@@ -138,15 +164,25 @@ class RRDBNet(nnx.Module):
     ``nnx.eval_shape`` is slower still, quadratic in the number of parameters).
     """
 
-    def __init__(self, config: RRDBNetConfig = RRDBNetConfig(), *, dtype=jnp.float32,
-                 rngs: nnx.Rngs, zeros: bool = False):
+    def __init__(
+        self,
+        config: RRDBNetConfig = RRDBNetConfig(),
+        *,
+        dtype=jnp.float32,
+        rngs: nnx.Rngs,
+        zeros: bool = False,
+    ):
         cfg = config
         self.config = cfg
         feat = cfg.num_feat
         conv = functools.partial(_conv3, dtype=dtype, rngs=rngs, zeros=zeros)
-        self.conv_first = conv(cfg.num_in_ch * cfg.unshuffle ** 2, feat)
-        self.body = nnx.List([RRDB(feat, cfg.num_grow_ch, dtype=dtype, rngs=rngs, zeros=zeros)
-                              for _ in range(cfg.num_block)])
+        self.conv_first = conv(cfg.num_in_ch * cfg.unshuffle**2, feat)
+        self.body = nnx.List(
+            [
+                RRDB(feat, cfg.num_grow_ch, dtype=dtype, rngs=rngs, zeros=zeros)
+                for _ in range(cfg.num_block)
+            ]
+        )
         self.conv_body = conv(feat, feat)
         self.conv_up1 = conv(feat, feat)
         self.conv_up2 = conv(feat, feat)
@@ -176,8 +212,14 @@ class RRDBNet(nnx.Module):
         return self.conv_last(_lrelu(self.conv_hr(feat)))
 
 
-def upscale(model: RRDBNet, x: jax.Array, *, tile: int | None = 128, overlap: int = 16,
-            tiles_per_step: int = 1) -> jax.Array:
+def upscale(
+    model: RRDBNet,
+    x: jax.Array,
+    *,
+    tile: int | None = 128,
+    overlap: int = 16,
+    tiles_per_step: int = 1,
+) -> jax.Array:
     """``model(x)`` for images too large to run in one piece, tile by tile.
 
     ``x [B, H, W, C]`` in ``[0, 1]`` is cut into overlapping ``tile``-pixel windows (fixed
@@ -198,14 +240,18 @@ def upscale(model: RRDBNet, x: jax.Array, *, tile: int | None = 128, overlap: in
     s, f = model.config.scale, model.config.unshuffle
     _, h, w, _ = x.shape
     if any(v % f for v in (tile, overlap, h, w)):
-        raise ValueError(f"scale {s} needs tile, overlap, H and W divisible by {f}; got "
-                         f"tile={tile}, overlap={overlap}, {h}x{w}")
-    return tiled_apply(model, x, tile, overlap, num=s, den=1, align=f,
-                       tiles_per_step=tiles_per_step)
+        raise ValueError(
+            f"scale {s} needs tile, overlap, H and W divisible by {f}; got "
+            f"tile={tile}, overlap={overlap}, {h}x{w}"
+        )
+    return tiled_apply(
+        model, x, tile, overlap, num=s, den=1, align=f, tiles_per_step=tiles_per_step
+    )
 
 
-def rrdbnet_from_tensors(config: RRDBNetConfig, tensors, *, dtype=jnp.float32,
-                         source: str = "checkpoint") -> RRDBNet:
+def rrdbnet_from_tensors(
+    config: RRDBNetConfig, tensors, *, dtype=jnp.float32, source: str = "checkpoint"
+) -> RRDBNet:
     """An :class:`RRDBNet` holding ``tensors`` (PyTorch layout, BasicSR names, e.g. from
     :func:`segsr_jax.weights.ncnn.rrdbnet_from_layers` or a BasicSR ``params_ema`` dict).
 
@@ -214,8 +260,12 @@ def rrdbnet_from_tensors(config: RRDBNetConfig, tensors, *, dtype=jnp.float32,
     """
     from segsr_jax.weights.torch_mapping import load_state_dict
 
-    return load_state_dict(lambda: RRDBNet(config, dtype=dtype, rngs=nnx.Rngs(0), zeros=True),
-                           tensors, allow_missing=[_NO_KEY], source=source)
+    return load_state_dict(
+        lambda: RRDBNet(config, dtype=dtype, rngs=nnx.Rngs(0), zeros=True),
+        tensors,
+        allow_missing=[_NO_KEY],
+        source=source,
+    )
 
 
 # A pattern no key matches: load_state_dict then builds the module for real (zeros=True:
@@ -234,8 +284,10 @@ def load_rrdbnet(path: str | os.PathLike, dtype=jnp.float32) -> RRDBNet:
 
     folder = Path(path)
     if not (folder / "config.json").is_file():
-        raise CheckpointError(f"{folder}: no config.json (run `python -m segsr_jax.weights.fetch "
-                              "realesrgan` to create it)")
+        raise CheckpointError(
+            f"{folder}: no config.json (run `python -m segsr_jax.weights.fetch "
+            "realesrgan` to create it)"
+        )
     raw = json.loads((folder / "config.json").read_text())
     config = config_from_dict(RRDBNetConfig, raw.get("model", {}), source=str(folder))
     return rrdbnet_from_tensors(config, read_tensors(folder), dtype=dtype, source=str(folder))

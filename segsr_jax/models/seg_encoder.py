@@ -40,8 +40,14 @@ ACTIVATIONS = {
     "swish": jax.nn.silu,
 }
 
-_MIT_DEPTHS = {"b0": (2, 2, 2, 2), "b1": (2, 2, 2, 2), "b2": (3, 4, 6, 3), "b3": (3, 4, 18, 3),
-               "b4": (3, 8, 27, 3), "b5": (3, 6, 40, 3)}
+_MIT_DEPTHS = {
+    "b0": (2, 2, 2, 2),
+    "b1": (2, 2, 2, 2),
+    "b2": (3, 4, 6, 3),
+    "b3": (3, 4, 18, 3),
+    "b4": (3, 8, 27, 3),
+    "b5": (3, 6, 40, 3),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,30 +75,42 @@ class SegFormerConfig:
 
     def __post_init__(self):
         n = self.num_encoder_blocks
-        for name in ("depths", "sr_ratios", "hidden_sizes", "patch_sizes", "strides",
-                     "num_attention_heads", "mlp_ratios"):
+        for name in (
+            "depths",
+            "sr_ratios",
+            "hidden_sizes",
+            "patch_sizes",
+            "strides",
+            "num_attention_heads",
+            "mlp_ratios",
+        ):
             if len(getattr(self, name)) != n:
-                raise ValueError(f"{name} has {len(getattr(self, name))} entries, "
-                                 f"num_encoder_blocks is {n}")
+                raise ValueError(
+                    f"{name} has {len(getattr(self, name))} entries, num_encoder_blocks is {n}"
+                )
         for c, h in zip(self.hidden_sizes, self.num_attention_heads, strict=True):
             if c % h:
                 raise ValueError(f"hidden size {c} is not divisible by {h} attention heads")
         if self.hidden_act not in ACTIVATIONS:
             raise ValueError(f"hidden_act {self.hidden_act!r} not in {sorted(ACTIVATIONS)}")
         if not self.id2label:
-            object.__setattr__(self, "id2label",
-                               tuple(f"LABEL_{i}" for i in range(self.num_labels)))
+            object.__setattr__(
+                self, "id2label", tuple(f"LABEL_{i}" for i in range(self.num_labels))
+            )
         elif len(self.id2label) != self.num_labels:
-            raise ValueError(f"id2label names {len(self.id2label)} classes, "
-                             f"num_labels is {self.num_labels}")
+            raise ValueError(
+                f"id2label names {len(self.id2label)} classes, num_labels is {self.num_labels}"
+            )
 
     @classmethod
     def _mit(cls, variant: str, num_labels: int) -> SegFormerConfig:
         wide = variant != "b0"
-        return cls(depths=_MIT_DEPTHS[variant],
-                   hidden_sizes=(64, 128, 320, 512) if wide else (32, 64, 160, 256),
-                   decoder_hidden_size=768 if variant not in ("b0", "b1") else 256,
-                   num_labels=num_labels)
+        return cls(
+            depths=_MIT_DEPTHS[variant],
+            hidden_sizes=(64, 128, 320, 512) if wide else (32, 64, 160, 256),
+            decoder_hidden_size=768 if variant not in ("b0", "b1") else 256,
+            num_labels=num_labels,
+        )
 
     @classmethod
     def b0(cls, num_labels: int = 150) -> SegFormerConfig:
@@ -240,11 +258,13 @@ class MixBlock(nnx.Module):
     def __init__(self, cfg: SegFormerConfig, stage: int, *, dtype, rngs: nnx.Rngs):
         dim = cfg.hidden_sizes[stage]
         self.layer_norm_1 = layer_norm(dim, LAYER_NORM_EPS, dtype=dtype, rngs=rngs)
-        self.attention = SegformerAttention(dim, cfg.num_attention_heads[stage],
-                                            cfg.sr_ratios[stage], dtype=dtype, rngs=rngs)
+        self.attention = SegformerAttention(
+            dim, cfg.num_attention_heads[stage], cfg.sr_ratios[stage], dtype=dtype, rngs=rngs
+        )
         self.layer_norm_2 = layer_norm(dim, LAYER_NORM_EPS, dtype=dtype, rngs=rngs)
-        self.mlp = MixFFN(dim, int(dim * cfg.mlp_ratios[stage]), cfg.hidden_act, dtype=dtype,
-                          rngs=rngs)
+        self.mlp = MixFFN(
+            dim, int(dim * cfg.mlp_ratios[stage]), cfg.hidden_act, dtype=dtype, rngs=rngs
+        )
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x = x + self.attention(self.layer_norm_1(x))
@@ -257,21 +277,38 @@ class MixEncoder(nnx.Module):
     def __init__(self, cfg: SegFormerConfig, *, dtype, rngs: nnx.Rngs):
         cins = (cfg.num_channels, *cfg.hidden_sizes[:-1])
         stages = range(cfg.num_encoder_blocks)
-        self.patch_embeddings = nnx.List([
-            OverlapPatchEmbeddings(cfg.patch_sizes[i], cfg.strides[i], cins[i],
-                                   cfg.hidden_sizes[i], dtype=dtype, rngs=rngs) for i in stages])
-        self.block = nnx.List([
-            nnx.List([MixBlock(cfg, i, dtype=dtype, rngs=rngs) for _ in range(cfg.depths[i])])
-            for i in stages])
-        self.layer_norm = nnx.List([
-            layer_norm(cfg.hidden_sizes[i], LAYER_NORM_EPS, dtype=dtype, rngs=rngs)
-            for i in stages])
+        self.patch_embeddings = nnx.List(
+            [
+                OverlapPatchEmbeddings(
+                    cfg.patch_sizes[i],
+                    cfg.strides[i],
+                    cins[i],
+                    cfg.hidden_sizes[i],
+                    dtype=dtype,
+                    rngs=rngs,
+                )
+                for i in stages
+            ]
+        )
+        self.block = nnx.List(
+            [
+                nnx.List([MixBlock(cfg, i, dtype=dtype, rngs=rngs) for _ in range(cfg.depths[i])])
+                for i in stages
+            ]
+        )
+        self.layer_norm = nnx.List(
+            [
+                layer_norm(cfg.hidden_sizes[i], LAYER_NORM_EPS, dtype=dtype, rngs=rngs)
+                for i in stages
+            ]
+        )
 
     def __call__(self, x: jax.Array) -> list[jax.Array]:
         """``[B, H, W, Cin]`` -> one ``[B, H_i, W_i, hidden_sizes[i]]`` map per stage."""
         outs = []
-        for embed, blocks, norm in zip(self.patch_embeddings, self.block, self.layer_norm,
-                                       strict=True):
+        for embed, blocks, norm in zip(
+            self.patch_embeddings, self.block, self.layer_norm, strict=True
+        ):
             x = embed(x)
             for block in blocks:
                 x = block(x)
@@ -306,19 +343,28 @@ class DecodeHead(nnx.Module):
 
     def __init__(self, cfg: SegFormerConfig, *, dtype, rngs: nnx.Rngs):
         d = cfg.decoder_hidden_size
-        self.linear_c = nnx.List([StageProjection(c, d, dtype=dtype, rngs=rngs)
-                                  for c in cfg.hidden_sizes])
-        self.linear_fuse = conv(d * cfg.num_encoder_blocks, d, 1, use_bias=False, dtype=dtype,
-                                rngs=rngs)
-        self.batch_norm = nnx.BatchNorm(d, use_running_average=True, epsilon=BATCH_NORM_EPS,
-                                        dtype=dtype, param_dtype=PARAM_DTYPE, rngs=rngs)
+        self.linear_c = nnx.List(
+            [StageProjection(c, d, dtype=dtype, rngs=rngs) for c in cfg.hidden_sizes]
+        )
+        self.linear_fuse = conv(
+            d * cfg.num_encoder_blocks, d, 1, use_bias=False, dtype=dtype, rngs=rngs
+        )
+        self.batch_norm = nnx.BatchNorm(
+            d,
+            use_running_average=True,
+            epsilon=BATCH_NORM_EPS,
+            dtype=dtype,
+            param_dtype=PARAM_DTYPE,
+            rngs=rngs,
+        )
         self.classifier = conv(d, cfg.num_labels, 1, dtype=dtype, rngs=rngs)
 
     def __call__(self, stages: list[jax.Array]) -> tuple[jax.Array, jax.Array]:
         """Stage maps -> ``(logits [B, H0, W0, K], fused [B, H0, W0, decoder_hidden_size])``."""
         size = stages[0].shape[1:3]
-        projected = [resize_bilinear(proj(x), size)
-                     for proj, x in zip(self.linear_c, stages, strict=True)]
+        projected = [
+            resize_bilinear(proj(x), size) for proj, x in zip(self.linear_c, stages, strict=True)
+        ]
         # transformers concatenates the deepest stage first.
         fused = self.linear_fuse(jnp.concatenate(projected[::-1], axis=-1))
         fused = jax.nn.relu(self.batch_norm(fused))
@@ -350,7 +396,8 @@ class SegFormer(nnx.Module):
           default strides the spatial size is PyTorch's conv rounding of ``H/4``.
         """
         if pixels.ndim != 4 or pixels.shape[-1] != self.config.num_channels:
-            raise ValueError(f"expected pixels [B, H, W, {self.config.num_channels}], "
-                             f"got shape {pixels.shape}")
+            raise ValueError(
+                f"expected pixels [B, H, W, {self.config.num_channels}], got shape {pixels.shape}"
+            )
         stages = self.segformer(pixels.astype(self.dtype))
         return self.decode_head(stages)

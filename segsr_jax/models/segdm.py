@@ -59,8 +59,9 @@ class SelfAttentionBlock(nnx.Module):
 
     def __init__(self, channels: int, heads: int, groups: int, *, dtype, rngs: nnx.Rngs):
         self.norm = layers.group_norm(channels, groups, 1e-6, dtype=dtype, rngs=rngs)
-        self.attn = layers.Attention(channels, heads=heads, dim_head=channels // heads,
-                                     qkv_bias=True, dtype=dtype, rngs=rngs)
+        self.attn = layers.Attention(
+            channels, heads=heads, dim_head=channels // heads, qkv_bias=True, dtype=dtype, rngs=rngs
+        )
 
     @boundary(BLOCK)
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -75,28 +76,47 @@ class SegDM(nnx.Module):
     def __init__(self, config: SegDMConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
         c = config
         if c.hidden_channels % c.norm_groups or c.hidden_channels % c.num_heads:
-            raise ValueError(f"hidden_channels {c.hidden_channels} must be divisible by "
-                             f"norm_groups {c.norm_groups} and num_heads {c.num_heads}")
+            raise ValueError(
+                f"hidden_channels {c.hidden_channels} must be divisible by "
+                f"norm_groups {c.norm_groups} and num_heads {c.num_heads}"
+            )
         self.config = c
         self.dtype = dtype
         temb = 4 * c.hidden_channels
         # One extra row for the ignore label, so ground-truth maps with 255 can be embedded.
-        self.label_embedding = nnx.Embed(c.num_classes + 1, c.embed_dim,
-                                         param_dtype=layers.PARAM_DTYPE, rngs=rngs)
-        self.time_embedding = layers.TimestepEmbedding(c.hidden_channels, temb, dtype=dtype,
-                                                       rngs=rngs)
+        self.label_embedding = nnx.Embed(
+            c.num_classes + 1, c.embed_dim, param_dtype=layers.PARAM_DTYPE, rngs=rngs
+        )
+        self.time_embedding = layers.TimestepEmbedding(
+            c.hidden_channels, temb, dtype=dtype, rngs=rngs
+        )
         in_ch = c.embed_dim + c.feat_channels + c.cond_channels
         self.conv_in = layers.conv(in_ch, c.hidden_channels, 3, dtype=dtype, rngs=rngs)
-        self.blocks = nnx.List([
-            layers.ResnetBlock2D(c.hidden_channels, c.hidden_channels, temb_channels=temb,
-                                 groups=c.norm_groups, eps=1e-6, dtype=dtype, rngs=rngs)
-            for _ in range(c.num_blocks)])
-        self.attentions = nnx.List([
-            SelfAttentionBlock(c.hidden_channels, c.num_heads, c.norm_groups, dtype=dtype,
-                               rngs=rngs)
-            for _ in c.attention_blocks])
-        self.norm_out = layers.group_norm(c.hidden_channels, c.norm_groups, 1e-6, dtype=dtype,
-                                          rngs=rngs)
+        self.blocks = nnx.List(
+            [
+                layers.ResnetBlock2D(
+                    c.hidden_channels,
+                    c.hidden_channels,
+                    temb_channels=temb,
+                    groups=c.norm_groups,
+                    eps=1e-6,
+                    dtype=dtype,
+                    rngs=rngs,
+                )
+                for _ in range(c.num_blocks)
+            ]
+        )
+        self.attentions = nnx.List(
+            [
+                SelfAttentionBlock(
+                    c.hidden_channels, c.num_heads, c.norm_groups, dtype=dtype, rngs=rngs
+                )
+                for _ in c.attention_blocks
+            ]
+        )
+        self.norm_out = layers.group_norm(
+            c.hidden_channels, c.norm_groups, 1e-6, dtype=dtype, rngs=rngs
+        )
         self.conv_out = layers.conv(c.hidden_channels, c.num_classes, 3, dtype=dtype, rngs=rngs)
 
     def embedding_table(self) -> jax.Array:
@@ -116,8 +136,7 @@ class SegDM(nnx.Module):
         table = self.embedding_table()[: self.config.num_classes]
         return jnp.einsum("bhwk,kd->bhwd", probs.astype(jnp.float32), table)
 
-    def __call__(self, s_t: jax.Array, t: jax.Array, f_lq: jax.Array,
-                 i_t: jax.Array) -> jax.Array:
+    def __call__(self, s_t: jax.Array, t: jax.Array, f_lq: jax.Array, i_t: jax.Array) -> jax.Array:
         """Predict clean-map logits.
 
         Args:
@@ -132,8 +151,9 @@ class SegDM(nnx.Module):
         c = self.config
         b = s_t.shape[0]
         t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (b,))
-        temb = layers.timestep_embedding(t * c.time_scale, c.hidden_channels,
-                                         flip_sin_to_cos=True, downscale_freq_shift=0.0)
+        temb = layers.timestep_embedding(
+            t * c.time_scale, c.hidden_channels, flip_sin_to_cos=True, downscale_freq_shift=0.0
+        )
         temb = self.time_embedding(temb.astype(self.dtype))
         x = jnp.concatenate([s_t, f_lq, i_t], axis=-1).astype(self.dtype)
         h = self.conv_in(x)

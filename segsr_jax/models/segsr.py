@@ -60,8 +60,10 @@ class SegSRConfig:
         if self.controlnet.conditioning != "latent":
             problems.append("SegSR's ControlNet uses conditioning='latent'")
         if self.controlnet.conditioning_channels != lat + self.bridge.c_channels:
-            problems.append(f"controlnet.conditioning_channels must be latent_channels + "
-                            f"bridge.c_channels = {lat + self.bridge.c_channels}")
+            problems.append(
+                f"controlnet.conditioning_channels must be latent_channels + "
+                f"bridge.c_channels = {lat + self.bridge.c_channels}"
+            )
         if self.bridge.latent_channels != lat:
             problems.append(f"bridge.latent_channels must be {lat}")
         if self.bridge.seg_channels != self.segdm.embed_dim:
@@ -77,36 +79,60 @@ class SegSRConfig:
         if self.prediction_type not in ("epsilon", "v_prediction"):
             problems.append(f"prediction_type {self.prediction_type!r}")
         if self.class_names and len(self.class_names) != self.segdm.num_classes:
-            problems.append(f"{len(self.class_names)} class_names for "
-                            f"{self.segdm.num_classes} classes")
+            problems.append(
+                f"{len(self.class_names)} class_names for {self.segdm.num_classes} classes"
+            )
         if problems:
             raise ValueError("inconsistent SegSRConfig: " + "; ".join(problems))
 
     @classmethod
-    def compose(cls, *, vae: VAEConfig, text: CLIPTextConfig, unet: UNetConfig,
-                segformer: SegFormerConfig, segdm: SegDMConfig | None = None,
-                bridge: BridgeConfig | None = None,
-                conditioning_embedding_out_channels: tuple[int, ...] = (64, 128, 256),
-                **kwargs) -> SegSRConfig:
+    def compose(
+        cls,
+        *,
+        vae: VAEConfig,
+        text: CLIPTextConfig,
+        unet: UNetConfig,
+        segformer: SegFormerConfig,
+        segdm: SegDMConfig | None = None,
+        bridge: BridgeConfig | None = None,
+        conditioning_embedding_out_channels: tuple[int, ...] = (64, 128, 256),
+        **kwargs,
+    ) -> SegSRConfig:
         """A consistent config from the pretrained parts: the ControlNet is the UNet's encoder
         with latent conditioning ``concat(Z_lq, C_t)``; SegDM and the bridge are sized to fit
         (their other fields from the given configs or the defaults)."""
         lat = vae.latent_channels
-        segdm = dataclasses.replace(segdm or SegDMConfig(),
-                                    num_classes=segformer.num_labels,
-                                    feat_channels=segformer.decoder_hidden_size)
-        bridge = dataclasses.replace(bridge or BridgeConfig(), latent_channels=lat,
-                                     seg_channels=segdm.embed_dim,
-                                     i_channels=segdm.cond_channels)
+        segdm = dataclasses.replace(
+            segdm or SegDMConfig(),
+            num_classes=segformer.num_labels,
+            feat_channels=segformer.decoder_hidden_size,
+        )
+        bridge = dataclasses.replace(
+            bridge or BridgeConfig(),
+            latent_channels=lat,
+            seg_channels=segdm.embed_dim,
+            i_channels=segdm.cond_channels,
+        )
         shared = {f.name for f in dataclasses.fields(ControlNetConfig)}
         base = {k: v for k, v in dataclasses.asdict(unet).items() if k in shared}
         controlnet = ControlNetConfig(
-            **base, conditioning="latent", conditioning_channels=lat + bridge.c_channels,
-            conditioning_embedding_out_channels=conditioning_embedding_out_channels)
+            **base,
+            conditioning="latent",
+            conditioning_channels=lat + bridge.c_channels,
+            conditioning_embedding_out_channels=conditioning_embedding_out_channels,
+        )
         if not kwargs.get("class_names") and segformer.id2label:
             kwargs["class_names"] = tuple(segformer.id2label)
-        return cls(vae=vae, text=text, unet=unet, controlnet=controlnet, segformer=segformer,
-                   segdm=segdm, bridge=bridge, **kwargs)
+        return cls(
+            vae=vae,
+            text=text,
+            unet=unet,
+            controlnet=controlnet,
+            segformer=segformer,
+            segdm=segdm,
+            bridge=bridge,
+            **kwargs,
+        )
 
     @property
     def latent_factor(self) -> int:
@@ -123,8 +149,9 @@ class SegSRConfig:
         raw = dict(raw)
         version = raw.pop("version", None)
         if version != CONFIG_VERSION:
-            raise ValueError(f"model config version {version!r}; this code reads "
-                             f"version {CONFIG_VERSION}")
+            raise ValueError(
+                f"model config version {version!r}; this code reads version {CONFIG_VERSION}"
+            )
         return _from_dict(cls, raw, "model")
 
 
@@ -155,13 +182,24 @@ def _from_dict(cls, raw: dict, where: str):
 class SegSR(nnx.Module):
     """VAE, text encoder, UNet + ControlNet (SRDM), SegFormer, SegDM and the bridge."""
 
-    PARTS = {"vae": (AutoencoderKL, "vae"), "text_encoder": (CLIPTextEncoder, "text"),
-             "unet": (UNet2DCondition, "unet"), "controlnet": (ControlNet, "controlnet"),
-             "segformer": (SegFormer, "segformer"), "segdm": (SegDM, "segdm"),
-             "bridge": (Bridge, "bridge")}
+    PARTS = {
+        "vae": (AutoencoderKL, "vae"),
+        "text_encoder": (CLIPTextEncoder, "text"),
+        "unet": (UNet2DCondition, "unet"),
+        "controlnet": (ControlNet, "controlnet"),
+        "segformer": (SegFormer, "segformer"),
+        "segdm": (SegDM, "segdm"),
+        "bridge": (Bridge, "bridge"),
+    }
 
-    def __init__(self, config: SegSRConfig, *, dtype=jnp.float32, rngs: nnx.Rngs,
-                 parts: dict[str, nnx.Module] | None = None):
+    def __init__(
+        self,
+        config: SegSRConfig,
+        *,
+        dtype=jnp.float32,
+        rngs: nnx.Rngs,
+        parts: dict[str, nnx.Module] | None = None,
+    ):
         """Build every part from ``config``, except those given in ``parts`` (e.g. loaded
         pretrained modules, ``{"unet": weights.load_unet(path), ...}``), which are used as
         they are."""
@@ -180,8 +218,7 @@ class SegSR(nnx.Module):
         """Token ids ``[B, L]`` -> text context ``[B, L, D]`` float32."""
         return self.text_encoder(input_ids).astype(jnp.float32)
 
-    def lq_features(self, lq: jax.Array, latent_hw: tuple[int, int]
-                    ) -> tuple[jax.Array, jax.Array]:
+    def lq_features(self, lq: jax.Array, latent_hw: tuple[int, int]) -> tuple[jax.Array, jax.Array]:
         """SegFormer on the (upsampled) LQ image ``lq [B, H, W, 3]`` in ``[-1, 1]``.
 
         Returns:
@@ -192,17 +229,26 @@ class SegSR(nnx.Module):
         logits, feats = self.segformer(normalize_images(lq))
         b = lq.shape[0]
         h, w = latent_hw
-        f_lq = jax.image.resize(feats.astype(jnp.float32), (b, h, w, feats.shape[-1]),
-                                "linear")
-        lq_logits = jax.image.resize(logits.astype(jnp.float32), (b, h, w, logits.shape[-1]),
-                                     "linear")
+        f_lq = jax.image.resize(feats.astype(jnp.float32), (b, h, w, feats.shape[-1]), "linear")
+        lq_logits = jax.image.resize(
+            logits.astype(jnp.float32), (b, h, w, logits.shape[-1]), "linear"
+        )
         return f_lq, lq_logits
 
-    def denoise(self, z_t: jax.Array, s_t: jax.Array, t: jax.Array, t_seg: jax.Array,
-                z_lq: jax.Array, f_lq: jax.Array, context: jax.Array,
-                uncond_context: jax.Array | None = None,
-                guidance_scale: jax.Array | float = 1.0, *,
-                use_bridge: tuple[bool, bool] = (True, True)) -> tuple[jax.Array, jax.Array]:
+    def denoise(
+        self,
+        z_t: jax.Array,
+        s_t: jax.Array,
+        t: jax.Array,
+        t_seg: jax.Array,
+        z_lq: jax.Array,
+        f_lq: jax.Array,
+        context: jax.Array,
+        uncond_context: jax.Array | None = None,
+        guidance_scale: jax.Array | float = 1.0,
+        *,
+        use_bridge: tuple[bool, bool] = (True, True),
+    ) -> tuple[jax.Array, jax.Array]:
         """One coupled evaluation of both models (no sampler update).
 
         Args:

@@ -59,11 +59,15 @@ class CLIPTextConfig:
 
     def __post_init__(self):
         if self.hidden_act not in _ACTIVATIONS:
-            raise ValueError(f"hidden_act={self.hidden_act!r} is not supported "
-                             f"(supported: {sorted(_ACTIVATIONS)})")
+            raise ValueError(
+                f"hidden_act={self.hidden_act!r} is not supported "
+                f"(supported: {sorted(_ACTIVATIONS)})"
+            )
         if self.hidden_size % self.num_attention_heads:
-            raise ValueError(f"hidden_size {self.hidden_size} is not a multiple of "
-                             f"num_attention_heads {self.num_attention_heads}")
+            raise ValueError(
+                f"hidden_size {self.hidden_size} is not a multiple of "
+                f"num_attention_heads {self.num_attention_heads}"
+            )
         if self.eos_token_id is not None and not isinstance(self.eos_token_id, int):
             raise ValueError(f"eos_token_id must be one int, got {self.eos_token_id!r}")
 
@@ -71,10 +75,20 @@ class CLIPTextConfig:
     def sd2(cls) -> CLIPTextConfig:
         """SD-2's text encoder (``stabilityai/stable-diffusion-2-base/text_encoder``): the
         OpenCLIP ViT-H/14 text tower cut to 23 layers, 340,387,840 parameters."""
-        return cls(vocab_size=49408, hidden_size=1024, intermediate_size=4096,
-                   num_hidden_layers=23, num_attention_heads=16, max_position_embeddings=77,
-                   hidden_act="gelu", layer_norm_eps=1e-5, projection_dim=512,
-                   pad_token_id=1, bos_token_id=0, eos_token_id=2)
+        return cls(
+            vocab_size=49408,
+            hidden_size=1024,
+            intermediate_size=4096,
+            num_hidden_layers=23,
+            num_attention_heads=16,
+            max_position_embeddings=77,
+            hidden_act="gelu",
+            layer_norm_eps=1e-5,
+            projection_dim=512,
+            pad_token_id=1,
+            bos_token_id=0,
+            eos_token_id=2,
+        )
 
 
 def _embed(num: int, features: int, *, dtype, rngs: nnx.Rngs) -> nnx.Embed:
@@ -85,10 +99,10 @@ class CLIPTextEmbeddings(nnx.Module):
     """Token embedding plus learned absolute position embedding."""
 
     def __init__(self, config: CLIPTextConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
-        self.token_embedding = _embed(config.vocab_size, config.hidden_size, dtype=dtype,
-                                      rngs=rngs)
-        self.position_embedding = _embed(config.max_position_embeddings, config.hidden_size,
-                                         dtype=dtype, rngs=rngs)
+        self.token_embedding = _embed(config.vocab_size, config.hidden_size, dtype=dtype, rngs=rngs)
+        self.position_embedding = _embed(
+            config.max_position_embeddings, config.hidden_size, dtype=dtype, rngs=rngs
+        )
 
     def __call__(self, input_ids_bl: jax.Array) -> jax.Array:
         """``input_ids [B, L]`` -> ``[B, L, D]``; positions are ``0 .. L-1``."""
@@ -113,8 +127,9 @@ class CLIPAttention(nnx.Module):
         b, length, d = x.shape
         split = lambda t: t.reshape(b, length, self.heads, d // self.heads)
         # The scale defaults to 1/sqrt(head_dim), as in CLIP.
-        out = jax.nn.dot_product_attention(split(self.q_proj(x)), split(self.k_proj(x)),
-                                           split(self.v_proj(x)), is_causal=True)
+        out = jax.nn.dot_product_attention(
+            split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x)), is_causal=True
+        )
         return self.out_proj(out.reshape(b, length, d))
 
 
@@ -149,8 +164,12 @@ class CLIPEncoder(nnx.Module):
     """The stack of ``num_hidden_layers`` blocks (``encoder.layers.N`` in the state dict)."""
 
     def __init__(self, config: CLIPTextConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
-        self.layers = nnx.List([CLIPEncoderLayer(config, dtype=dtype, rngs=rngs)
-                                for _ in range(config.num_hidden_layers)])
+        self.layers = nnx.List(
+            [
+                CLIPEncoderLayer(config, dtype=dtype, rngs=rngs)
+                for _ in range(config.num_hidden_layers)
+            ]
+        )
 
 
 class CLIPTextEncoder(nnx.Module):
@@ -168,8 +187,9 @@ class CLIPTextEncoder(nnx.Module):
         self.config = config
         self.embeddings = CLIPTextEmbeddings(config, dtype=dtype, rngs=rngs)
         self.encoder = CLIPEncoder(config, dtype=dtype, rngs=rngs)
-        self.final_layer_norm = layer_norm(config.hidden_size, config.layer_norm_eps,
-                                           dtype=dtype, rngs=rngs)
+        self.final_layer_norm = layer_norm(
+            config.hidden_size, config.layer_norm_eps, dtype=dtype, rngs=rngs
+        )
 
     def __call__(self, input_ids_bl: jax.Array, *, output_hidden_states: bool = False):
         """Encode token ids.
@@ -190,8 +210,10 @@ class CLIPTextEncoder(nnx.Module):
         if input_ids_bl.ndim != 2:
             raise ValueError(f"input_ids must be [B, L], got shape {input_ids_bl.shape}")
         if input_ids_bl.shape[1] > self.config.max_position_embeddings:
-            raise ValueError(f"sequence length {input_ids_bl.shape[1]} exceeds "
-                             f"max_position_embeddings {self.config.max_position_embeddings}")
+            raise ValueError(
+                f"sequence length {input_ids_bl.shape[1]} exceeds "
+                f"max_position_embeddings {self.config.max_position_embeddings}"
+            )
         x = self.embeddings(input_ids_bl)
         hidden = [x]
         for layer in self.encoder.layers:

@@ -51,10 +51,18 @@ class UNetConfig:
     center_input_sample: bool = False
     flip_sin_to_cos: bool = True
     freq_shift: float = 0
-    down_block_types: tuple[str, ...] = ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
-                                         "CrossAttnDownBlock2D", "DownBlock2D")
-    up_block_types: tuple[str, ...] = ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D",
-                                       "CrossAttnUpBlock2D")
+    down_block_types: tuple[str, ...] = (
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "DownBlock2D",
+    )
+    up_block_types: tuple[str, ...] = (
+        "UpBlock2D",
+        "CrossAttnUpBlock2D",
+        "CrossAttnUpBlock2D",
+        "CrossAttnUpBlock2D",
+    )
     block_out_channels: tuple[int, ...] = (320, 640, 1280, 1280)
     layers_per_block: int | tuple[int, ...] = 2
     downsample_padding: int = 1
@@ -72,8 +80,9 @@ class UNetConfig:
         check_encoder_fields(self)
         n = len(self.down_block_types)
         if len(self.up_block_types) != n:
-            raise ValueError(f"up_block_types {self.up_block_types} must have {n} entries, "
-                             f"like down_block_types")
+            raise ValueError(
+                f"up_block_types {self.up_block_types} must have {n} entries, like down_block_types"
+            )
         bad = [t for t in self.up_block_types if t not in _UP_TYPES]
         if bad:
             raise ValueError(f"unsupported up block type(s) {bad}; supported: {_UP_TYPES}")
@@ -81,9 +90,14 @@ class UNetConfig:
     @classmethod
     def sd2_base(cls) -> UNetConfig:
         """``stabilityai/stable-diffusion-2-base``'s UNet (865,910,724 parameters)."""
-        return cls(sample_size=64, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
-                   attention_head_dim=(5, 10, 20, 20), cross_attention_dim=1024,
-                   use_linear_projection=True)
+        return cls(
+            sample_size=64,
+            block_out_channels=(320, 640, 1280, 1280),
+            layers_per_block=2,
+            attention_head_dim=(5, 10, 20, 20),
+            cross_attention_dim=1024,
+            use_linear_projection=True,
+        )
 
 
 def per_block(value, n: int, name: str) -> tuple:
@@ -100,8 +114,9 @@ def per_block(value, n: int, name: str) -> tuple:
 def block_heads(cfg) -> tuple[int, ...]:
     """Number of attention heads per down block (diffusers: ``num_attention_heads or
     attention_head_dim``)."""
-    heads = cfg.num_attention_heads if cfg.num_attention_heads is not None \
-        else cfg.attention_head_dim
+    heads = (
+        cfg.num_attention_heads if cfg.num_attention_heads is not None else cfg.attention_head_dim
+    )
     return per_block(heads, len(cfg.down_block_types), "attention heads")
 
 
@@ -109,8 +124,10 @@ def check_encoder_fields(cfg) -> None:
     """Validate the encoder fields shared by :class:`UNetConfig` and ``ControlNetConfig``."""
     n = len(cfg.down_block_types)
     if len(cfg.block_out_channels) != n:
-        raise ValueError(f"block_out_channels {cfg.block_out_channels} must have {n} entries, "
-                         f"like down_block_types")
+        raise ValueError(
+            f"block_out_channels {cfg.block_out_channels} must have {n} entries, "
+            f"like down_block_types"
+        )
     bad = [t for t in cfg.down_block_types if t not in _DOWN_TYPES]
     if bad:
         raise ValueError(f"unsupported down block type(s) {bad}; supported: {_DOWN_TYPES}")
@@ -119,8 +136,9 @@ def check_encoder_fields(cfg) -> None:
     heads = block_heads(cfg)
     for ch, h in zip(cfg.block_out_channels, heads, strict=True):
         if ch % cfg.norm_num_groups:
-            raise ValueError(f"block width {ch} is not divisible by norm_num_groups="
-                             f"{cfg.norm_num_groups}")
+            raise ValueError(
+                f"block width {ch} is not divisible by norm_num_groups={cfg.norm_num_groups}"
+            )
         if h <= 0 or ch % h:
             raise ValueError(f"block width {ch} is not divisible into {h} attention heads")
 
@@ -135,14 +153,28 @@ def make_down_blocks(cfg, temb_dim: int, *, dtype, rngs: nnx.Rngs) -> nnx.List:
     blocks, out_ch = [], cfg.block_out_channels[0]
     for i, kind in enumerate(cfg.down_block_types):
         in_ch, out_ch = out_ch, cfg.block_out_channels[i]
-        common = dict(num_layers=layers[i], groups=cfg.norm_num_groups, eps=cfg.norm_eps,
-                      add_downsample=i < n - 1, downsample_padding=cfg.downsample_padding,
-                      dtype=dtype, rngs=rngs)
+        common = dict(
+            num_layers=layers[i],
+            groups=cfg.norm_num_groups,
+            eps=cfg.norm_eps,
+            add_downsample=i < n - 1,
+            downsample_padding=cfg.downsample_padding,
+            dtype=dtype,
+            rngs=rngs,
+        )
         if kind == "CrossAttnDownBlock2D":
-            blocks.append(CrossAttnDownBlock2D(
-                in_ch, out_ch, temb_dim, transformer_layers=tlayers[i], heads=heads[i],
-                cross_attention_dim=cross[i], use_linear_projection=cfg.use_linear_projection,
-                **common))
+            blocks.append(
+                CrossAttnDownBlock2D(
+                    in_ch,
+                    out_ch,
+                    temb_dim,
+                    transformer_layers=tlayers[i],
+                    heads=heads[i],
+                    cross_attention_dim=cross[i],
+                    use_linear_projection=cfg.use_linear_projection,
+                    **common,
+                )
+            )
         else:
             blocks.append(DownBlock2D(in_ch, out_ch, temb_dim, **common))
     return nnx.List(blocks)
@@ -153,20 +185,30 @@ def make_mid_block(cfg, temb_dim: int, *, dtype, rngs: nnx.Rngs) -> UNetMidBlock
     n = len(cfg.down_block_types)
     tlayers = per_block(cfg.transformer_layers_per_block, n, "transformer_layers_per_block")
     return UNetMidBlock2DCrossAttn(
-        cfg.block_out_channels[-1], temb_dim, heads=block_heads(cfg)[-1],
+        cfg.block_out_channels[-1],
+        temb_dim,
+        heads=block_heads(cfg)[-1],
         transformer_layers=tlayers[-1],
         cross_attention_dim=per_block(cfg.cross_attention_dim, n, "cross_attention_dim")[-1],
-        groups=cfg.norm_num_groups, eps=cfg.norm_eps,
+        groups=cfg.norm_num_groups,
+        eps=cfg.norm_eps,
         use_linear_projection=cfg.use_linear_projection,
-        output_scale_factor=cfg.mid_block_scale_factor, dtype=dtype, rngs=rngs)
+        output_scale_factor=cfg.mid_block_scale_factor,
+        dtype=dtype,
+        rngs=rngs,
+    )
 
 
 def embed_timesteps(time_embedding: TimestepEmbedding, cfg, timesteps, batch: int) -> jax.Array:
     """Sinusoidal features of ``timesteps`` (scalar, ``[1]`` or ``[B]``) through the time MLP
     -> ``[B, 4 * block_out_channels[0]]``."""
     t = jnp.broadcast_to(jnp.reshape(jnp.asarray(timesteps), (-1,)), (batch,))
-    feats = timestep_embedding(t, cfg.block_out_channels[0], flip_sin_to_cos=cfg.flip_sin_to_cos,
-                               downscale_freq_shift=cfg.freq_shift)
+    feats = timestep_embedding(
+        t,
+        cfg.block_out_channels[0],
+        flip_sin_to_cos=cfg.flip_sin_to_cos,
+        downscale_freq_shift=cfg.freq_shift,
+    )
     return time_embedding(feats)
 
 
@@ -199,8 +241,9 @@ class UNet2DCondition(nnx.Module):
         self.down_blocks = make_down_blocks(config, temb_dim, dtype=dtype, rngs=rngs)
         self.mid_block = make_mid_block(config, temb_dim, dtype=dtype, rngs=rngs)
         self.up_blocks = self._make_up_blocks(config, temb_dim, dtype, rngs)
-        self.conv_norm_out = group_norm(ch0, config.norm_num_groups, config.norm_eps, dtype=dtype,
-                                        rngs=rngs)
+        self.conv_norm_out = group_norm(
+            ch0, config.norm_num_groups, config.norm_eps, dtype=dtype, rngs=rngs
+        )
         self.conv_out = conv(ch0, config.out_channels, 3, dtype=dtype, rngs=rngs)
 
     @staticmethod
@@ -217,19 +260,40 @@ class UNet2DCondition(nnx.Module):
             prev_ch, out_ch = out_ch, chans[i]
             in_ch = chans[min(i + 1, n - 1)]  # width of the encoder level this block mirrors
             # One resnet more than the encoder level: it also consumes the downsampler's skip.
-            common = dict(num_layers=layers[i] + 1, groups=cfg.norm_num_groups, eps=cfg.norm_eps,
-                          add_upsample=i < n - 1, dtype=dtype, rngs=rngs)
+            common = dict(
+                num_layers=layers[i] + 1,
+                groups=cfg.norm_num_groups,
+                eps=cfg.norm_eps,
+                add_upsample=i < n - 1,
+                dtype=dtype,
+                rngs=rngs,
+            )
             if kind == "CrossAttnUpBlock2D":
-                blocks.append(CrossAttnUpBlock2D(
-                    in_ch, prev_ch, out_ch, temb_dim, transformer_layers=tlayers[i],
-                    heads=heads[i], cross_attention_dim=cross[i],
-                    use_linear_projection=cfg.use_linear_projection, **common))
+                blocks.append(
+                    CrossAttnUpBlock2D(
+                        in_ch,
+                        prev_ch,
+                        out_ch,
+                        temb_dim,
+                        transformer_layers=tlayers[i],
+                        heads=heads[i],
+                        cross_attention_dim=cross[i],
+                        use_linear_projection=cfg.use_linear_projection,
+                        **common,
+                    )
+                )
             else:
                 blocks.append(UpBlock2D(in_ch, prev_ch, out_ch, temb_dim, **common))
         return nnx.List(blocks)
 
-    def __call__(self, sample: jax.Array, timesteps, context: jax.Array,
-                 down_residuals=None, mid_residual: jax.Array | None = None) -> jax.Array:
+    def __call__(
+        self,
+        sample: jax.Array,
+        timesteps,
+        context: jax.Array,
+        down_residuals=None,
+        mid_residual: jax.Array | None = None,
+    ) -> jax.Array:
         """Predict the noise (or v) of ``sample``.
 
         Args:
@@ -248,14 +312,16 @@ class UNet2DCondition(nnx.Module):
         if cfg.center_input_sample:
             sample = 2 * sample - 1.0
         temb = embed_timesteps(self.time_embedding, cfg, timesteps, sample.shape[0])
-        h, skips = run_encoder(self.down_blocks, self.mid_block, self.conv_in(sample), temb,
-                               context)
+        h, skips = run_encoder(
+            self.down_blocks, self.mid_block, self.conv_in(sample), temb, context
+        )
         if down_residuals is not None:
             if len(down_residuals) != len(skips):
-                raise ValueError(f"down_residuals has {len(down_residuals)} tensors; this UNet "
-                                 f"has {len(skips)} encoder skips")
-            skips = tuple(s + r.astype(s.dtype) for s, r in zip(skips, down_residuals,
-                                                                 strict=True))
+                raise ValueError(
+                    f"down_residuals has {len(down_residuals)} tensors; this UNet "
+                    f"has {len(skips)} encoder skips"
+                )
+            skips = tuple(s + r.astype(s.dtype) for s, r in zip(skips, down_residuals, strict=True))
         if mid_residual is not None:
             h = h + mid_residual.astype(h.dtype)
         for i, block in enumerate(self.up_blocks):

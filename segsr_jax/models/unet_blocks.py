@@ -43,8 +43,13 @@ class FeedForward(nnx.Module):
 
     def __init__(self, dim: int, *, mult: int = 4, dtype=jnp.float32, rngs: nnx.Rngs):
         inner = dim * mult
-        self.net = nnx.List([GEGLU(dim, inner, dtype=dtype, rngs=rngs), None,
-                             linear(inner, dim, dtype=dtype, rngs=rngs)])
+        self.net = nnx.List(
+            [
+                GEGLU(dim, inner, dtype=dtype, rngs=rngs),
+                None,
+                linear(inner, dim, dtype=dtype, rngs=rngs),
+            ]
+        )
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.net[2](self.net[0](x))
@@ -53,13 +58,27 @@ class FeedForward(nnx.Module):
 class BasicTransformerBlock(nnx.Module):
     """Pre-norm self-attention, cross-attention and GEGLU feed-forward, each residual."""
 
-    def __init__(self, dim: int, heads: int, head_dim: int, *, cross_attention_dim: int,
-                 dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        head_dim: int,
+        *,
+        cross_attention_dim: int,
+        dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
         self.norm1 = layer_norm(dim, 1e-5, dtype=dtype, rngs=rngs)
         self.attn1 = Attention(dim, heads=heads, dim_head=head_dim, dtype=dtype, rngs=rngs)
         self.norm2 = layer_norm(dim, 1e-5, dtype=dtype, rngs=rngs)
-        self.attn2 = Attention(dim, heads=heads, dim_head=head_dim,
-                               cross_attention_dim=cross_attention_dim, dtype=dtype, rngs=rngs)
+        self.attn2 = Attention(
+            dim,
+            heads=heads,
+            dim_head=head_dim,
+            cross_attention_dim=cross_attention_dim,
+            dtype=dtype,
+            rngs=rngs,
+        )
         self.norm3 = layer_norm(dim, 1e-5, dtype=dtype, rngs=rngs)
         self.ff = FeedForward(dim, dtype=dtype, rngs=rngs)
 
@@ -78,9 +97,19 @@ class Transformer2DModel(nnx.Module):
     module holds whichever kind the checkpoint has.
     """
 
-    def __init__(self, in_channels: int, heads: int, head_dim: int, *, num_layers: int,
-                 cross_attention_dim: int, norm_num_groups: int, use_linear_projection: bool,
-                 dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        in_channels: int,
+        heads: int,
+        head_dim: int,
+        *,
+        num_layers: int,
+        cross_attention_dim: int,
+        norm_num_groups: int,
+        use_linear_projection: bool,
+        dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
         inner = heads * head_dim
         self.use_linear_projection = use_linear_projection
         self.norm = group_norm(in_channels, norm_num_groups, 1e-6, dtype=dtype, rngs=rngs)
@@ -90,10 +119,19 @@ class Transformer2DModel(nnx.Module):
         else:
             self.proj_in = conv(in_channels, inner, 1, dtype=dtype, rngs=rngs)
             self.proj_out = conv(inner, in_channels, 1, dtype=dtype, rngs=rngs)
-        self.transformer_blocks = nnx.List([
-            BasicTransformerBlock(inner, heads, head_dim, cross_attention_dim=cross_attention_dim,
-                                  dtype=dtype, rngs=rngs)
-            for _ in range(num_layers)])
+        self.transformer_blocks = nnx.List(
+            [
+                BasicTransformerBlock(
+                    inner,
+                    heads,
+                    head_dim,
+                    cross_attention_dim=cross_attention_dim,
+                    dtype=dtype,
+                    rngs=rngs,
+                )
+                for _ in range(num_layers)
+            ]
+        )
 
     @boundary(BLOCK)
     def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
@@ -120,16 +158,37 @@ class DownBlock2D(nnx.Module):
     """``num_layers`` resnets, then an optional stride-2 downsampler. Returns every
     intermediate state as a skip connection for the decoder (and the ControlNet)."""
 
-    def __init__(self, in_channels: int, out_channels: int, temb_channels: int, *,
-                 num_layers: int, groups: int, eps: float, add_downsample: bool,
-                 downsample_padding: int = 1, dtype=jnp.float32, rngs: nnx.Rngs):
-        self.resnets = nnx.List([
-            ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels,
-                          temb_channels=temb_channels, groups=groups, eps=eps, dtype=dtype,
-                          rngs=rngs)
-            for i in range(num_layers)])
-        self.downsamplers = (_downsampler(out_channels, downsample_padding, dtype, rngs)
-                             if add_downsample else None)
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        temb_channels: int,
+        *,
+        num_layers: int,
+        groups: int,
+        eps: float,
+        add_downsample: bool,
+        downsample_padding: int = 1,
+        dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        self.resnets = nnx.List(
+            [
+                ResnetBlock2D(
+                    in_channels if i == 0 else out_channels,
+                    out_channels,
+                    temb_channels=temb_channels,
+                    groups=groups,
+                    eps=eps,
+                    dtype=dtype,
+                    rngs=rngs,
+                )
+                for i in range(num_layers)
+            ]
+        )
+        self.downsamplers = (
+            _downsampler(out_channels, downsample_padding, dtype, rngs) if add_downsample else None
+        )
 
     @boundary(STAGE)
     def __call__(self, x: jax.Array, temb: jax.Array, context: jax.Array | None = None):
@@ -147,24 +206,57 @@ class DownBlock2D(nnx.Module):
 class CrossAttnDownBlock2D(nnx.Module):
     """Resnet + transformer pairs, then an optional downsampler (skips as in DownBlock2D)."""
 
-    def __init__(self, in_channels: int, out_channels: int, temb_channels: int, *,
-                 num_layers: int, transformer_layers: int, heads: int, cross_attention_dim: int,
-                 groups: int, eps: float, use_linear_projection: bool, add_downsample: bool,
-                 downsample_padding: int = 1, dtype=jnp.float32, rngs: nnx.Rngs):
-        self.resnets = nnx.List([
-            ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels,
-                          temb_channels=temb_channels, groups=groups, eps=eps, dtype=dtype,
-                          rngs=rngs)
-            for i in range(num_layers)])
-        self.attentions = nnx.List([
-            Transformer2DModel(out_channels, heads, out_channels // heads,
-                               num_layers=transformer_layers,
-                               cross_attention_dim=cross_attention_dim, norm_num_groups=groups,
-                               use_linear_projection=use_linear_projection, dtype=dtype,
-                               rngs=rngs)
-            for _ in range(num_layers)])
-        self.downsamplers = (_downsampler(out_channels, downsample_padding, dtype, rngs)
-                             if add_downsample else None)
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        temb_channels: int,
+        *,
+        num_layers: int,
+        transformer_layers: int,
+        heads: int,
+        cross_attention_dim: int,
+        groups: int,
+        eps: float,
+        use_linear_projection: bool,
+        add_downsample: bool,
+        downsample_padding: int = 1,
+        dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        self.resnets = nnx.List(
+            [
+                ResnetBlock2D(
+                    in_channels if i == 0 else out_channels,
+                    out_channels,
+                    temb_channels=temb_channels,
+                    groups=groups,
+                    eps=eps,
+                    dtype=dtype,
+                    rngs=rngs,
+                )
+                for i in range(num_layers)
+            ]
+        )
+        self.attentions = nnx.List(
+            [
+                Transformer2DModel(
+                    out_channels,
+                    heads,
+                    out_channels // heads,
+                    num_layers=transformer_layers,
+                    cross_attention_dim=cross_attention_dim,
+                    norm_num_groups=groups,
+                    use_linear_projection=use_linear_projection,
+                    dtype=dtype,
+                    rngs=rngs,
+                )
+                for _ in range(num_layers)
+            ]
+        )
+        self.downsamplers = (
+            _downsampler(out_channels, downsample_padding, dtype, rngs) if add_downsample else None
+        )
 
     @boundary(STAGE)
     def __call__(self, x: jax.Array, temb: jax.Array, context: jax.Array):
@@ -182,21 +274,53 @@ class CrossAttnDownBlock2D(nnx.Module):
 class UNetMidBlock2DCrossAttn(nnx.Module):
     """``resnet, (transformer, resnet) x num_layers`` at the lowest resolution."""
 
-    def __init__(self, channels: int, temb_channels: int, *, heads: int, transformer_layers: int,
-                 cross_attention_dim: int, groups: int, eps: float, use_linear_projection: bool,
-                 output_scale_factor: float = 1.0, num_layers: int = 1, dtype=jnp.float32,
-                 rngs: nnx.Rngs):
-        self.resnets = nnx.List([
-            ResnetBlock2D(channels, channels, temb_channels=temb_channels, groups=groups,
-                          eps=eps, output_scale_factor=output_scale_factor, dtype=dtype,
-                          rngs=rngs)
-            for _ in range(num_layers + 1)])
-        self.attentions = nnx.List([
-            Transformer2DModel(channels, heads, channels // heads, num_layers=transformer_layers,
-                               cross_attention_dim=cross_attention_dim, norm_num_groups=groups,
-                               use_linear_projection=use_linear_projection, dtype=dtype,
-                               rngs=rngs)
-            for _ in range(num_layers)])
+    def __init__(
+        self,
+        channels: int,
+        temb_channels: int,
+        *,
+        heads: int,
+        transformer_layers: int,
+        cross_attention_dim: int,
+        groups: int,
+        eps: float,
+        use_linear_projection: bool,
+        output_scale_factor: float = 1.0,
+        num_layers: int = 1,
+        dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        self.resnets = nnx.List(
+            [
+                ResnetBlock2D(
+                    channels,
+                    channels,
+                    temb_channels=temb_channels,
+                    groups=groups,
+                    eps=eps,
+                    output_scale_factor=output_scale_factor,
+                    dtype=dtype,
+                    rngs=rngs,
+                )
+                for _ in range(num_layers + 1)
+            ]
+        )
+        self.attentions = nnx.List(
+            [
+                Transformer2DModel(
+                    channels,
+                    heads,
+                    channels // heads,
+                    num_layers=transformer_layers,
+                    cross_attention_dim=cross_attention_dim,
+                    norm_num_groups=groups,
+                    use_linear_projection=use_linear_projection,
+                    dtype=dtype,
+                    rngs=rngs,
+                )
+                for _ in range(num_layers)
+            ]
+        )
 
     @boundary(STAGE)
     def __call__(self, x: jax.Array, temb: jax.Array, context: jax.Array) -> jax.Array:
@@ -211,21 +335,47 @@ class UpBlock2D(nnx.Module):
     """Resnets over ``concat(x, skip)`` (skips consumed last-first), then an optional
     nearest-neighbour x2 upsampler."""
 
-    def __init__(self, in_channels: int, prev_output_channels: int, out_channels: int,
-                 temb_channels: int, *, num_layers: int, groups: int, eps: float,
-                 add_upsample: bool, dtype=jnp.float32, rngs: nnx.Rngs):
-        self.resnets = nnx.List([
-            ResnetBlock2D(_up_resnet_in(i, num_layers, in_channels, prev_output_channels,
-                                        out_channels), out_channels,
-                          temb_channels=temb_channels, groups=groups, eps=eps, dtype=dtype,
-                          rngs=rngs)
-            for i in range(num_layers)])
-        self.upsamplers = (nnx.List([Upsample2D(out_channels, dtype=dtype, rngs=rngs)])
-                           if add_upsample else None)
+    def __init__(
+        self,
+        in_channels: int,
+        prev_output_channels: int,
+        out_channels: int,
+        temb_channels: int,
+        *,
+        num_layers: int,
+        groups: int,
+        eps: float,
+        add_upsample: bool,
+        dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        self.resnets = nnx.List(
+            [
+                ResnetBlock2D(
+                    _up_resnet_in(i, num_layers, in_channels, prev_output_channels, out_channels),
+                    out_channels,
+                    temb_channels=temb_channels,
+                    groups=groups,
+                    eps=eps,
+                    dtype=dtype,
+                    rngs=rngs,
+                )
+                for i in range(num_layers)
+            ]
+        )
+        self.upsamplers = (
+            nnx.List([Upsample2D(out_channels, dtype=dtype, rngs=rngs)]) if add_upsample else None
+        )
 
     @boundary(STAGE)
-    def __call__(self, x: jax.Array, skips: tuple, temb: jax.Array,
-                 context: jax.Array | None = None, upsample_size=None) -> jax.Array:
+    def __call__(
+        self,
+        x: jax.Array,
+        skips: tuple,
+        temb: jax.Array,
+        context: jax.Array | None = None,
+        upsample_size=None,
+    ) -> jax.Array:
         """``x [B, h, w, C]``, ``skips``: this block's ``len(resnets)`` skip tensors;
         ``upsample_size (H, W)`` for inputs that are not a multiple of the total downsampling."""
         for resnet, skip in zip(self.resnets, reversed(skips), strict=True):
@@ -238,32 +388,64 @@ class UpBlock2D(nnx.Module):
 class CrossAttnUpBlock2D(nnx.Module):
     """UpBlock2D with a transformer after every resnet."""
 
-    def __init__(self, in_channels: int, prev_output_channels: int, out_channels: int,
-                 temb_channels: int, *, num_layers: int, transformer_layers: int, heads: int,
-                 cross_attention_dim: int, groups: int, eps: float, use_linear_projection: bool,
-                 add_upsample: bool, dtype=jnp.float32, rngs: nnx.Rngs):
-        self.resnets = nnx.List([
-            ResnetBlock2D(_up_resnet_in(i, num_layers, in_channels, prev_output_channels,
-                                        out_channels), out_channels,
-                          temb_channels=temb_channels, groups=groups, eps=eps, dtype=dtype,
-                          rngs=rngs)
-            for i in range(num_layers)])
-        self.attentions = nnx.List([
-            Transformer2DModel(out_channels, heads, out_channels // heads,
-                               num_layers=transformer_layers,
-                               cross_attention_dim=cross_attention_dim, norm_num_groups=groups,
-                               use_linear_projection=use_linear_projection, dtype=dtype,
-                               rngs=rngs)
-            for _ in range(num_layers)])
-        self.upsamplers = (nnx.List([Upsample2D(out_channels, dtype=dtype, rngs=rngs)])
-                           if add_upsample else None)
+    def __init__(
+        self,
+        in_channels: int,
+        prev_output_channels: int,
+        out_channels: int,
+        temb_channels: int,
+        *,
+        num_layers: int,
+        transformer_layers: int,
+        heads: int,
+        cross_attention_dim: int,
+        groups: int,
+        eps: float,
+        use_linear_projection: bool,
+        add_upsample: bool,
+        dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        self.resnets = nnx.List(
+            [
+                ResnetBlock2D(
+                    _up_resnet_in(i, num_layers, in_channels, prev_output_channels, out_channels),
+                    out_channels,
+                    temb_channels=temb_channels,
+                    groups=groups,
+                    eps=eps,
+                    dtype=dtype,
+                    rngs=rngs,
+                )
+                for i in range(num_layers)
+            ]
+        )
+        self.attentions = nnx.List(
+            [
+                Transformer2DModel(
+                    out_channels,
+                    heads,
+                    out_channels // heads,
+                    num_layers=transformer_layers,
+                    cross_attention_dim=cross_attention_dim,
+                    norm_num_groups=groups,
+                    use_linear_projection=use_linear_projection,
+                    dtype=dtype,
+                    rngs=rngs,
+                )
+                for _ in range(num_layers)
+            ]
+        )
+        self.upsamplers = (
+            nnx.List([Upsample2D(out_channels, dtype=dtype, rngs=rngs)]) if add_upsample else None
+        )
 
     @boundary(STAGE)
-    def __call__(self, x: jax.Array, skips: tuple, temb: jax.Array, context: jax.Array,
-                 upsample_size=None) -> jax.Array:
+    def __call__(
+        self, x: jax.Array, skips: tuple, temb: jax.Array, context: jax.Array, upsample_size=None
+    ) -> jax.Array:
         """As :meth:`UpBlock2D.__call__`, with ``context [B, L, D]`` for cross-attention."""
-        for resnet, attn, skip in zip(self.resnets, self.attentions, reversed(skips),
-                                      strict=True):
+        for resnet, attn, skip in zip(self.resnets, self.attentions, reversed(skips), strict=True):
             x = resnet(jnp.concatenate([x, skip.astype(x.dtype)], axis=-1), temb)
             x = attn(x, context)
         if self.upsamplers is not None:
@@ -271,8 +453,9 @@ class CrossAttnUpBlock2D(nnx.Module):
         return x
 
 
-def _up_resnet_in(i: int, num_layers: int, in_channels: int, prev_output_channels: int,
-                  out_channels: int) -> int:
+def _up_resnet_in(
+    i: int, num_layers: int, in_channels: int, prev_output_channels: int, out_channels: int
+) -> int:
     """Input width of an up block's i-th resnet: (previous output or own width) + skip width;
     the last resnet's skip comes from the encoder level below (``in_channels``)."""
     x_channels = prev_output_channels if i == 0 else out_channels

@@ -63,18 +63,24 @@ class VAEConfig:
             raise ValueError(
                 f"down_block_types ({len(self.down_block_types)}), up_block_types "
                 f"({len(self.up_block_types)}) and block_out_channels ({n}) must have one entry "
-                "per resolution")
-        bad = sorted({t for t in self.down_block_types if t != _DOWN_BLOCK}
-                     | {t for t in self.up_block_types if t != _UP_BLOCK})
+                "per resolution"
+            )
+        bad = sorted(
+            {t for t in self.down_block_types if t != _DOWN_BLOCK}
+            | {t for t in self.up_block_types if t != _UP_BLOCK}
+        )
         if bad:
-            raise ValueError(f"unsupported block type(s) {bad}: only {_DOWN_BLOCK} and "
-                             f"{_UP_BLOCK} are implemented")
+            raise ValueError(
+                f"unsupported block type(s) {bad}: only {_DOWN_BLOCK} and "
+                f"{_UP_BLOCK} are implemented"
+            )
         if self.act_fn not in _ACTIVATIONS:
             raise ValueError(f"act_fn={self.act_fn!r} is not supported (only {_ACTIVATIONS})")
         odd = [c for c in self.block_out_channels if c % self.norm_num_groups]
         if odd:
-            raise ValueError(f"block_out_channels {odd} not divisible by "
-                             f"norm_num_groups={self.norm_num_groups}")
+            raise ValueError(
+                f"block_out_channels {odd} not divisible by norm_num_groups={self.norm_num_groups}"
+            )
         if self.layers_per_block < 1:
             raise ValueError(f"layers_per_block must be >= 1, got {self.layers_per_block}")
 
@@ -86,10 +92,16 @@ class VAEConfig:
     @classmethod
     def sd2(cls) -> VAEConfig:
         """The VAE of ``stabilityai/stable-diffusion-2-base`` (and of every SD 1.x/2.x)."""
-        return cls(down_block_types=(_DOWN_BLOCK,) * 4, up_block_types=(_UP_BLOCK,) * 4,
-                   block_out_channels=(128, 256, 512, 512), layers_per_block=2,
-                   latent_channels=4, norm_num_groups=32, sample_size=512,
-                   scaling_factor=0.18215)
+        return cls(
+            down_block_types=(_DOWN_BLOCK,) * 4,
+            up_block_types=(_UP_BLOCK,) * 4,
+            block_out_channels=(128, 256, 512, 512),
+            layers_per_block=2,
+            latent_channels=4,
+            norm_num_groups=32,
+            sample_size=512,
+            scaling_factor=0.18215,
+        )
 
 
 class VAEAttention(nnx.Module):
@@ -114,14 +126,27 @@ class VAEAttention(nnx.Module):
 class MidBlock(nnx.Module):
     """``resnets[0] -> attentions[0] -> resnets[1]`` (diffusers' ``UNetMidBlock2D``, no time)."""
 
-    def __init__(self, channels: int, groups: int, add_attention: bool, *, dtype=jnp.float32,
-                 rngs: nnx.Rngs):
-        self.resnets = nnx.List([
-            layers.ResnetBlock2D(channels, channels, temb_channels=None, groups=groups, eps=_EPS,
-                                 dtype=dtype, rngs=rngs) for _ in range(2)])
+    def __init__(
+        self, channels: int, groups: int, add_attention: bool, *, dtype=jnp.float32, rngs: nnx.Rngs
+    ):
+        self.resnets = nnx.List(
+            [
+                layers.ResnetBlock2D(
+                    channels,
+                    channels,
+                    temb_channels=None,
+                    groups=groups,
+                    eps=_EPS,
+                    dtype=dtype,
+                    rngs=rngs,
+                )
+                for _ in range(2)
+            ]
+        )
         # Without attention diffusers keeps a None placeholder that holds no weights.
         self.attentions = nnx.List(
-            [VAEAttention(channels, groups, dtype=dtype, rngs=rngs)] if add_attention else [])
+            [VAEAttention(channels, groups, dtype=dtype, rngs=rngs)] if add_attention else []
+        )
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x = self.resnets[0](x)
@@ -133,17 +158,38 @@ class MidBlock(nnx.Module):
 class DownEncoderBlock(nnx.Module):
     """``layers_per_block`` resnets, then (except at the lowest resolution) a stride-2 conv."""
 
-    def __init__(self, in_ch: int, out_ch: int, num_layers: int, groups: int, add_downsample: bool,
-                 *, dtype=jnp.float32, rngs: nnx.Rngs):
-        self.resnets = nnx.List([
-            layers.ResnetBlock2D(in_ch if i == 0 else out_ch, out_ch, temb_channels=None,
-                                 groups=groups, eps=_EPS, dtype=dtype, rngs=rngs)
-            for i in range(num_layers)])
+    def __init__(
+        self,
+        in_ch: int,
+        out_ch: int,
+        num_layers: int,
+        groups: int,
+        add_downsample: bool,
+        *,
+        dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        self.resnets = nnx.List(
+            [
+                layers.ResnetBlock2D(
+                    in_ch if i == 0 else out_ch,
+                    out_ch,
+                    temb_channels=None,
+                    groups=groups,
+                    eps=_EPS,
+                    dtype=dtype,
+                    rngs=rngs,
+                )
+                for i in range(num_layers)
+            ]
+        )
         # diffusers' encoder (downsample_padding=0) pads (0, 1) by hand, then an unpadded
         # stride-2 conv.
-        self.downsamplers = (nnx.List([layers.Downsample2D(out_ch, pad=(0, 1), dtype=dtype,
-                                                           rngs=rngs)])
-                             if add_downsample else None)
+        self.downsamplers = (
+            nnx.List([layers.Downsample2D(out_ch, pad=(0, 1), dtype=dtype, rngs=rngs)])
+            if add_downsample
+            else None
+        )
 
     def __call__(self, x: jax.Array) -> jax.Array:
         for resnet in self.resnets:
@@ -156,14 +202,34 @@ class DownEncoderBlock(nnx.Module):
 class UpDecoderBlock(nnx.Module):
     """``layers_per_block + 1`` resnets, then (except at full resolution) a x2 upsample."""
 
-    def __init__(self, in_ch: int, out_ch: int, num_layers: int, groups: int, add_upsample: bool,
-                 *, dtype=jnp.float32, rngs: nnx.Rngs):
-        self.resnets = nnx.List([
-            layers.ResnetBlock2D(in_ch if i == 0 else out_ch, out_ch, temb_channels=None,
-                                 groups=groups, eps=_EPS, dtype=dtype, rngs=rngs)
-            for i in range(num_layers)])
-        self.upsamplers = (nnx.List([layers.Upsample2D(out_ch, dtype=dtype, rngs=rngs)])
-                           if add_upsample else None)
+    def __init__(
+        self,
+        in_ch: int,
+        out_ch: int,
+        num_layers: int,
+        groups: int,
+        add_upsample: bool,
+        *,
+        dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        self.resnets = nnx.List(
+            [
+                layers.ResnetBlock2D(
+                    in_ch if i == 0 else out_ch,
+                    out_ch,
+                    temb_channels=None,
+                    groups=groups,
+                    eps=_EPS,
+                    dtype=dtype,
+                    rngs=rngs,
+                )
+                for i in range(num_layers)
+            ]
+        )
+        self.upsamplers = (
+            nnx.List([layers.Upsample2D(out_ch, dtype=dtype, rngs=rngs)]) if add_upsample else None
+        )
 
     def __call__(self, x: jax.Array) -> jax.Array:
         for resnet in self.resnets:
@@ -179,10 +245,20 @@ class Encoder(nnx.Module):
     def __init__(self, cfg: VAEConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
         ch, g = cfg.block_out_channels, cfg.norm_num_groups
         self.conv_in = layers.conv(cfg.in_channels, ch[0], 3, dtype=dtype, rngs=rngs)
-        self.down_blocks = nnx.List([
-            DownEncoderBlock(ch[max(i - 1, 0)], ch[i], cfg.layers_per_block, g,
-                             add_downsample=i < len(ch) - 1, dtype=dtype, rngs=rngs)
-            for i in range(len(ch))])
+        self.down_blocks = nnx.List(
+            [
+                DownEncoderBlock(
+                    ch[max(i - 1, 0)],
+                    ch[i],
+                    cfg.layers_per_block,
+                    g,
+                    add_downsample=i < len(ch) - 1,
+                    dtype=dtype,
+                    rngs=rngs,
+                )
+                for i in range(len(ch))
+            ]
+        )
         self.mid_block = MidBlock(ch[-1], g, cfg.mid_block_add_attention, dtype=dtype, rngs=rngs)
         self.conv_norm_out = layers.group_norm(ch[-1], g, _EPS, dtype=dtype, rngs=rngs)
         self.conv_out = layers.conv(ch[-1], 2 * cfg.latent_channels, 3, dtype=dtype, rngs=rngs)
@@ -203,10 +279,20 @@ class Decoder(nnx.Module):
         self.conv_in = layers.conv(cfg.latent_channels, ch[0], 3, dtype=dtype, rngs=rngs)
         self.mid_block = MidBlock(ch[0], g, cfg.mid_block_add_attention, dtype=dtype, rngs=rngs)
         # diffusers' order: up_blocks[0] works at the lowest resolution with the widest channels.
-        self.up_blocks = nnx.List([
-            UpDecoderBlock(ch[max(i - 1, 0)], ch[i], cfg.layers_per_block + 1, g,
-                           add_upsample=i < len(ch) - 1, dtype=dtype, rngs=rngs)
-            for i in range(len(ch))])
+        self.up_blocks = nnx.List(
+            [
+                UpDecoderBlock(
+                    ch[max(i - 1, 0)],
+                    ch[i],
+                    cfg.layers_per_block + 1,
+                    g,
+                    add_upsample=i < len(ch) - 1,
+                    dtype=dtype,
+                    rngs=rngs,
+                )
+                for i in range(len(ch))
+            ]
+        )
         self.conv_norm_out = layers.group_norm(ch[-1], g, _EPS, dtype=dtype, rngs=rngs)
         self.conv_out = layers.conv(ch[-1], cfg.out_channels, 3, dtype=dtype, rngs=rngs)
 
@@ -231,10 +317,14 @@ class AutoencoderKL(nnx.Module):
         self.encoder = Encoder(config, dtype=dtype, rngs=rngs)
         self.decoder = Decoder(config, dtype=dtype, rngs=rngs)
         lc = config.latent_channels
-        self.quant_conv = (layers.conv(2 * lc, 2 * lc, 1, dtype=dtype, rngs=rngs)
-                           if config.use_quant_conv else None)
-        self.post_quant_conv = (layers.conv(lc, lc, 1, dtype=dtype, rngs=rngs)
-                                if config.use_post_quant_conv else None)
+        self.quant_conv = (
+            layers.conv(2 * lc, 2 * lc, 1, dtype=dtype, rngs=rngs)
+            if config.use_quant_conv
+            else None
+        )
+        self.post_quant_conv = (
+            layers.conv(lc, lc, 1, dtype=dtype, rngs=rngs) if config.use_post_quant_conv else None
+        )
 
     def encode(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Posterior moments of images ``x [B, H, W, in_channels]`` in ``[-1, 1]``.

@@ -70,13 +70,22 @@ def _ramp_weights(length: int, width: int, index: int, count: int, ramp: str) ->
     if index > 0:
         w[:width] = np.minimum(w[:width], up)
     if index < count - 1:
-        w[length - width:] = np.minimum(w[length - width:], up[::-1])
+        w[length - width :] = np.minimum(w[length - width :], up[::-1])
     return w
 
 
-def tiled_apply(fn: Callable[[jax.Array], jax.Array], x: jax.Array, tile: int, overlap: int,
-                *, num: int = 1, den: int = 1, align: int = 1, ramp: str = "linear",
-                tiles_per_step: int = 1) -> jax.Array:
+def tiled_apply(
+    fn: Callable[[jax.Array], jax.Array],
+    x: jax.Array,
+    tile: int,
+    overlap: int,
+    *,
+    num: int = 1,
+    den: int = 1,
+    align: int = 1,
+    ramp: str = "linear",
+    tiles_per_step: int = 1,
+) -> jax.Array:
     """Run ``fn`` over overlapping tiles of ``x [B, H, W, C]`` and blend the results.
 
     ``fn`` maps ``[B, th, tw, C] -> [B, th*num/den, tw*num/den, C']`` (``num/den`` is the
@@ -97,7 +106,9 @@ def tiled_apply(fn: Callable[[jax.Array], jax.Array], x: jax.Array, tile: int, o
     if len(ys) == 1 and len(xs) == 1:  # one tile: exactly the untiled computation
         return fn(x)
 
-    tiles = jnp.stack([x[:, y:y + th, x0:x0 + tw] for y in ys for x0 in xs])  # [N, B, th, tw, C]
+    tiles = jnp.stack(
+        [x[:, y : y + th, x0 : x0 + tw] for y in ys for x0 in xs]
+    )  # [N, B, th, tw, C]
     outs = jax.lax.map(fn, tiles, batch_size=tiles_per_step)  # [N, B, oth, otw, C']
     oth, otw, ov = th * num // den, tw * num // den, overlap * num // den
     wy = [_ramp_weights(oth, ov, i, len(ys), ramp) for i in range(len(ys))]
@@ -109,17 +120,24 @@ def tiled_apply(fn: Callable[[jax.Array], jax.Array], x: jax.Array, tile: int, o
     for i, y in enumerate(ys):
         for j, x0 in enumerate(xs):
             oy, ox = y * num // den, x0 * num // den
-            total[oy:oy + oth, ox:ox + otw] += np.outer(wy[i], wx[j])
+            total[oy : oy + oth, ox : ox + otw] += np.outer(wy[i], wx[j])
     acc = jnp.zeros((outs.shape[1], oh, ow, outs.shape[-1]), outs.dtype)
     for n, (i, j) in enumerate((i, j) for i in range(len(ys)) for j in range(len(xs))):
         oy, ox = ys[i] * num // den, xs[j] * num // den
         weight = jnp.asarray(np.outer(wy[i], wx[j]), outs.dtype)[None, :, :, None]
-        acc = acc.at[:, oy:oy + oth, ox:ox + otw].add(outs[n] * weight)
+        acc = acc.at[:, oy : oy + oth, ox : ox + otw].add(outs[n] * weight)
     return acc * jnp.asarray(1.0 / total, outs.dtype)[None, :, :, None]
 
 
-def tiled_encode(vae: AutoencoderKL, x: jax.Array, tile_px: int, overlap_px: int, *,
-                 ramp: str = "linear", tiles_per_step: int = 1) -> tuple[jax.Array, jax.Array]:
+def tiled_encode(
+    vae: AutoencoderKL,
+    x: jax.Array,
+    tile_px: int,
+    overlap_px: int,
+    *,
+    ramp: str = "linear",
+    tiles_per_step: int = 1,
+) -> tuple[jax.Array, jax.Array]:
     """:meth:`AutoencoderKL.encode` of ``x [B, H, W, C]`` in ``[-1, 1]``, tile by tile.
 
     Args:
@@ -138,22 +156,39 @@ def tiled_encode(vae: AutoencoderKL, x: jax.Array, tile_px: int, overlap_px: int
     """
     f = vae.config.downscale_factor
     _, h, w, _ = x.shape
-    bad = {k: v for k, v in dict(H=h, W=w, tile_px=tile_px, overlap_px=overlap_px).items()
-           if v % f}
+    bad = {k: v for k, v in dict(H=h, W=w, tile_px=tile_px, overlap_px=overlap_px).items() if v % f}
     if bad:
-        raise ValueError(f"tiled_encode needs multiples of the downscale factor {f}: got {bad} "
-                         "(pad the image to a multiple of it first)")
+        raise ValueError(
+            f"tiled_encode needs multiples of the downscale factor {f}: got {bad} "
+            "(pad the image to a multiple of it first)"
+        )
 
     def encode_tile(t):
         return jnp.concatenate(vae.encode(t), axis=-1)
 
-    moments = tiled_apply(encode_tile, x, tile_px, overlap_px, num=1, den=f, align=f,
-                           ramp=ramp, tiles_per_step=tiles_per_step)
+    moments = tiled_apply(
+        encode_tile,
+        x,
+        tile_px,
+        overlap_px,
+        num=1,
+        den=f,
+        align=f,
+        ramp=ramp,
+        tiles_per_step=tiles_per_step,
+    )
     return tuple(jnp.split(moments, 2, axis=-1))
 
 
-def tiled_decode(vae: AutoencoderKL, z: jax.Array, tile_latent: int, overlap_latent: int, *,
-                 ramp: str = "linear", tiles_per_step: int = 1) -> jax.Array:
+def tiled_decode(
+    vae: AutoencoderKL,
+    z: jax.Array,
+    tile_latent: int,
+    overlap_latent: int,
+    *,
+    ramp: str = "linear",
+    tiles_per_step: int = 1,
+) -> jax.Array:
     """:meth:`AutoencoderKL.decode` of unscaled latents ``z [B, h, w, latent_channels]``,
     tile by tile.
 
@@ -170,5 +205,14 @@ def tiled_decode(vae: AutoencoderKL, z: jax.Array, tile_latent: int, overlap_lat
       Images ``[B, h*f, w*f, out_channels]`` float32.
     """
     f = vae.config.downscale_factor
-    return tiled_apply(vae.decode, z, tile_latent, overlap_latent, num=f, den=1, align=1,
-                        ramp=ramp, tiles_per_step=tiles_per_step)
+    return tiled_apply(
+        vae.decode,
+        z,
+        tile_latent,
+        overlap_latent,
+        num=f,
+        den=1,
+        align=1,
+        ramp=ramp,
+        tiles_per_step=tiles_per_step,
+    )

@@ -37,20 +37,14 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from segsr_jax.diffusion.schedules import (
-    SEG_T_MAX,
-    NoiseConfig,
-    alphas_cumprod,
-    seg_alpha_sigma,
-)
+from segsr_jax.diffusion.schedules import SEG_T_MAX, NoiseConfig, alphas_cumprod, seg_alpha_sigma
 from segsr_jax.models.seg_encoder import normalize_images
 from segsr_jax.models.segdm import IGNORE_INDEX
 from segsr_jax.models.segsr import SegSR
 
 STAGES = ("vae", "sr", "seg", "joint", "prior", "segmenter")
 # (score the SR loss, score the seg loss) per diffusion stage.
-_TERMS = {"sr": (True, False), "seg": (False, True), "joint": (True, True),
-          "prior": (True, False)}
+_TERMS = {"sr": (True, False), "seg": (False, True), "joint": (True, True), "prior": (True, False)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,9 +75,13 @@ class LossConfig:
 
     def noise_config(self, prediction_type: str) -> NoiseConfig:
         """The SR forward process for a model with ``prediction_type``."""
-        return NoiseConfig(num_train_timesteps=self.num_train_timesteps,
-                           beta_schedule=self.beta_schedule, beta_start=self.beta_start,
-                           beta_end=self.beta_end, prediction_type=prediction_type)
+        return NoiseConfig(
+            num_train_timesteps=self.num_train_timesteps,
+            beta_schedule=self.beta_schedule,
+            beta_start=self.beta_start,
+            beta_end=self.beta_end,
+            prediction_type=prediction_type,
+        )
 
 
 def to_unit_range(pixels: jax.Array) -> jax.Array:
@@ -101,19 +99,19 @@ def upsample_lq(lq: jax.Array, hw: tuple[int, int]) -> jax.Array:
 def labels_at(labels: jax.Array, factor: int) -> jax.Array:
     """``[B, H, W]`` class ids -> ``[B, H/f, W/f]`` int32: the centre pixel of every f x f block
     (a class id, never a blend; 255 stays 255)."""
-    return labels[:, factor // 2::factor, factor // 2::factor].astype(jnp.int32)
+    return labels[:, factor // 2 :: factor, factor // 2 :: factor].astype(jnp.int32)
 
 
 def masked_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     """Mean softmax cross-entropy of ``logits [..., K]`` over pixels whose label is not 255."""
     valid = labels != IGNORE_INDEX
     ce = optax.softmax_cross_entropy_with_integer_labels(
-        logits.astype(jnp.float32), jnp.where(valid, labels, 0))
+        logits.astype(jnp.float32), jnp.where(valid, labels, 0)
+    )
     return jnp.sum(ce * valid) / jnp.maximum(jnp.sum(valid), 1)
 
 
-def vae_loss(model: SegSR, batch: dict, key: jax.Array, cfg: LossConfig
-             ) -> tuple[jax.Array, dict]:
+def vae_loss(model: SegSR, batch: dict, key: jax.Array, cfg: LossConfig) -> tuple[jax.Array, dict]:
     """Stage ``vae``: L1 reconstruction of a posterior sample + ``kl_weight`` x KL(q || N(0, I))
     (summed over latent elements, averaged over the batch, as SD's autoencoder trains)."""
     x = to_unit_range(batch["hr"])
@@ -125,8 +123,9 @@ def vae_loss(model: SegSR, batch: dict, key: jax.Array, cfg: LossConfig
     return loss, {"loss": loss, "loss_recon": recon, "kl": kl}
 
 
-def diffusion_loss(model: SegSR, batch: dict, key: jax.Array, cfg: LossConfig
-                   ) -> tuple[jax.Array, dict]:
+def diffusion_loss(
+    model: SegSR, batch: dict, key: jax.Array, cfg: LossConfig
+) -> tuple[jax.Array, dict]:
     """Stages ``sr``, ``seg``, ``joint`` and ``prior`` (see the module docstring)."""
     score_sr, score_seg = _TERMS[cfg.stage]
     hr = to_unit_range(batch["hr"])
@@ -134,8 +133,8 @@ def diffusion_loss(model: SegSR, batch: dict, key: jax.Array, cfg: LossConfig
     k_post, k_t, k_z, k_s = jax.random.split(key, 4)
     b = hr.shape[0]
 
-    z0 = model.vae.encode_latent(hr, k_post)          # SD trains on posterior samples
-    z_lq = model.vae.encode_latent(lq)                # the sampler uses the mean: so here
+    z0 = model.vae.encode_latent(hr, k_post)  # SD trains on posterior samples
+    z_lq = model.vae.encode_latent(lq)  # the sampler uses the mean: so here
     f_lq, lq_logits = model.lq_features(lq, z0.shape[1:3])
     y = labels_at(batch["label"], model.config.latent_factor)
     s0 = model.segdm.embed_labels(y)
@@ -149,7 +148,8 @@ def diffusion_loss(model: SegSR, batch: dict, key: jax.Array, cfg: LossConfig
     t_seg = jnp.minimum(t.astype(jnp.float32) / cfg.num_train_timesteps, SEG_T_MAX)
     alpha, sigma = seg_alpha_sigma(t_seg)
     s_t = alpha[:, None, None, None] * s0 + sigma[:, None, None, None] * jax.random.normal(
-        k_s, s0.shape)
+        k_s, s0.shape
+    )
 
     # Stages sr and seg train one model with the other's condition zeroed (C_t = 0, I_t = 0);
     # only joint training couples them through the bridge. Stage prior feeds the bridge the
@@ -160,13 +160,17 @@ def diffusion_loss(model: SegSR, batch: dict, key: jax.Array, cfg: LossConfig
         fixed = jnp.argmax(jax.lax.stop_gradient(lq_logits), axis=-1)
         s_t = model.segdm.embed_labels(fixed)
         use_bridge = (True, False)
-    model_out, seg_logits = model.denoise(z_t, s_t, t, t_seg, z_lq, f_lq, context,
-                                          use_bridge=use_bridge)
+    model_out, seg_logits = model.denoise(
+        z_t, s_t, t, t_seg, z_lq, f_lq, context, use_bridge=use_bridge
+    )
     metrics = {}
     loss = jnp.zeros((), jnp.float32)
     if score_sr:
-        target = eps if noise_cfg.prediction_type == "epsilon" else (
-            jnp.sqrt(ac) * eps - jnp.sqrt(1.0 - ac) * z0)
+        target = (
+            eps
+            if noise_cfg.prediction_type == "epsilon"
+            else (jnp.sqrt(ac) * eps - jnp.sqrt(1.0 - ac) * z0)
+        )
         metrics["loss_sr"] = jnp.mean((model_out - target) ** 2)
         loss += metrics["loss_sr"]
     if score_seg:
@@ -179,15 +183,15 @@ def diffusion_loss(model: SegSR, batch: dict, key: jax.Array, cfg: LossConfig
     return loss, metrics
 
 
-def segmenter_loss(model: SegSR, batch: dict, key: jax.Array, cfg: LossConfig
-                   ) -> tuple[jax.Array, dict]:
+def segmenter_loss(
+    model: SegSR, batch: dict, key: jax.Array, cfg: LossConfig
+) -> tuple[jax.Array, dict]:
     """Stage ``segmenter``: SegFormer on the clean HR crop, CE at full label resolution."""
     del key, cfg
     hr = to_unit_range(batch["hr"])
     logits, _ = model.segformer(normalize_images(hr))
     b, h, w, _ = hr.shape
-    logits = jax.image.resize(logits.astype(jnp.float32), (b, h, w, logits.shape[-1]),
-                              "linear")
+    logits = jax.image.resize(logits.astype(jnp.float32), (b, h, w, logits.shape[-1]), "linear")
     labels = batch["label"].astype(jnp.int32)
     ce = masked_cross_entropy(logits, labels)
     valid = labels != IGNORE_INDEX
@@ -195,8 +199,9 @@ def segmenter_loss(model: SegSR, batch: dict, key: jax.Array, cfg: LossConfig
     return ce, {"loss": ce, "pixel_accuracy": acc}
 
 
-def compute_loss(model: SegSR, batch: dict, key: jax.Array, cfg: LossConfig
-                 ) -> tuple[jax.Array, dict]:
+def compute_loss(
+    model: SegSR, batch: dict, key: jax.Array, cfg: LossConfig
+) -> tuple[jax.Array, dict]:
     """The stage's scalar loss and its named terms (float32 scalars)."""
     if cfg.stage == "vae":
         return vae_loss(model, batch, key, cfg)

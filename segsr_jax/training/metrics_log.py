@@ -47,8 +47,14 @@ class MetricsLog:
         folder before an upload (checked when records are written).
     """
 
-    def __init__(self, workdir: str | os.PathLike, *, enabled: bool = True,
-                 tensorboard: bool = True, sync_every_s: float = 60.0):
+    def __init__(
+        self,
+        workdir: str | os.PathLike,
+        *,
+        enabled: bool = True,
+        tensorboard: bool = True,
+        sync_every_s: float = 60.0,
+    ):
         self.enabled = enabled
         self.workdir = epath.Path(workdir)
         self.sync_every_s = sync_every_s
@@ -87,15 +93,17 @@ class MetricsLog:
         self._write({"event": kind, "step": step, "time": time.time(), **fields})
         self.text(f"[{kind}] step {step}: " + ", ".join(f"{k}={v}" for k, v in fields.items()))
 
-    def scalars(self, step: int, values: Mapping[str, float],
-                extra: Mapping[str, object] | None = None) -> None:
+    def scalars(
+        self, step: int, values: Mapping[str, float], extra: Mapping[str, object] | None = None
+    ) -> None:
         """Scalars at ``step`` to stdout, JSONL and TensorBoard; ``extra`` goes to JSONL only
         (e.g. the data indices of the step's examples)."""
         if not self.enabled:
             return
         values = {k: float(v) for k, v in values.items()}
-        self._write({"event": "train", "step": step, "time": time.time(), **values,
-                     **dict(extra or {})})
+        self._write(
+            {"event": "train", "step": step, "time": time.time(), **values, **dict(extra or {})}
+        )
         shown = " ".join(f"{k}={_fmt(v)}" for k, v in sorted(values.items()))
         self.text(f"step {step}: {shown}")
         if self._tb is not None:
@@ -145,8 +153,7 @@ class MetricsLog:
 
     def _write(self, record: dict) -> None:
         self._jsonl.write(json.dumps(record, default=_json_default) + "\n")
-        if (self._staging is not None
-                and time.monotonic() - self._last_sync >= self.sync_every_s):
+        if self._staging is not None and time.monotonic() - self._last_sync >= self.sync_every_s:
             self._sync_light()
 
 
@@ -164,16 +171,17 @@ class _EventFile:
             from tensorboardX.event_file_writer import EventsWriter
             from tensorboardX.proto import event_pb2
         except ImportError as e:
-            raise ImportError("TensorBoard logging needs tensorboardX (pip install "
-                              "tensorboardX), or set --config.log.tensorboard=False") from e
+            raise ImportError(
+                "TensorBoard logging needs tensorboardX (pip install "
+                "tensorboardX), or set --config.log.tensorboard=False"
+            ) from e
         folder.mkdir(parents=True, exist_ok=True)
         self._summary, self._event = summary, event_pb2.Event
         # a random suffix: two runs started in the same second get two files, not one
         self._writer = EventsWriter(str(folder / "events"), f".{uuid.uuid4().hex[:8]}")
 
     def _add(self, value, step: int) -> None:
-        self._writer.write_event(self._event(wall_time=time.time(), step=int(step),
-                                             summary=value))
+        self._writer.write_event(self._event(wall_time=time.time(), step=int(step), summary=value))
 
     def scalar(self, tag: str, value: float, step: int) -> None:
         self._add(self._summary.scalar(tag, float(value)), step)
@@ -202,8 +210,9 @@ def _json_default(x):
     raise TypeError(f"cannot write {type(x).__name__} to metrics.jsonl")
 
 
-def sample_grid(lq: np.ndarray, sr: np.ndarray, seg: np.ndarray,
-                hr: np.ndarray | None = None) -> np.ndarray:
+def sample_grid(
+    lq: np.ndarray, sr: np.ndarray, seg: np.ndarray, hr: np.ndarray | None = None
+) -> np.ndarray:
     """One row per example: LQ (nearest-upscaled) | SR | segmentation colours [| HR].
 
     Args:
@@ -216,8 +225,11 @@ def sample_grid(lq: np.ndarray, sr: np.ndarray, seg: np.ndarray,
     rows = []
     for i in range(len(sr)):
         hw = sr.shape[1:3]
-        cells = [images.resize(lq[i], hw, resample=images.Image.NEAREST), sr[i],
-                 images.resize(seg[i], hw, resample=images.Image.NEAREST)]
+        cells = [
+            images.resize(lq[i], hw, resample=images.Image.NEAREST),
+            sr[i],
+            images.resize(seg[i], hw, resample=images.Image.NEAREST),
+        ]
         if hr is not None:
             cells.append(hr[i])
         rows.append(np.concatenate(cells, axis=1))

@@ -32,8 +32,9 @@ PROMPT_MODES = ("tags", "fixed")
 def _byte_symbols() -> list[str]:
     """CLIP's (GPT-2's) byte -> printable character table, in byte order: printable Latin-1
     bytes stand for themselves, the others for the characters from U+0100 on."""
-    printable = set(range(ord("!"), ord("~") + 1)) | set(range(0xA1, 0xAD)) | set(
-        range(0xAE, 0x100))
+    printable = (
+        set(range(ord("!"), ord("~") + 1)) | set(range(0xA1, 0xAD)) | set(range(0xAE, 0x100))
+    )
     out, extra = [], 0
     for b in range(256):
         if b in printable:
@@ -58,17 +59,27 @@ def write_char_tokenizer(folder: str | os.PathLike, max_length: int) -> epath.Pa
     # Bytes, not text: fsspec's text mode would encode in the locale's encoding.
     (folder / "vocab.json").write_bytes(json.dumps(vocab, ensure_ascii=False).encode("utf-8"))
     (folder / "merges.txt").write_text("#version: 0.2\n")
-    (folder / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "CLIPTokenizer", "model_max_length": max_length,
-        "bos_token": BOS, "eos_token": EOS, "pad_token": EOS, "unk_token": EOS,
-        "do_lower_case": True}))
-    (folder / "special_tokens_map.json").write_text(json.dumps({
-        "bos_token": BOS, "eos_token": EOS, "pad_token": EOS, "unk_token": EOS}))
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "CLIPTokenizer",
+                "model_max_length": max_length,
+                "bos_token": BOS,
+                "eos_token": EOS,
+                "pad_token": EOS,
+                "unk_token": EOS,
+                "do_lower_case": True,
+            }
+        )
+    )
+    (folder / "special_tokens_map.json").write_text(
+        json.dumps({"bos_token": BOS, "eos_token": EOS, "pad_token": EOS, "unk_token": EOS})
+    )
     return folder
 
 
 def seg_tags(labels: np.ndarray, class_names: Sequence[str], max_tags: int) -> str:
-    """"grass, brick, sky": the classes present in ``labels [H, W]``, largest area first."""
+    """ "grass, brick, sky": the classes present in ``labels [H, W]``, largest area first."""
     ids, counts = np.unique(labels[labels != IGNORE_INDEX], return_counts=True)
     order = np.argsort(-counts, kind="stable")[:max_tags]
     return ", ".join(class_names[int(i)] for i in ids[order] if int(i) < len(class_names))
@@ -102,8 +113,9 @@ class PromptConfig:
 class PromptMaker:
     """``(labels, step) -> input_ids [B, L] int32`` for this process's examples."""
 
-    def __init__(self, tokenizer, class_names: Sequence[str], config: PromptConfig,
-                 process_index: int = 0):
+    def __init__(
+        self, tokenizer, class_names: Sequence[str], config: PromptConfig, process_index: int = 0
+    ):
         if config.mode == "tags" and not class_names:
             raise ValueError("seg-tag prompts need the model config's class_names")
         self.tokenizer = tokenizer

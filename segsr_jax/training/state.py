@@ -27,9 +27,14 @@ from flax import nnx
 
 from segsr_jax.models.segsr import SegSR, SegSRConfig, ShapeOnlyRngs
 
-STAGE_MODULES = {"vae": ("vae",), "sr": ("controlnet",), "seg": ("segdm",),
-                 "joint": ("controlnet", "segdm", "bridge"), "prior": ("controlnet", "bridge"),
-                 "segmenter": ("segformer",)}
+STAGE_MODULES = {
+    "vae": ("vae",),
+    "sr": ("controlnet",),
+    "seg": ("segdm",),
+    "joint": ("controlnet", "segdm", "bridge"),
+    "prior": ("controlnet", "bridge"),
+    "segmenter": ("segformer",),
+}
 MODULES = ("vae", "text_encoder", "unet", "controlnet", "segformer", "segdm", "bridge")
 SCHEDULES = ("constant", "cosine")
 
@@ -69,10 +74,12 @@ class OptimizerConfig:
         pairs = dict(self.lr_multipliers)
         unknown = sorted(set(pairs) - set(MODULES))
         if unknown:
-            raise ValueError(f"lr_multipliers names unknown module(s) {unknown}; choose from "
-                             f"{MODULES}")
-        object.__setattr__(self, "lr_multipliers",
-                           tuple(sorted((k, float(v)) for k, v in pairs.items())))
+            raise ValueError(
+                f"lr_multipliers names unknown module(s) {unknown}; choose from {MODULES}"
+            )
+        object.__setattr__(
+            self, "lr_multipliers", tuple(sorted((k, float(v)) for k, v in pairs.items()))
+        )
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule {self.schedule!r} is not one of {SCHEDULES}")
         if self.schedule == "cosine" and self.decay_steps <= self.warmup_steps:
@@ -87,9 +94,9 @@ def make_schedule(cfg: OptimizerConfig) -> optax.Schedule:
     if cfg.schedule == "constant":
         after = optax.constant_schedule(cfg.learning_rate)
     else:
-        after = optax.cosine_decay_schedule(cfg.learning_rate,
-                                            cfg.decay_steps - cfg.warmup_steps,
-                                            alpha=cfg.end_factor)
+        after = optax.cosine_decay_schedule(
+            cfg.learning_rate, cfg.decay_steps - cfg.warmup_steps, alpha=cfg.end_factor
+        )
     return optax.join_schedules([warm, after], [cfg.warmup_steps])
 
 
@@ -99,8 +106,10 @@ def scale_modules(factors: dict[str, float]) -> optax.GradientTransformation:
 
     def update(updates, state, params=None):
         del params
-        return {k: jax.tree.map(lambda u, f=factors[k]: u * f, v) if k in factors else v
-                for k, v in updates.items()}, state
+        return {
+            k: jax.tree.map(lambda u, f=factors[k]: u * f, v) if k in factors else v
+            for k, v in updates.items()
+        }, state
 
     return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
 
@@ -110,8 +119,11 @@ def make_optimizer(cfg: OptimizerConfig) -> optax.GradientTransformation:
     learning-rate multipliers (only when some are set, so the optimizer state of runs without
     them keeps its structure)."""
     parts = [optax.clip_by_global_norm(cfg.grad_clip)] if cfg.grad_clip > 0 else []
-    parts.append(optax.adamw(make_schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
-                             weight_decay=cfg.weight_decay))
+    parts.append(
+        optax.adamw(
+            make_schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay
+        )
+    )
     if cfg.lr_multipliers:
         parts.append(scale_modules(dict(cfg.lr_multipliers)))
     return parts[0] if len(parts) == 1 else optax.chain(*parts)
@@ -146,8 +158,7 @@ def merge_trees(a: dict, b: dict) -> dict:
 
 def take_like(full: dict, like: dict) -> dict:
     """The sub-tree of ``full`` with the keys of ``like`` (inverse of :func:`merge_trees`)."""
-    return {k: take_like(full[k], v) if isinstance(v, dict) else full[k]
-            for k, v in like.items()}
+    return {k: take_like(full[k], v) if isinstance(v, dict) else full[k] for k, v in like.items()}
 
 
 @jax.tree_util.register_dataclass
@@ -171,14 +182,17 @@ class TrainState:
     opt_state: optax.OptState
 
 
-def init_train_state(params: dict, optimizer: optax.GradientTransformation,
-                     seed: int) -> TrainState:
+def init_train_state(
+    params: dict, optimizer: optax.GradientTransformation, seed: int
+) -> TrainState:
     """A fresh state at step 0 (traceable, so ``jax.eval_shape`` gives the abstract one)."""
-    return TrainState(step=jnp.zeros((), jnp.int32),
-                      rng=jax.random.key_data(jax.random.key(seed)),
-                      params=params,
-                      ema_params=jax.tree.map(jnp.copy, params),
-                      opt_state=optimizer.init(params))
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        rng=jax.random.key_data(jax.random.key(seed)),
+        params=params,
+        ema_params=jax.tree.map(jnp.copy, params),
+        opt_state=optimizer.init(params),
+    )
 
 
 def ema_update(ema: dict, params: dict, decay: float, step: jax.Array) -> dict:
@@ -203,14 +217,20 @@ def abstract_model(model_config: SegSRConfig, dtype) -> SegSR:
     return nnx.eval_shape(lambda: SegSR(model_config, dtype=dtype, rngs=ShapeOnlyRngs()))
 
 
-def abstract_split(model_config: SegSRConfig, dtype, stage: str,
-                   also_train: tuple[str, ...] = ()):
+def abstract_split(model_config: SegSRConfig, dtype, stage: str, also_train: tuple[str, ...] = ()):
     """:func:`split_model` of :func:`abstract_model`."""
     return split_model(abstract_model(model_config, dtype), stage, also_train)
 
 
-def initial_params(model_config: SegSRConfig, dtype, stage: str, also_train: tuple[str, ...],
-                   seed: int, init_from: str | None, shardings: tuple[dict, dict]):
+def initial_params(
+    model_config: SegSRConfig,
+    dtype,
+    stage: str,
+    also_train: tuple[str, ...],
+    seed: int,
+    init_from: str | None,
+    shardings: tuple[dict, dict],
+):
     """``(trainable params, frozen variables)`` of a new run, placed by ``shardings``.
 
     With ``init_from`` (a checkpoint folder: a converted model or a previous stage's run)
@@ -224,8 +244,10 @@ def initial_params(model_config: SegSRConfig, dtype, stage: str, also_train: tup
     if init_from:
         full = merge_trees(*shardings)
         model, _ = checkpoint.restore_model(
-            init_from, lambda _: SegSR(model_config, dtype=dtype, rngs=ShapeOnlyRngs()),
-            shardings=lambda target: take_like(full, target))
+            init_from,
+            lambda _: SegSR(model_config, dtype=dtype, rngs=ShapeOnlyRngs()),
+            shardings=lambda target: take_like(full, target),
+        )
         _, params, frozen = split_model(model, stage, also_train)
         return params, frozen
     # XLA's RngBitGenerator ("rbg") initialisers compile ~3x faster than threefry's, and there
@@ -238,24 +260,38 @@ def initial_params(model_config: SegSRConfig, dtype, stage: str, also_train: tup
 def checkpoint_items(state: TrainState, frozen: dict) -> dict:
     """What a training checkpoint stores (see :class:`segsr_jax.checkpoint.TrainCheckpointer`):
     the full model (trainable + frozen), the EMA, the optimizer state, step and RNG."""
-    return {"params": merge_trees(state.params, frozen), "ema_params": state.ema_params,
-            "opt_state": state.opt_state, "train": {"step": state.step, "rng": state.rng}}
+    return {
+        "params": merge_trees(state.params, frozen),
+        "ema_params": state.ema_params,
+        "opt_state": state.opt_state,
+        "train": {"step": state.step, "rng": state.rng},
+    }
 
 
-def restore_targets(abstract_state: TrainState, abstract_frozen: dict,
-                    state_shardings: TrainState, frozen_shardings: dict) -> dict:
+def restore_targets(
+    abstract_state: TrainState,
+    abstract_frozen: dict,
+    state_shardings: TrainState,
+    frozen_shardings: dict,
+) -> dict:
     """:func:`checkpoint_items` as sharded ShapeDtypeStructs: the target a resume restores
     straight into."""
     shapes = checkpoint_items(abstract_state, abstract_frozen)
     shardings = checkpoint_items(state_shardings, frozen_shardings)
-    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                        shapes, shardings)
+    return jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, shardings
+    )
 
 
-def from_checkpoint_items(items: dict, like_params: dict, like_frozen: dict
-                          ) -> tuple[TrainState, dict]:
+def from_checkpoint_items(
+    items: dict, like_params: dict, like_frozen: dict
+) -> tuple[TrainState, dict]:
     """Inverse of :func:`checkpoint_items`: ``(state, frozen)``."""
-    state = TrainState(step=items["train"]["step"], rng=items["train"]["rng"],
-                       params=take_like(items["params"], like_params),
-                       ema_params=items["ema_params"], opt_state=items["opt_state"])
+    state = TrainState(
+        step=items["train"]["step"],
+        rng=items["train"]["rng"],
+        params=take_like(items["params"], like_params),
+        ema_params=items["ema_params"],
+        opt_state=items["opt_state"],
+    )
     return state, take_like(items["params"], like_frozen)

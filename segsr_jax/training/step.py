@@ -82,14 +82,21 @@ def _micro_batches(batch: dict, n: int, sharding: NamedSharding | None) -> dict:
         y = x.reshape(x.shape[0] // n, n, *x.shape[1:]).swapaxes(0, 1)
         if sharding is not None:
             y = jax.lax.with_sharding_constraint(
-                y, NamedSharding(sharding.mesh, PartitionSpec(None, *sharding.spec)))
+                y, NamedSharding(sharding.mesh, PartitionSpec(None, *sharding.spec))
+            )
         return y
 
     return jax.tree.map(split, batch)
 
 
-def train_step(graphdef: nnx.GraphDef, cfg: StepConfig, batch_sharding: NamedSharding | None,
-               state: TrainState, frozen: dict, batch: dict) -> tuple[TrainState, dict]:
+def train_step(
+    graphdef: nnx.GraphDef,
+    cfg: StepConfig,
+    batch_sharding: NamedSharding | None,
+    state: TrainState,
+    frozen: dict,
+    batch: dict,
+) -> tuple[TrainState, dict]:
     """One optimizer update (traceable; :func:`make_train_step` jits it).
 
     Returns ``(new_state, metrics)``; metrics are float32 scalars: the loss terms,
@@ -118,8 +125,10 @@ def train_step(graphdef: nnx.GraphDef, cfg: StepConfig, batch_sharding: NamedSha
 
         first = jax.tree.map(lambda x: x[0], micro)
         metric_shapes = jax.eval_shape(lambda: loss_fn(state.params, first, key)[1])
-        zeros = (jax.tree.map(jnp.zeros_like, state.params),
-                 jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metric_shapes))
+        zeros = (
+            jax.tree.map(jnp.zeros_like, state.params),
+            jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metric_shapes),
+        )
         (grads, metrics), _ = jax.lax.scan(body, zeros, (jnp.arange(cfg.accum_steps), micro))
         grads, metrics = jax.tree.map(lambda x: x / cfg.accum_steps, (grads, metrics))
 
@@ -129,30 +138,40 @@ def train_step(graphdef: nnx.GraphDef, cfg: StepConfig, batch_sharding: NamedSha
     ema = ema_update(state.ema_params, params, cfg.optimizer.ema_decay, state.step)
     finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
-    new_state = TrainState(step=state.step + 1, rng=state.rng,
-                           params=keep(params, state.params),
-                           ema_params=keep(ema, state.ema_params),
-                           opt_state=keep(opt_state, state.opt_state))
-    metrics = dict(metrics, grad_norm=grad_norm,
-                   lr=jnp.asarray(make_schedule(cfg.optimizer)(state.step), jnp.float32),
-                   finite=finite.astype(jnp.float32))
+    new_state = TrainState(
+        step=state.step + 1,
+        rng=state.rng,
+        params=keep(params, state.params),
+        ema_params=keep(ema, state.ema_params),
+        opt_state=keep(opt_state, state.opt_state),
+    )
+    metrics = dict(
+        metrics,
+        grad_norm=grad_norm,
+        lr=jnp.asarray(make_schedule(cfg.optimizer)(state.step), jnp.float32),
+        finite=finite.astype(jnp.float32),
+    )
     return new_state, jax.tree.map(lambda x: x.astype(jnp.float32), metrics)
 
 
-def make_train_step(graphdef: nnx.GraphDef, cfg: StepConfig,
-                    shardings: StepShardings | None = None):
+def make_train_step(
+    graphdef: nnx.GraphDef, cfg: StepConfig, shardings: StepShardings | None = None
+):
     """``fn(state, frozen, batch) -> (state, metrics)`` jitted; the state is donated.
 
     With ``shardings``, inputs and outputs get exactly those shardings (the state keeps its
     sharding across steps, metrics are replicated).
     """
-    fn = partial(train_step, graphdef, cfg,
-                 None if shardings is None else shardings.batch_sharding)
+    fn = partial(train_step, graphdef, cfg, None if shardings is None else shardings.batch_sharding)
     if shardings is None:
         return jax.jit(fn, donate_argnums=0)
     rep = shardings.replicated
-    return jax.jit(fn, in_shardings=(shardings.state, shardings.frozen, shardings.batch),
-                   out_shardings=(shardings.state, rep), donate_argnums=0)
+    return jax.jit(
+        fn,
+        in_shardings=(shardings.state, shardings.frozen, shardings.batch),
+        out_shardings=(shardings.state, rep),
+        donate_argnums=0,
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,10 +188,12 @@ class CompileReport:
     def summary(self) -> str:
         """One human line."""
         gib = lambda n: f"{n / 2**30:.3f} GiB"
-        return (f"compiled in {self.seconds:.1f} s; per device: arguments "
-                f"{gib(self.argument_bytes)}, outputs {gib(self.output_bytes)} "
-                f"({gib(self.alias_bytes)} aliased to donated inputs), temporaries "
-                f"{gib(self.temp_bytes)}, code {self.generated_code_bytes / 2**20:.1f} MiB")
+        return (
+            f"compiled in {self.seconds:.1f} s; per device: arguments "
+            f"{gib(self.argument_bytes)}, outputs {gib(self.output_bytes)} "
+            f"({gib(self.alias_bytes)} aliased to donated inputs), temporaries "
+            f"{gib(self.temp_bytes)}, code {self.generated_code_bytes / 2**20:.1f} MiB"
+        )
 
 
 def compile_step(fn, *args) -> tuple[jax.stages.Compiled, CompileReport]:
@@ -184,10 +205,13 @@ def compile_step(fn, *args) -> tuple[jax.stages.Compiled, CompileReport]:
     mem = compiled.memory_analysis()
     get = lambda name: int(getattr(mem, name, 0) or 0) if mem is not None else 0
     return compiled, CompileReport(
-        seconds=seconds, argument_bytes=get("argument_size_in_bytes"),
-        output_bytes=get("output_size_in_bytes"), temp_bytes=get("temp_size_in_bytes"),
+        seconds=seconds,
+        argument_bytes=get("argument_size_in_bytes"),
+        output_bytes=get("output_size_in_bytes"),
+        temp_bytes=get("temp_size_in_bytes"),
         alias_bytes=get("alias_size_in_bytes"),
-        generated_code_bytes=get("generated_code_size_in_bytes"))
+        generated_code_bytes=get("generated_code_size_in_bytes"),
+    )
 
 
 class NonFiniteError(FloatingPointError):
@@ -199,25 +223,35 @@ def check_metrics_finite(metrics: dict, step: int, last_checkpoint: int | None) 
     bad = sorted(k for k, v in metrics.items() if not np.all(np.isfinite(v)))
     if metrics.get("finite", 1.0) != 1.0 or bad:
         terms = ", ".join(f"{k}={float(v):.4g}" for k, v in sorted(metrics.items()))
-        resume = (f"the last checkpoint is step {last_checkpoint}" if last_checkpoint
-                  is not None else "no checkpoint was written")
+        resume = (
+            f"the last checkpoint is step {last_checkpoint}"
+            if last_checkpoint is not None
+            else "no checkpoint was written"
+        )
         raise NonFiniteError(
             f"non-finite loss or gradient at step {step} ({terms}); the update was not "
             f"applied and training stopped, {resume}. Lower the learning rate, check the "
-            f"data, or try float32.")
+            f"data, or try float32."
+        )
 
 
 @jax.jit
 def _all_finite(tree) -> jax.Array:
-    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
-                              if jnp.issubdtype(x.dtype, jnp.floating)]))
+    return jnp.all(
+        jnp.stack(
+            [
+                jnp.all(jnp.isfinite(x))
+                for x in jax.tree.leaves(tree)
+                if jnp.issubdtype(x.dtype, jnp.floating)
+            ]
+        )
+    )
 
 
 def check_state_finite(state: TrainState, step: int) -> None:
     """Raise :class:`NonFiniteError` if any float leaf of ``state`` holds NaN or Inf (checked
     before every save, so a bad state is never written)."""
-    if not bool(jax.device_get(_all_finite((state.params, state.ema_params,
-                                             state.opt_state)))):
+    if not bool(jax.device_get(_all_finite((state.params, state.ema_params, state.opt_state)))):
         raise NonFiniteError(f"the train state holds NaN/Inf at step {step}; not saving it")
 
 

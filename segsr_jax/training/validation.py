@@ -61,12 +61,21 @@ class Validator:
       mesh: the training mesh (the batch is split over ``'data'``).
     """
 
-    def __init__(self, graphdef: nnx.GraphDef, model_config: SegSRConfig, batch: dict,
-                 tokenizer, config: ValidationConfig, mesh: Mesh):
+    def __init__(
+        self,
+        graphdef: nnx.GraphDef,
+        model_config: SegSRConfig,
+        batch: dict,
+        tokenizer,
+        config: ValidationConfig,
+        mesh: Mesh,
+    ):
         total = len(batch["hr"]) * jax.process_count()
         if total % mesh.shape["data"]:
-            raise ValueError(f"sample.num_images {total} must be a multiple of the mesh's data "
-                             f"axis ({mesh.shape['data']})")
+            raise ValueError(
+                f"sample.num_images {total} must be a multiple of the mesh's data "
+                f"axis ({mesh.shape['data']})"
+            )
         self.config = config
         self.num_classes = model_config.segdm.num_classes
         self.batch = batch
@@ -77,18 +86,28 @@ class Validator:
         self.lq = to_global_arrays(lq_up.astype(np.float32), mesh, spec)
         guided = config.guidance != 1.0
         ids = to_global_arrays(tokenizer([config.prompt] * n_local), mesh, spec)
-        uids = (to_global_arrays(tokenizer([config.negative_prompt] * n_local), mesh, spec)
-                if guided else None)
-        self.plan = sampling.make_plan(hw, model_config.latent_factor,
-                                       tile=max(hw) // model_config.latent_factor,
-                                       overlap=0, tiles_per_call=1, guidance=guided,
-                                       color_fix=config.color_fix, seg_prior=config.seg_prior)
+        uids = (
+            to_global_arrays(tokenizer([config.negative_prompt] * n_local), mesh, spec)
+            if guided
+            else None
+        )
+        self.plan = sampling.make_plan(
+            hw,
+            model_config.latent_factor,
+            tile=max(hw) // model_config.latent_factor,
+            overlap=0,
+            tiles_per_call=1,
+            guidance=guided,
+            color_fix=config.color_fix,
+            seg_prior=config.seg_prior,
+        )
         self.schedule = samplers.make_schedule(
-            config.sampler, config.steps,
-            NoiseConfig(prediction_type=model_config.prediction_type))
+            config.sampler, config.steps, NoiseConfig(prediction_type=model_config.prediction_type)
+        )
         rows = parallel.batch_sharding(mesh)
-        self._encode = jax.jit(lambda p, i: nnx.merge(graphdef, p).encode_prompts(i),
-                               out_shardings=rows)
+        self._encode = jax.jit(
+            lambda p, i: nnx.merge(graphdef, p).encode_prompts(i), out_shardings=rows
+        )
         self._ids = (ids, uids)
         self._graphdef, self._mesh = graphdef, mesh
         self._compiled = None
@@ -97,16 +116,24 @@ class Validator:
         ids, uids = self._ids
         ctx = self._encode(params, ids)
         uctx = None if uids is None else self._encode(params, uids)
-        return (params, self.lq, ctx, uctx, jnp.float32(self.config.guidance), self.schedule,
-                jax.random.key(self.config.seed))
+        return (
+            params,
+            self.lq,
+            ctx,
+            uctx,
+            jnp.float32(self.config.guidance),
+            self.schedule,
+            jax.random.key(self.config.seed),
+        )
 
     def compile(self, params: dict) -> float:
         """Compile the sampler for these params' shapes and shardings (the training layout,
         FSDP included: nothing is gathered or replicated first); returns the seconds it
         took. Later calls must hand over params in the same layout."""
         t0 = time.perf_counter()
-        fn = sampling.make_sample_fn(self._graphdef, self.plan, self._mesh,
-                                     state_shardings=sampling.shardings_of(params))
+        fn = sampling.make_sample_fn(
+            self._graphdef, self.plan, self._mesh, state_shardings=sampling.shardings_of(params)
+        )
         self._compiled = fn.lower(*self._args(params)).compile()
         return time.perf_counter() - t0
 
@@ -121,6 +148,7 @@ class Validator:
             local = multihost_utils.process_allgather(local, tiled=True)
         out = jax.device_get(out)
         sr = images.from_unit_range(np.asarray(out.image))
-        seg = np.stack([images.colorize(y.astype(np.uint8), self.num_classes)
-                        for y in np.asarray(out.labels)])
+        seg = np.stack(
+            [images.colorize(y.astype(np.uint8), self.num_classes) for y in np.asarray(out.labels)]
+        )
         return sample_grid(np.asarray(local["lq"]), sr, seg, np.asarray(local["hr"]))

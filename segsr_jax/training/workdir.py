@@ -44,13 +44,17 @@ def open_workdir(workdir: str | os.PathLike) -> epath.Path:
         return path
     scheme = os.fspath(workdir).split("://", 1)[0]
     if scheme not in REMOTE_SCHEMES:
-        raise ValueError(f"--workdir {workdir}: use a local folder or gs://BUCKET/PATH "
-                         f"({scheme}:// is not supported)")
+        raise ValueError(
+            f"--workdir {workdir}: use a local folder or gs://BUCKET/PATH "
+            f"({scheme}:// is not supported)"
+        )
     try:
         path.exists()
     except ImportError as e:
-        raise ImportError(f"--workdir {workdir}: writing to gs:// needs gcsfs; install it "
-                          f"with: pip install -e '.[gcs]'") from e
+        raise ImportError(
+            f"--workdir {workdir}: writing to gs:// needs gcsfs; install it "
+            f"with: pip install -e '.[gcs]'"
+        ) from e
     return path
 
 

@@ -75,7 +75,8 @@ def find_weight_files(folder: str | os.PathLike, variant: str | None = None) -> 
         present = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
         raise CheckpointError(
             f"no weights in {folder}: expected one of "
-            f"{', '.join(s + '.safetensors' for s in DIFFUSERS_STEMS)} (or .bin); found {present}")
+            f"{', '.join(s + '.safetensors' for s in DIFFUSERS_STEMS)} (or .bin); found {present}"
+        )
     return files
 
 
@@ -102,8 +103,15 @@ def _read_safetensors_bf16(path: Path) -> dict[str, np.ndarray]:
         n = int.from_bytes(f.read(8), "little")
         header = json.loads(f.read(n))
         data = f.read()
-    dtypes = {"F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
-              "I64": np.int64, "I32": np.int32, "U8": np.uint8, "BOOL": np.bool_}
+    dtypes = {
+        "F32": np.float32,
+        "F16": np.float16,
+        "BF16": ml_dtypes.bfloat16,
+        "I64": np.int64,
+        "I32": np.int32,
+        "U8": np.uint8,
+        "BOOL": np.bool_,
+    }
     out = {}
     for name, info in header.items():
         if name == "__metadata__":
@@ -122,7 +130,8 @@ def _read_torch_bin(path: Path) -> dict[str, np.ndarray]:
     except ImportError as e:
         raise CheckpointError(
             f"{path} is a PyTorch .bin file; reading it needs torch (pip install torch), "
-            "or convert the checkpoint to safetensors") from e
+            "or convert the checkpoint to safetensors"
+        ) from e
     try:
         sd = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:  # torch's unpickler refuses anything but tensors: say so

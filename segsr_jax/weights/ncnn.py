@@ -109,23 +109,26 @@ def parse_param(text: str, source: str = "param") -> list[Layer]:
             raise NcnnError(f"{where}: expected 'type name n_in n_out ...', got {line!r}")
         ltype, name = tok[0], tok[1]
         if ltype not in _KNOWN_KEYS:
-            raise NcnnError(f"{where}: layer {name!r} has unsupported type {ltype!r} "
-                            f"(supported: {sorted(_KNOWN_KEYS)})")
+            raise NcnnError(
+                f"{where}: layer {name!r} has unsupported type {ltype!r} "
+                f"(supported: {sorted(_KNOWN_KEYS)})"
+            )
         n_in, n_out = int(_number(tok[2], where)), int(_number(tok[3], where))
         if len(tok) < 4 + n_in + n_out:
             raise NcnnError(f"{where}: layer {name!r} lists fewer blobs than {n_in}+{n_out}")
-        inputs = tuple(tok[4:4 + n_in])
-        outputs = tuple(tok[4 + n_in:4 + n_in + n_out])
+        inputs = tuple(tok[4 : 4 + n_in])
+        outputs = tuple(tok[4 + n_in : 4 + n_in + n_out])
         for blob in inputs:
             if blob not in produced:
-                raise NcnnError(f"{where}: layer {name!r} reads blob {blob!r} before any layer "
-                                "produces it")
+                raise NcnnError(
+                    f"{where}: layer {name!r} reads blob {blob!r} before any layer produces it"
+                )
         for blob in outputs:
             if blob in produced:
                 raise NcnnError(f"{where}: blob {blob!r} is produced twice")
             produced.add(blob)
         params: dict[int, int | float | tuple] = {}
-        for item in tok[4 + n_in + n_out:]:
+        for item in tok[4 + n_in + n_out :]:
             key_text, sep, value = item.partition("=")
             if not sep:
                 raise NcnnError(f"{where}: layer {name!r}: parameter {item!r} is not key=value")
@@ -134,19 +137,24 @@ def parse_param(text: str, source: str = "param") -> list[Layer]:
                 key = _ARRAY_BASE - key
                 count, *values = value.split(",")
                 if int(_number(count, where)) != len(values):
-                    raise NcnnError(f"{where}: layer {name!r}: array parameter {key} says "
-                                    f"{count} values, has {len(values)}")
+                    raise NcnnError(
+                        f"{where}: layer {name!r}: array parameter {key} says "
+                        f"{count} values, has {len(values)}"
+                    )
                 parsed = tuple(_number(v, where) for v in values)
             else:
                 parsed = _number(value, where)
             if key not in _KNOWN_KEYS[ltype]:
-                raise NcnnError(f"{where}: layer {name!r} ({ltype}) has parameter {key}, which "
-                                "this reader does not implement")
+                raise NcnnError(
+                    f"{where}: layer {name!r} ({ltype}) has parameter {key}, which "
+                    "this reader does not implement"
+                )
             params[key] = parsed
         layers.append(Layer(ltype, name, inputs, outputs, params))
     if len(produced) != blob_count:
-        raise NcnnError(f"{source}: header says {blob_count} blobs, the layers produce "
-                        f"{len(produced)}")
+        raise NcnnError(
+            f"{source}: header says {blob_count} blobs, the layers produce {len(produced)}"
+        )
     return layers
 
 
@@ -157,8 +165,10 @@ def _conv_shape(layer: Layer) -> tuple[int, int, int, int]:
     kh = int(layer.get(11, kw))
     size = int(layer.get(6, 0))
     if out <= 0 or kw <= 0 or kh <= 0 or size <= 0 or size % (out * kh * kw):
-        raise NcnnError(f"Convolution {layer.name!r}: weight_data_size={size} is not "
-                        f"num_output={out} x in_channels x {kh}x{kw}")
+        raise NcnnError(
+            f"Convolution {layer.name!r}: weight_data_size={size} is not "
+            f"num_output={out} x in_channels x {kh}x{kw}"
+        )
     return out, size // (out * kh * kw), kh, kw
 
 
@@ -170,9 +180,11 @@ class _Reader:
 
     def take(self, n: int, what: str) -> bytes:
         if self.pos + n > len(self.data):
-            raise NcnnError(f"{self.source}: file ends at byte {len(self.data)} while reading "
-                            f"{what} ({n} bytes at offset {self.pos})")
-        out = self.data[self.pos:self.pos + n]
+            raise NcnnError(
+                f"{self.source}: file ends at byte {len(self.data)} while reading "
+                f"{what} ({n} bytes at offset {self.pos})"
+            )
+        out = self.data[self.pos : self.pos + n]
         self.pos += n
         return out
 
@@ -181,13 +193,15 @@ class _Reader:
         tag_bytes = self.take(4, f"the type tag of {what}")
         tag = int.from_bytes(tag_bytes, "little")
         if tag == _TAG_FP16:
-            raw = self.take(-(-count * 2 // 4) * 4, what)   # padded to 4 bytes
-            return np.frombuffer(raw[:count * 2], "<f2").astype(np.float32)
+            raw = self.take(-(-count * 2 // 4) * 4, what)  # padded to 4 bytes
+            return np.frombuffer(raw[: count * 2], "<f2").astype(np.float32)
         if tag == 0:
             return np.frombuffer(self.take(count * 4, what), "<f4").astype(np.float32)
         kind = {_TAG_INT8: "int8", _TAG_SCALED: "scaled float32"}.get(tag, "table-quantized")
-        raise NcnnError(f"{self.source}: {what} is stored as {kind} data (tag 0x{tag:08X}); "
-                        "only float32 and float16 weights are supported")
+        raise NcnnError(
+            f"{self.source}: {what} is stored as {kind} data (tag 0x{tag:08X}); "
+            "only float32 and float16 weights are supported"
+        )
 
     def raw_f32(self, count: int, what: str) -> np.ndarray:
         """An untagged float32 array (ncnn's ``load(w, 1)``)."""
@@ -206,19 +220,25 @@ def read_bin(layers: list[Layer], data: bytes, source: str = "bin") -> list[Laye
         if layer.type != "Convolution":
             continue
         if layer.get(8, 0):
-            raise NcnnError(f"{source}: Convolution {layer.name!r} is int8-quantized "
-                            "(int8_scale_term set); not supported")
+            raise NcnnError(
+                f"{source}: Convolution {layer.name!r} is int8-quantized "
+                "(int8_scale_term set); not supported"
+            )
         if layer.get(19, 0):
-            raise NcnnError(f"{source}: Convolution {layer.name!r} takes its weights as an "
-                            "input blob (dynamic_weight); not supported")
+            raise NcnnError(
+                f"{source}: Convolution {layer.name!r} takes its weights as an "
+                "input blob (dynamic_weight); not supported"
+            )
         shape = _conv_shape(layer)
         w = reader.tagged(int(np.prod(shape)), f"the weights of {layer.name!r}")
         layer.weights["weight"] = w.reshape(shape)
         if layer.get(5, 0):
             layer.weights["bias"] = reader.raw_f32(shape[0], f"the bias of {layer.name!r}")
     if reader.pos != len(data):
-        raise NcnnError(f"{source}: {len(data) - reader.pos} bytes left after the last layer's "
-                        "weights; the .bin does not match the .param")
+        raise NcnnError(
+            f"{source}: {len(data) - reader.pos} bytes left after the last layer's "
+            "weights; the .bin does not match the .param"
+        )
     return layers
 
 
@@ -248,8 +268,9 @@ def _activation(layer: Layer, x):
     raise NcnnError(f"Convolution {layer.name!r}: activation type {kind} is not implemented")
 
 
-def run_graph(layers: list[Layer], x, input_blob: str | None = None,
-              output_blob: str | None = None):
+def run_graph(
+    layers: list[Layer], x, input_blob: str | None = None, output_blob: str | None = None
+):
     """Evaluate the graph on ``x [B, H, W, C]`` (NHWC) and return the output blob, NHWC.
 
     A plain, slow interpreter of the supported layer types, written from ncnn's layer
@@ -282,13 +303,20 @@ def run_graph(layers: list[Layer], x, input_blob: str | None = None,
             pt, pr = int(layer.get(14, pl)), int(layer.get(15, pl))
             pb = int(layer.get(16, int(layer.get(14, pl))))
             if min(pl, pt, pr, pb) < 0 or layer.get(18, 0.0) != 0.0:
-                raise NcnnError(f"Convolution {layer.name!r}: 'same' padding modes and non-zero "
-                                "pad values are not implemented")
-            kernel = jnp.asarray(layer.weights["weight"]).transpose(2, 3, 1, 0)   # HWIO
+                raise NcnnError(
+                    f"Convolution {layer.name!r}: 'same' padding modes and non-zero "
+                    "pad values are not implemented"
+                )
+            kernel = jnp.asarray(layer.weights["weight"]).transpose(2, 3, 1, 0)  # HWIO
             y = jax.lax.conv_general_dilated(
-                args[0], kernel, (sh, sw), ((pt, pb), (pl, pr)), rhs_dilation=(dh, dw),
+                args[0],
+                kernel,
+                (sh, sw),
+                ((pt, pb), (pl, pr)),
+                rhs_dilation=(dh, dw),
                 dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                precision=jax.lax.Precision.HIGHEST)
+                precision=jax.lax.Precision.HIGHEST,
+            )
             if "bias" in layer.weights:
                 y = y + layer.weights["bias"]
             results = [_activation(layer, y)]
@@ -310,8 +338,9 @@ def run_graph(layers: list[Layer], x, input_blob: str | None = None,
             results = [sum(c * a for c, a in zip(coeffs, args, strict=True))]
         elif t == "Interp":
             if int(layer.get(0, 0)) != 1 or layer.get(3, 0) or layer.get(4, 0):
-                raise NcnnError(f"Interp {layer.name!r}: only nearest with scale factors is "
-                                "implemented")
+                raise NcnnError(
+                    f"Interp {layer.name!r}: only nearest with scale factors is implemented"
+                )
             fy, fx = float(layer.get(1, 1.0)), float(layer.get(2, 1.0))
             if fy != int(fy) or fx != int(fx):
                 raise NcnnError(f"Interp {layer.name!r}: only integer scales are implemented")
@@ -348,8 +377,9 @@ def _check_conv(layer: Layer, shape: tuple, leaky: float | None, key: str):
         raise NcnnError(f"Convolution {layer.name!r} (mapped to {key}): " + "; ".join(problems))
 
 
-def rrdbnet_from_layers(layers: list[Layer], *, negative_slope: float = 0.2,
-                        residual_scale: float = 0.2) -> tuple[dict, dict[str, np.ndarray]]:
+def rrdbnet_from_layers(
+    layers: list[Layer], *, negative_slope: float = 0.2, residual_scale: float = 0.2
+) -> tuple[dict, dict[str, np.ndarray]]:
     """Map a Real-ESRGAN x4 ncnn graph (``realesrgan-x4plus``) onto RRDBNet parameter names.
 
     Returns:
@@ -370,26 +400,27 @@ def rrdbnet_from_layers(layers: list[Layer], *, negative_slope: float = 0.2,
     """
     convs = [ly for ly in layers if ly.type == "Convolution"]
     if len(convs) < 6 or (len(convs) - 6) % 15:
-        raise NcnnError(f"{len(convs)} convolutions do not form an x4 RRDBNet "
-                        "(6 + 15 per RRDB block expected)")
+        raise NcnnError(
+            f"{len(convs)} convolutions do not form an x4 RRDBNet (6 + 15 per RRDB block expected)"
+        )
     num_block = (len(convs) - 6) // 15
     out_first, in_ch, _, _ = _conv_shape(convs[0])
     feat = out_first
     grow = _conv_shape(convs[1])[0]
     out_ch = _conv_shape(convs[-1])[0]
-    names: list[tuple[str, tuple, float | None]] = [
-        ("conv_first", (feat, in_ch, 3, 3), None)]
+    names: list[tuple[str, tuple, float | None]] = [("conv_first", (feat, in_ch, 3, 3), None)]
     for b in range(num_block):
         for r in range(1, 4):
             for c in range(1, 6):
                 shape = (grow if c < 5 else feat, feat + (c - 1) * grow, 3, 3)
-                names.append((f"body.{b}.rdb{r}.conv{c}", shape,
-                              negative_slope if c < 5 else None))
-    names += [("conv_body", (feat, feat, 3, 3), None),
-              ("conv_up1", (feat, feat, 3, 3), negative_slope),
-              ("conv_up2", (feat, feat, 3, 3), negative_slope),
-              ("conv_hr", (feat, feat, 3, 3), negative_slope),
-              ("conv_last", (out_ch, feat, 3, 3), None)]
+                names.append((f"body.{b}.rdb{r}.conv{c}", shape, negative_slope if c < 5 else None))
+    names += [
+        ("conv_body", (feat, feat, 3, 3), None),
+        ("conv_up1", (feat, feat, 3, 3), negative_slope),
+        ("conv_up2", (feat, feat, 3, 3), negative_slope),
+        ("conv_hr", (feat, feat, 3, 3), negative_slope),
+        ("conv_last", (out_ch, feat, 3, 3), None),
+    ]
     tensors = {}
     for layer, (key, shape, leaky) in zip(convs, names, strict=True):
         _check_conv(layer, shape, leaky, key)
@@ -398,20 +429,31 @@ def rrdbnet_from_layers(layers: list[Layer], *, negative_slope: float = 0.2,
 
     sums = [ly for ly in layers if ly.type == "Eltwise"]
     if len(sums) != 4 * num_block:
-        raise NcnnError(f"expected {4 * num_block} Eltwise sums (3 per RDB + 1 per RRDB), found "
-                        f"{len(sums)}")
+        raise NcnnError(
+            f"expected {4 * num_block} Eltwise sums (3 per RDB + 1 per RRDB), found {len(sums)}"
+        )
     for ly in sums:
         coeffs = tuple(float(c) for c in ly.get(1, ()))
         if int(ly.get(0, 1)) != 1 or len(ly.inputs) != 2 or coeffs != (residual_scale, 1.0):
-            raise NcnnError(f"Eltwise {ly.name!r}: expected {residual_scale} * branch + input, "
-                            f"got op {ly.get(0, 1)} with coefficients {coeffs}")
+            raise NcnnError(
+                f"Eltwise {ly.name!r}: expected {residual_scale} * branch + input, "
+                f"got op {ly.get(0, 1)} with coefficients {coeffs}"
+            )
     interps = [ly for ly in layers if ly.type == "Interp"]
     if len(interps) != 2 or any(
-            int(ly.get(0, 0)) != 1 or (float(ly.get(1, 0)), float(ly.get(2, 0))) != (2.0, 2.0)
-            for ly in interps):
-        raise NcnnError("expected exactly two nearest-neighbour x2 Interp layers (x4 RRDBNet), "
-                        f"found {[(ly.name, ly.params) for ly in interps]}")
-    config = dict(num_in_ch=in_ch, num_out_ch=out_ch, scale=4, num_feat=feat,
-                  num_block=num_block, num_grow_ch=grow)
+        int(ly.get(0, 0)) != 1 or (float(ly.get(1, 0)), float(ly.get(2, 0))) != (2.0, 2.0)
+        for ly in interps
+    ):
+        raise NcnnError(
+            "expected exactly two nearest-neighbour x2 Interp layers (x4 RRDBNet), "
+            f"found {[(ly.name, ly.params) for ly in interps]}"
+        )
+    config = dict(
+        num_in_ch=in_ch,
+        num_out_ch=out_ch,
+        scale=4,
+        num_feat=feat,
+        num_block=num_block,
+        num_grow_ch=grow,
+    )
     return config, tensors
-

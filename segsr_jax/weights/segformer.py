@@ -35,22 +35,32 @@ from segsr_jax.weights.torch_mapping import config_from_dict, load_state_dict
 # keys found in hub configs) that does not change our inference computation, with the reason.
 IGNORED_CONFIG_KEYS = (
     # bookkeeping
-    "transformers_version", "architectures", "model_type", "dtype", "torch_dtype",
-    "output_hidden_states", "output_attentions", "return_dict",
+    "transformers_version",
+    "architectures",
+    "model_type",
+    "dtype",
+    "torch_dtype",
+    "output_hidden_states",
+    "output_attentions",
+    "return_dict",
     "label2id",  # the inverse of id2label
     "problem_type",  # selects a loss; segmentation always uses cross-entropy
     "initializer_range",  # random init only; we load weights
     # training-only regularisers; this model is inference-only (frozen segmenter)
-    "hidden_dropout_prob", "attention_probs_dropout_prob", "classifier_dropout_prob",
+    "hidden_dropout_prob",
+    "attention_probs_dropout_prob",
+    "classifier_dropout_prob",
     "drop_path_rate",
     # never read by transformers' SegFormer: all its LayerNorms use PyTorch's default eps
-    "layer_norm_eps", "chunk_size_feed_forward",
+    "layer_norm_eps",
+    "chunk_size_feed_forward",
     # only the PyTorch encoder's output layout of the last stage ([B, C, H, W] or [B, HW, C]);
     # the decode head sees the same maps either way (transformers' False path assumes square
     # inputs, ours is correct for any shape)
     "reshape_last_stage",
     # legacy keys of transformers-4 hub configs, unused since
-    "image_size", "downsampling_rates",
+    "image_size",
+    "downsampling_rates",
 )
 # Features we do not implement, accepted only at their neutral value.
 UNSUPPORTED_CONFIG_KEYS = {"is_encoder_decoder": False}
@@ -93,8 +103,9 @@ def _class_names(raw: Mapping, source: str) -> tuple[str, ...] | None:
     except (AttributeError, ValueError) as e:
         raise CheckpointError(f"{source}: id2label must map class indices to names: {e}") from e
     if sorted(by_index) != list(range(len(by_index))):
-        raise CheckpointError(f"{source}: id2label indices are not 0..{len(by_index) - 1}: "
-                              f"{sorted(by_index)[:10]}")
+        raise CheckpointError(
+            f"{source}: id2label indices are not 0..{len(by_index) - 1}: {sorted(by_index)[:10]}"
+        )
     return tuple(by_index[i] for i in range(len(by_index)))
 
 
@@ -119,14 +130,20 @@ def segformer_config_from_transformers(raw: Mapping, source: str = "config") -> 
     num_labels = raw.pop("num_labels", None)
     if names is not None:
         if num_labels is not None and num_labels != len(names):
-            raise CheckpointError(f"{source}: num_labels={num_labels} but id2label names "
-                                  f"{len(names)} classes")
+            raise CheckpointError(
+                f"{source}: num_labels={num_labels} but id2label names {len(names)} classes"
+            )
         raw["id2label"] = names
         raw["num_labels"] = len(names)
     else:
         raw["num_labels"] = 2 if num_labels is None else num_labels
-    return config_from_dict(SegFormerConfig, raw, ignored=IGNORED_CONFIG_KEYS,
-                            unsupported=UNSUPPORTED_CONFIG_KEYS, source=source)
+    return config_from_dict(
+        SegFormerConfig,
+        raw,
+        ignored=IGNORED_CONFIG_KEYS,
+        unsupported=UNSUPPORTED_CONFIG_KEYS,
+        source=source,
+    )
 
 
 def load_segformer(path: str | os.PathLike, dtype=jnp.float32) -> SegFormer:
@@ -150,12 +167,20 @@ def load_segformer(path: str | os.PathLike, dtype=jnp.float32) -> SegFormer:
     tensors = {_on_disk_name(k): v for k, v in read_tensors(folder).items()}
     if not any(k.startswith("decode_head.") for k in tensors):
         encoder_only = any(_ENCODER_KEY.match(k) for k in tensors)
-        kind = ("an encoder-only SegformerModel checkpoint" if encoder_only
-                else "not a SegFormer segmentation checkpoint")
+        kind = (
+            "an encoder-only SegformerModel checkpoint"
+            if encoder_only
+            else "not a SegFormer segmentation checkpoint"
+        )
         raise CheckpointError(
             f"{source} is {kind}: it has no decode_head.* tensors, so neither logits nor the "
             "fused features F_lq can be computed. load_segformer needs a "
             "SegformerForSemanticSegmentation checkpoint (e.g. "
-            "nvidia/segformer-b5-finetuned-ade-640-640), not a bare MiT encoder.")
-    return load_state_dict(lambda: SegFormer(cfg, dtype=dtype, rngs=nnx.Rngs(0)), tensors,
-                           ignore=(r".*\.num_batches_tracked",), source=source)
+            "nvidia/segformer-b5-finetuned-ade-640-640), not a bare MiT encoder."
+        )
+    return load_state_dict(
+        lambda: SegFormer(cfg, dtype=dtype, rngs=nnx.Rngs(0)),
+        tensors,
+        ignore=(r".*\.num_batches_tracked",),
+        source=source,
+    )

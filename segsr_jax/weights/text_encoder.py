@@ -37,20 +37,63 @@ from segsr_jax.weights.torch_mapping import config_from_dict, load_state_dict
 # and generation settings of other model classes, and ``chunk_size_feed_forward`` (CLIP never
 # chunks). ``model_type`` is checked before parsing.
 _IGNORED = (
-    "architectures", "transformers_version", "model_type", "dtype", "torch_dtype",
-    "attention_dropout", "dropout", "initializer_range", "initializer_factor",
-    "gradient_checkpointing", "use_bfloat16", "torchscript", "tf_legacy_loss",
-    "output_hidden_states", "output_attentions", "return_dict", "chunk_size_feed_forward",
-    "id2label", "label2id", "problem_type", "finetuning_task", "task_specific_params",
-    "is_encoder_decoder", "is_decoder", "add_cross_attention", "cross_attention_hidden_size",
-    "tie_encoder_decoder", "tie_word_embeddings", "tokenizer_class", "prefix",
-    "sep_token_id", "decoder_start_token_id", "max_length", "min_length", "do_sample",
-    "early_stopping", "num_beams", "num_beam_groups", "diversity_penalty", "temperature",
-    "top_k", "top_p", "typical_p", "repetition_penalty", "length_penalty",
-    "no_repeat_ngram_size", "encoder_no_repeat_ngram_size", "bad_words_ids",
-    "num_return_sequences", "output_scores", "return_dict_in_generate", "forced_bos_token_id",
-    "forced_eos_token_id", "remove_invalid_values", "exponential_decay_length_penalty",
-    "suppress_tokens", "begin_suppress_tokens",
+    "architectures",
+    "transformers_version",
+    "model_type",
+    "dtype",
+    "torch_dtype",
+    "attention_dropout",
+    "dropout",
+    "initializer_range",
+    "initializer_factor",
+    "gradient_checkpointing",
+    "use_bfloat16",
+    "torchscript",
+    "tf_legacy_loss",
+    "output_hidden_states",
+    "output_attentions",
+    "return_dict",
+    "chunk_size_feed_forward",
+    "id2label",
+    "label2id",
+    "problem_type",
+    "finetuning_task",
+    "task_specific_params",
+    "is_encoder_decoder",
+    "is_decoder",
+    "add_cross_attention",
+    "cross_attention_hidden_size",
+    "tie_encoder_decoder",
+    "tie_word_embeddings",
+    "tokenizer_class",
+    "prefix",
+    "sep_token_id",
+    "decoder_start_token_id",
+    "max_length",
+    "min_length",
+    "do_sample",
+    "early_stopping",
+    "num_beams",
+    "num_beam_groups",
+    "diversity_penalty",
+    "temperature",
+    "top_k",
+    "top_p",
+    "typical_p",
+    "repetition_penalty",
+    "length_penalty",
+    "no_repeat_ngram_size",
+    "encoder_no_repeat_ngram_size",
+    "bad_words_ids",
+    "num_return_sequences",
+    "output_scores",
+    "return_dict_in_generate",
+    "forced_bos_token_id",
+    "forced_eos_token_id",
+    "remove_invalid_values",
+    "exponential_decay_length_penalty",
+    "suppress_tokens",
+    "begin_suppress_tokens",
 )
 # diffusers passes the tokenizer's attention mask to the text encoder when a config sets
 # ``use_attention_mask``; we (like SD) attend over the padding, so only the neutral value loads.
@@ -80,19 +123,23 @@ def text_config_from_transformers(raw: Mapping, source: str = "config") -> CLIPT
         raw, source = text, f"{source} (text_config)"
     model_type = raw.get("model_type", "clip_text_model")
     if model_type != "clip_text_model":
-        raise CheckpointError(f"{source}: model_type is {model_type!r}, expected "
-                              "'clip_text_model' (or a 'clip' config with a text_config)")
+        raise CheckpointError(
+            f"{source}: model_type is {model_type!r}, expected "
+            "'clip_text_model' (or a 'clip' config with a text_config)"
+        )
     # A dict value cannot go through config_from_dict's neutral-value set: check it here.
     if raw.get("pruned_heads"):
-        raise CheckpointError(f"{source}: unsupported setting pruned_heads="
-                              f"{raw['pruned_heads']!r} (supported: empty)")
+        raise CheckpointError(
+            f"{source}: unsupported setting pruned_heads={raw['pruned_heads']!r} (supported: empty)"
+        )
     raw = {k: v for k, v in raw.items() if k != "pruned_heads"}
-    return config_from_dict(CLIPTextConfig, raw, ignored=_IGNORED, unsupported=_UNSUPPORTED,
-                            source=source)
+    return config_from_dict(
+        CLIPTextConfig, raw, ignored=_IGNORED, unsupported=_UNSUPPORTED, source=source
+    )
 
 
 def _strip_prefix(key: str) -> str:
-    return key[len(_TEXT_PREFIX):] if key.startswith(_TEXT_PREFIX) else key
+    return key[len(_TEXT_PREFIX) :] if key.startswith(_TEXT_PREFIX) else key
 
 
 def load_text_encoder(path: str | os.PathLike, dtype=jnp.float32) -> CLIPTextEncoder:
@@ -112,8 +159,13 @@ def load_text_encoder(path: str | os.PathLike, dtype=jnp.float32) -> CLIPTextEnc
     config = text_config_from_transformers(raw, source=str(folder / "config.json"))
     ignore = _PROJECTION_KEYS + (_CLIP_MODEL_KEYS if _is_full_clip_config(raw) else ())
     tensors = read_tensors(folder)
-    return load_state_dict(lambda: CLIPTextEncoder(config, dtype=dtype, rngs=nnx.Rngs(0)),
-                           tensors, rename=_strip_prefix, ignore=ignore, source=str(folder))
+    return load_state_dict(
+        lambda: CLIPTextEncoder(config, dtype=dtype, rngs=nnx.Rngs(0)),
+        tensors,
+        rename=_strip_prefix,
+        ignore=ignore,
+        source=str(folder),
+    )
 
 
 class PromptTokenizer:
@@ -144,8 +196,9 @@ class PromptTokenizer:
             raise TypeError(f"prompts must be strings, got {type(bad[0]).__name__}")
         if not prompts:
             return np.zeros((0, self.max_length), np.int32)
-        ids = self._tokenizer(prompts, padding="max_length", max_length=self.max_length,
-                              truncation=True)["input_ids"]
+        ids = self._tokenizer(
+            prompts, padding="max_length", max_length=self.max_length, truncation=True
+        )["input_ids"]
         return np.asarray(ids, dtype=np.int32)
 
 
@@ -176,12 +229,14 @@ def load_tokenizer(path: str | os.PathLike) -> PromptTokenizer:
             raise CheckpointError(f"tokenizer path not found: {path}")
         raise CheckpointError(
             f"no tokenizer in {path}: expected tokenizer.json or vocab.json + merges.txt in "
-            f"{path} or {path / 'tokenizer'}")
+            f"{path} or {path / 'tokenizer'}"
+        )
     from transformers import CLIPTokenizer  # heavy import: only when a tokenizer is loaded
 
     tokenizer = CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
     # transformers' stand-in for "unset" is ~1e30; padding every prompt to that is a bug.
     if not 0 < tokenizer.model_max_length <= 1_000_000:
-        raise CheckpointError(f"{folder}: tokenizer_config.json sets no model_max_length "
-                              "(SD tokenizers use 77)")
+        raise CheckpointError(
+            f"{folder}: tokenizer_config.json sets no model_max_length (SD tokenizers use 77)"
+        )
     return PromptTokenizer(tokenizer, source=str(folder))

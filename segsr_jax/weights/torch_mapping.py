@@ -33,8 +33,13 @@ from flax import nnx
 
 from segsr_jax.weights.checkpoint_files import CheckpointError
 
-_LEAF_TO_TORCH = {"kernel": "weight", "scale": "weight", "embedding": "weight",
-                  "mean": "running_mean", "var": "running_var"}
+_LEAF_TO_TORCH = {
+    "kernel": "weight",
+    "scale": "weight",
+    "embedding": "weight",
+    "mean": "running_mean",
+    "var": "running_var",
+}
 
 
 def torch_key(path: tuple) -> str:
@@ -60,7 +65,8 @@ def to_flax_layout(name: str, leaf: str, value: np.ndarray, target_shape: tuple)
     if tuple(value.shape) != tuple(target_shape):
         raise CheckpointError(
             f"shape mismatch for tensor '{name}': checkpoint has {tuple(np.shape(value))} "
-            f"(after layout change), the model expects {tuple(target_shape)}")
+            f"(after layout change), the model expects {tuple(target_shape)}"
+        )
     return value
 
 
@@ -124,13 +130,18 @@ def load_state_dict(
     if missing or unexpected:
         parts = []
         if missing:
-            parts.append(f"{len(missing)} tensor(s) missing from the checkpoint, e.g. "
-                         f"{missing[:5]}")
+            parts.append(
+                f"{len(missing)} tensor(s) missing from the checkpoint, e.g. {missing[:5]}"
+            )
         if unexpected:
-            parts.append(f"{len(unexpected)} unexpected tensor(s) in the checkpoint, e.g. "
-                         f"{unexpected[:5]}")
-        raise CheckpointError(f"{source} does not match the model config: " + "; ".join(parts)
-                              + ". Is this the right checkpoint for this config?")
+            parts.append(
+                f"{len(unexpected)} unexpected tensor(s) in the checkpoint, e.g. {unexpected[:5]}"
+            )
+        raise CheckpointError(
+            f"{source} does not match the model config: "
+            + "; ".join(parts)
+            + ". Is this the right checkpoint for this config?"
+        )
     return nnx.merge(graphdef, nnx.from_flat_state(new_flat))
 
 
@@ -150,9 +161,15 @@ def state_dict_from_module(module: nnx.Module) -> dict[str, np.ndarray]:
     return out
 
 
-def config_from_dict(cls, raw: Mapping, *, ignored: Iterable[str] = (),
-                     unsupported: Mapping[str, object] | None = None,
-                     renames: Mapping[str, str] | None = None, source: str = "config"):
+def config_from_dict(
+    cls,
+    raw: Mapping,
+    *,
+    ignored: Iterable[str] = (),
+    unsupported: Mapping[str, object] | None = None,
+    renames: Mapping[str, str] | None = None,
+    source: str = "config",
+):
     """Build the frozen dataclass ``cls`` from a diffusers / transformers ``config.json``.
 
     Keys are sorted into: fields of ``cls`` (used); ``renames`` (a reference key that maps to
@@ -184,8 +201,10 @@ def config_from_dict(cls, raw: Mapping, *, ignored: Iterable[str] = (),
         else:
             unknown.append(key)
     if unknown:
-        raise CheckpointError(f"{source}: unknown config field(s) {sorted(unknown)}; "
-                              f"{cls.__name__} does not know how to honour them")
+        raise CheckpointError(
+            f"{source}: unknown config field(s) {sorted(unknown)}; "
+            f"{cls.__name__} does not know how to honour them"
+        )
     if bad:
         raise CheckpointError(f"{source}: unsupported setting(s): {'; '.join(bad)}")
     try:

@@ -26,9 +26,17 @@ from segsr_jax.weights.checkpoint_files import (
 )
 from segsr_jax.weights.torch_mapping import config_from_dict, load_state_dict
 
-__all__ = ["load_unet", "load_controlnet", "controlnet_from_unet", "unet_config_from_diffusers",
-           "controlnet_config_from_diffusers", "UNET_UNSUPPORTED", "CONTROLNET_UNSUPPORTED",
-           "UNET_IGNORED", "CONTROLNET_IGNORED"]
+__all__ = [
+    "load_unet",
+    "load_controlnet",
+    "controlnet_from_unet",
+    "unet_config_from_diffusers",
+    "controlnet_config_from_diffusers",
+    "UNET_UNSUPPORTED",
+    "CONTROLNET_UNSUPPORTED",
+    "UNET_IGNORED",
+    "CONTROLNET_IGNORED",
+]
 
 # ``only_cross_attention`` may be one bool or one per block; only all-False is supported.
 _ALL_FALSE = frozenset({False} | {(False,) * n for n in range(1, 9)})
@@ -69,10 +77,7 @@ UNET_UNSUPPORTED = {
     "cross_attention_norm": None,
 }
 
-CONTROLNET_UNSUPPORTED = {
-    **_COMMON_UNSUPPORTED,
-    "global_pool_conditions": False,
-}
+CONTROLNET_UNSUPPORTED = {**_COMMON_UNSUPPORTED, "global_pool_conditions": False}
 
 # Read by diffusers only when ``addition_embed_type == "text"``, which is refused above.
 UNET_IGNORED = frozenset({"addition_embed_type_num_heads"})
@@ -92,8 +97,9 @@ def unet_config_from_diffusers(raw: dict, source: str = "config") -> UNetConfig:
       CheckpointError: another class, an unknown key, or an unsupported non-neutral value.
     """
     _check_class(raw, "UNet2DConditionModel", source)
-    return config_from_dict(UNetConfig, raw, ignored=UNET_IGNORED, unsupported=UNET_UNSUPPORTED,
-                            source=source)
+    return config_from_dict(
+        UNetConfig, raw, ignored=UNET_IGNORED, unsupported=UNET_UNSUPPORTED, source=source
+    )
 
 
 def controlnet_config_from_diffusers(raw: dict, source: str = "config") -> ControlNetConfig:
@@ -103,8 +109,13 @@ def controlnet_config_from_diffusers(raw: dict, source: str = "config") -> Contr
     config is diffusers' pixel-space ControlNet.
     """
     _check_class(raw, "ControlNetModel", source)
-    return config_from_dict(ControlNetConfig, raw, ignored=CONTROLNET_IGNORED,
-                            unsupported=CONTROLNET_UNSUPPORTED, source=source)
+    return config_from_dict(
+        ControlNetConfig,
+        raw,
+        ignored=CONTROLNET_IGNORED,
+        unsupported=CONTROLNET_UNSUPPORTED,
+        source=source,
+    )
 
 
 def load_unet(path: str | os.PathLike, dtype=jnp.float32) -> UNet2DCondition:
@@ -121,12 +132,14 @@ def load_unet(path: str | os.PathLike, dtype=jnp.float32) -> UNet2DCondition:
     folder = resolve_component(path, "unet")
     config = unet_config_from_diffusers(read_config(folder), source=str(folder))
     tensors = read_tensors(folder)
-    return load_state_dict(lambda: UNet2DCondition(config, dtype=dtype, rngs=nnx.Rngs(0)),
-                           tensors, source=str(folder))
+    return load_state_dict(
+        lambda: UNet2DCondition(config, dtype=dtype, rngs=nnx.Rngs(0)), tensors, source=str(folder)
+    )
 
 
-def load_controlnet(path: str | os.PathLike, dtype=jnp.float32,
-                    conditioning: str | None = None) -> ControlNet:
+def load_controlnet(
+    path: str | os.PathLike, dtype=jnp.float32, conditioning: str | None = None
+) -> ControlNet:
     """Load a diffusers ControlNet folder (or pipeline folder with ``controlnet/``).
 
     Args:
@@ -146,5 +159,6 @@ def load_controlnet(path: str | os.PathLike, dtype=jnp.float32,
         except ValueError as e:
             raise CheckpointError(f"{folder}: {e}") from e
     tensors = read_tensors(folder)
-    return load_state_dict(lambda: ControlNet(config, dtype=dtype, rngs=nnx.Rngs(0)), tensors,
-                           source=str(folder))
+    return load_state_dict(
+        lambda: ControlNet(config, dtype=dtype, rngs=nnx.Rngs(0)), tensors, source=str(folder)
+    )

@@ -47,8 +47,9 @@ def vae_config_from_diffusers(raw: dict, source: str = "config") -> VAEConfig:
     cls_name = raw.get("_class_name", "AutoencoderKL")
     if cls_name != "AutoencoderKL":
         raise CheckpointError(f"{source}: _class_name is {cls_name!r}, expected 'AutoencoderKL'")
-    return config_from_dict(VAEConfig, raw, ignored=_IGNORED, unsupported=_UNSUPPORTED,
-                            source=source)
+    return config_from_dict(
+        VAEConfig, raw, ignored=_IGNORED, unsupported=_UNSUPPORTED, source=source
+    )
 
 
 def _rename(key: str) -> str:
@@ -73,5 +74,9 @@ def load_vae(path: str | os.PathLike, dtype=jnp.float32) -> AutoencoderKL:
     folder = resolve_component(path, "vae")
     config = vae_config_from_diffusers(read_config(folder), source=str(folder / "config.json"))
     tensors = read_tensors(folder)
-    return load_state_dict(lambda: AutoencoderKL(config, dtype=dtype, rngs=nnx.Rngs(0)),
-                           tensors, rename=_rename, source=str(folder))
+    return load_state_dict(
+        lambda: AutoencoderKL(config, dtype=dtype, rngs=nnx.Rngs(0)),
+        tensors,
+        rename=_rename,
+        source=str(folder),
+    )

@@ -16,6 +16,7 @@ F = torch.nn.functional
 
 def _torch_adain(content, style, eps=1e-5):
     """StableSR's adaptive_instance_normalization on NCHW tensors."""
+
     def mean_std(x):
         b, c = x.shape[:2]
         var = x.reshape(b, c, -1).var(dim=2) + eps
@@ -35,8 +36,9 @@ def _torch_wavelet(content, style, levels=5):
         high = torch.zeros_like(x)
         for i in range(levels):
             r = 2**i
-            low = F.conv2d(F.pad(x, (r, r, r, r), mode="replicate"), kernel,
-                           groups=x.shape[1], dilation=r)
+            low = F.conv2d(
+                F.pad(x, (r, r, r, r), mode="replicate"), kernel, groups=x.shape[1], dilation=r
+            )
             high += x - low
             x = low
         return high, low
@@ -62,8 +64,9 @@ def test_adain_imposes_ref_statistics(np_rng):
     out = np.asarray(cf.adain(jnp.asarray(sr), jnp.asarray(ref)), np.float64)
     np.testing.assert_allclose(out.mean(axis=(1, 2)), ref.mean(axis=(1, 2)), atol=1e-5)
     # Equal up to the 1e-5 variance epsilon (var ~ 0.01 here: ~1e-3 relative).
-    np.testing.assert_allclose(out.std(axis=(1, 2), ddof=1), ref.std(axis=(1, 2), ddof=1),
-                               rtol=2e-3)
+    np.testing.assert_allclose(
+        out.std(axis=(1, 2), ddof=1), ref.std(axis=(1, 2), ddof=1), rtol=2e-3
+    )
 
 
 def test_wavelet_matches_stablesr(np_rng):
@@ -76,8 +79,9 @@ def test_wavelet_takes_low_from_ref_and_high_from_sr(np_rng):
     ref = np_rng.uniform(0, 1, (1, 48, 48, 3)).astype(np.float32)
     # A pure colour cast (constant per channel) lives entirely in the low band: removed exactly.
     cast = ref + np.array([0.2, -0.1, 0.05], np.float32)
-    np.testing.assert_allclose(np.asarray(cf.wavelet(jnp.asarray(cast), jnp.asarray(ref))), ref,
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(cf.wavelet(jnp.asarray(cast), jnp.asarray(ref))), ref, atol=1e-5
+    )
 
     # sr = a smooth, colour-shifted ref plus fine detail: the output keeps sr's detail (high
     # band) and ref's colours (low band), each within a bound set by how far the blur stack is
@@ -112,8 +116,9 @@ def test_color_fix_dispatch_jit_and_dtype(np_rng):
     assert cf.color_fix("none", sr_j, ref_j) is sr_j
     fix = jax.jit(cf.color_fix, static_argnums=0)
     for name, fn in [("adain", cf.adain), ("wavelet", cf.wavelet)]:
-        np.testing.assert_allclose(np.asarray(fix(name, sr_j, ref_j)), np.asarray(fn(sr_j, ref_j)),
-                                   atol=1e-6)
+        np.testing.assert_allclose(
+            np.asarray(fix(name, sr_j, ref_j)), np.asarray(fn(sr_j, ref_j)), atol=1e-6
+        )
         out = fix(name, sr_j.astype(jnp.bfloat16), ref_j.astype(jnp.bfloat16))
         assert out.dtype == jnp.bfloat16
     with pytest.raises(ValueError, match="unknown colour fix 'histogram'"):

@@ -15,8 +15,11 @@ from tests.tiny_segsr import tiny_model
 
 # The tiny model's UNet / ControlNet kernels are small: shard every one whose output axis
 # divides (the SD-2 rules' min_size would leave them all replicated).
-RULES = parallel.ShardingRules(param_axes=parallel.FSDP_RULES.param_axes,
-                               logical_rules=parallel.FSDP_RULES.logical_rules, min_size=0)
+RULES = parallel.ShardingRules(
+    param_axes=parallel.FSDP_RULES.param_axes,
+    logical_rules=parallel.FSDP_RULES.logical_rules,
+    min_size=0,
+)
 
 
 @pytest.fixture(scope="module")
@@ -29,13 +32,13 @@ def _fsdp_state(state, mesh):
     return jax.tree.map(lambda x, s: jax.device_put(x, s), state, shardings)
 
 
-@pytest.mark.parametrize("fsdp", [4])   # training tests cover fsdp 2 and 4
+@pytest.mark.parametrize("fsdp", [4])  # training tests cover fsdp 2 and 4
 def test_fsdp_sharded_params_sample_like_replicated_and_compile_once(coupled, fsdp):
     mesh = parallel.make_mesh(-1, fsdp)
     g, st = nnx.split(coupled)
     sharded = _fsdp_state(st, mesh)
     specs = [x.sharding.spec for x in jax.tree.leaves(sharded)]
-    assert sum(s != PartitionSpec() for s in specs) >= 20     # really sharded over 'fsdp'
+    assert sum(s != PartitionSpec() for s in specs) >= 20  # really sharded over 'fsdp'
     assert all("fsdp" in str(s) for s in specs if s != PartitionSpec())
     plan = sampling.make_plan((16, 16), 2, tile=96)
     sched = samplers.make_schedule("ddim", 2)
@@ -43,7 +46,7 @@ def test_fsdp_sharded_params_sample_like_replicated_and_compile_once(coupled, fs
     fn = sampling.make_sample_fn(g, plan, mesh, state_shardings=sampling.shardings_of(sharded))
     reference = sampling.make_sample_fn(g, plan)
     outs = []
-    for seed in (0, 1):            # two batches of one shape: one compiled program
+    for seed in (0, 1):  # two batches of one shape: one compiled program
         lq, ctx, uctx = _inputs(coupled, b=b, hw=(16, 16), seed=seed)
         key = jax.random.key(seed)
         got = fn(sharded, lq, ctx, uctx, 2.0, sched, key)

@@ -14,21 +14,40 @@ from tests.torch_reference import assert_close_rel, torch
 
 ds = pytest.importorskip("diffusers")
 
-SD = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-          num_train_timesteps=1000, steps_offset=1)
+SD = dict(
+    beta_schedule="scaled_linear",
+    beta_start=0.00085,
+    beta_end=0.012,
+    num_train_timesteps=1000,
+    steps_offset=1,
+)
 SHAPE = (2, 4, 6, 5)  # the step is elementwise: any layout works the same
 
 
 def _reference(sampler, prediction_type, spacing):
     if sampler == "ddpm":
-        return ds.DDPMScheduler(**SD, clip_sample=False, variance_type="fixed_small",
-                                prediction_type=prediction_type, timestep_spacing=spacing)
+        return ds.DDPMScheduler(
+            **SD,
+            clip_sample=False,
+            variance_type="fixed_small",
+            prediction_type=prediction_type,
+            timestep_spacing=spacing,
+        )
     if sampler == "ddim":
-        return ds.DDIMScheduler(**SD, clip_sample=False, set_alpha_to_one=False,
-                                prediction_type=prediction_type, timestep_spacing=spacing)
-    return ds.DPMSolverMultistepScheduler(**SD, algorithm_type="dpmsolver++", solver_order=2,
-                                          prediction_type=prediction_type,
-                                          timestep_spacing=spacing)
+        return ds.DDIMScheduler(
+            **SD,
+            clip_sample=False,
+            set_alpha_to_one=False,
+            prediction_type=prediction_type,
+            timestep_spacing=spacing,
+        )
+    return ds.DPMSolverMultistepScheduler(
+        **SD,
+        algorithm_type="dpmsolver++",
+        solver_order=2,
+        prediction_type=prediction_type,
+        timestep_spacing=spacing,
+    )
 
 
 @functools.cache
@@ -41,8 +60,13 @@ def _run_parity(sampler, prediction_type, steps, spacing, eta=0.0, seed=0):
     the sample after every step."""
     ref = _reference(sampler, prediction_type, spacing)
     ref.set_timesteps(steps)
-    sched = make_schedule(sampler, steps, NoiseConfig(prediction_type=prediction_type),
-                          timestep_spacing=spacing, eta=eta)
+    sched = make_schedule(
+        sampler,
+        steps,
+        NoiseConfig(prediction_type=prediction_type),
+        timestep_spacing=spacing,
+        eta=eta,
+    )
     np.testing.assert_array_equal(sched.timestep, ref.timesteps.numpy())
     assert len(sched) == steps and sched.timestep.dtype == np.int32
     assert sched.stochastic == (sampler == "ddpm" or eta > 0)
@@ -58,17 +82,17 @@ def _run_parity(sampler, prediction_type, steps, spacing, eta=0.0, seed=0):
     for i, t in enumerate(ref.timesteps):
         if sampler == "ddpm":
             x_ref = ref.step(outs[i], t, x_ref, generator=ddpm_gen).prev_sample
-            noise = (torch.randn(SHAPE, generator=ddpm_noise) if t > 0 else torch.zeros(SHAPE))
+            noise = torch.randn(SHAPE, generator=ddpm_noise) if t > 0 else torch.zeros(SHAPE)
         elif sampler == "ddim":
-            x_ref = ref.step(outs[i], t, x_ref, eta=eta,
-                             variance_noise=noises[i] if eta > 0 else None).prev_sample
+            x_ref = ref.step(
+                outs[i], t, x_ref, eta=eta, variance_noise=noises[i] if eta > 0 else None
+            ).prev_sample
             noise = noises[i]
         else:
             x_ref = ref.step(outs[i], t, x_ref).prev_sample
             noise = noises[i]
         coeffs = jax.tree.map(lambda a, i=i: a[i], sched.sr)
-        state = _jit_step()(coeffs, state, jnp.asarray(outs[i].numpy()),
-                            jnp.asarray(noise.numpy()))
+        state = _jit_step()(coeffs, state, jnp.asarray(outs[i].numpy()), jnp.asarray(noise.numpy()))
         assert_close_rel(state.x, x_ref.numpy(), tol=1e-5, what=f"{sampler} step {i} (t={t})")
 
 
@@ -90,8 +114,10 @@ def test_dpmpp_2m_matches_diffusers(prediction_type, steps):
     _run_parity("dpmpp_2m", prediction_type, steps, "linspace")
 
 
-@pytest.mark.parametrize("sampler,spacing", [("ddpm", "trailing"), ("ddim", "linspace"),
-                                             ("dpmpp_2m", "leading"), ("dpmpp_2m", "trailing")])
+@pytest.mark.parametrize(
+    "sampler,spacing",
+    [("ddpm", "trailing"), ("ddim", "linspace"), ("dpmpp_2m", "leading"), ("dpmpp_2m", "trailing")],
+)
 def test_other_spacings_match_diffusers(sampler, spacing):
     _run_parity(sampler, "epsilon", 20, spacing)
 
@@ -106,8 +132,11 @@ def test_dpmpp_final_step_returns_x0_prediction():
 def test_initial_latent_matches_add_noise(np_rng):
     z = np_rng.standard_normal(SHAPE).astype(np.float32)
     eps = np_rng.standard_normal(SHAPE).astype(np.float32)
-    ref = ds.DDPMScheduler(**SD).add_noise(torch.from_numpy(z), torch.from_numpy(eps),
-                                           torch.tensor([999])).numpy()
+    ref = (
+        ds.DDPMScheduler(**SD)
+        .add_noise(torch.from_numpy(z), torch.from_numpy(eps), torch.tensor([999]))
+        .numpy()
+    )
     got = samplers.initial_latent(jnp.asarray(z), jnp.asarray(eps), alphas_cumprod(NoiseConfig()))
     assert_close_rel(got, ref, tol=1e-5)
 
@@ -122,23 +151,30 @@ def test_seg_step_is_ddp_update(np_rng):
     assert c.alpha_next == sched.seg.alpha[i + 1] and c.sigma_next == sched.seg.sigma[i + 1]
     eps = (s_t - c.alpha * s0) / c.sigma
     want = c.alpha_next * s0 + c.sigma_next * eps
-    np.testing.assert_allclose(np.asarray(seg_step(c, jnp.asarray(s_t), jnp.asarray(s0))),
-                               want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(seg_step(c, jnp.asarray(s_t), jnp.asarray(s0))), want, rtol=1e-5, atol=1e-6
+    )
     # A consistent state S_t = alpha S0 + sigma eps moves to alpha' S0 + sigma' eps.
     consistent = c.alpha * s0 + c.sigma * s_t
-    np.testing.assert_allclose(np.asarray(seg_step(c, jnp.asarray(consistent), jnp.asarray(s0))),
-                               c.alpha_next * s0 + c.sigma_next * s_t, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(seg_step(c, jnp.asarray(consistent), jnp.asarray(s0))),
+        c.alpha_next * s0 + c.sigma_next * s_t,
+        rtol=1e-4,
+        atol=1e-5,
+    )
 
 
 def _scan_sample(sched, x_start, s_start, outs, s0s, noises):
     """A miniature of the lead's scan: SR and seg chains driven by precomputed model outputs."""
+
     def body(carry, xs):
         state, seg = carry
         s, out, s0, noise = xs
         return (sr_step(s.sr, state, out, noise), seg_step(s.seg, seg, s0)), state.x0
 
-    (state, seg), x0s = jax.lax.scan(body, (init_state(x_start), s_start),
-                                     (sched, outs, s0s, noises))
+    (state, seg), x0s = jax.lax.scan(
+        body, (init_state(x_start), s_start), (sched, outs, s0s, noises)
+    )
     return state.x, seg, x0s
 
 
@@ -191,10 +227,14 @@ def test_guidance_helpers(np_rng):
     np.testing.assert_array_equal(np.asarray(xu), np.asarray(x))
     np.testing.assert_array_equal(np.asarray(xc), np.asarray(x))
     eps_u, eps_c = x, x[::-1] * 2.0
-    np.testing.assert_allclose(np.asarray(guidance.cfg_combine(eps_u, eps_c, 5.5)),
-                               np.asarray(eps_u + 5.5 * (eps_c - eps_u)), rtol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(guidance.cfg_combine(eps_u, eps_c, 5.5)),
+        np.asarray(eps_u + 5.5 * (eps_c - eps_u)),
+        rtol=1e-6,
+    )
     # Scale 1 is the conditional prediction: why no doubling is needed there.
-    np.testing.assert_allclose(np.asarray(guidance.cfg_combine(eps_u, eps_c, 1.0)),
-                               np.asarray(eps_c), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(guidance.cfg_combine(eps_u, eps_c, 1.0)), np.asarray(eps_c), rtol=1e-6, atol=1e-6
+    )
     with pytest.raises(ValueError, match="even"):
         guidance.split_batch(x[:1])

@@ -20,8 +20,8 @@ def perturb(model, seed=0, scale=0.05, only=None):
     rng = np.random.default_rng(seed)
     # Host-side noise: no per-shape XLA compiles (eager jax.random would compile each).
     noisy = jax.tree.map(
-        lambda x: jnp.asarray(np.asarray(x) + scale * rng.standard_normal(x.shape), x.dtype),
-        state)
+        lambda x: jnp.asarray(np.asarray(x) + scale * rng.standard_normal(x.shape), x.dtype), state
+    )
     nnx.update(target, noisy)
     return model
 
@@ -85,8 +85,9 @@ def test_zero_bridge_gives_exactly_the_srdm_only_result():
     # SRDM alone: ControlNet conditioned on concat(Z_lq, 0), same noise stream, no SegDM.
     z_lq = model.vae.encode_latent(lq)
     k_z, _, key_loop = jax.random.split(key, 3)
-    z = samplers.initial_latent(z_lq, jax.random.normal(k_z, z_lq.shape),
-                                alphas_cumprod(NoiseConfig()), 999)
+    z = samplers.initial_latent(
+        z_lq, jax.random.normal(k_z, z_lq.shape), alphas_cumprod(NoiseConfig()), 999
+    )
     state = samplers.init_state(z)
     cond = jnp.concatenate([z_lq, jnp.zeros((*z_lq.shape[:3], 2))], axis=-1)
     for i in range(len(sched)):
@@ -97,8 +98,9 @@ def test_zero_bridge_gives_exactly_the_srdm_only_result():
         down, mid = model.controlnet(z2, t, ctx2, c2)
         eps_u, eps_c = jnp.split(model.unet(z2, t, ctx2, down, mid), 2)
         key_loop, k_noise = jax.random.split(key_loop)
-        state = samplers.sr_step(s.sr, state, eps_u + 3.0 * (eps_c - eps_u),
-                                 jax.random.normal(k_noise, z.shape))
+        state = samplers.sr_step(
+            s.sr, state, eps_u + 3.0 * (eps_c - eps_u), jax.random.normal(k_noise, z.shape)
+        )
     # Two different XLA programs: equal up to float32 rounding (measured 1.3e-5 on values ~5).
     scale = float(jnp.abs(state.x).max())
     assert float(jnp.abs(out.latent - state.x).max()) <= 1e-5 * scale
@@ -128,7 +130,8 @@ def test_sharded_on_eight_devices_equals_single_device(coupled):
     sharded = sampling.make_sample_fn(g, plan, mesh)(st, lq, ctx, uctx, 2.0, sched, key)
     assert len(sharded.image.sharding.device_set) == 8
     single = sampling.make_sample_fn(g, plan)(
-        jax.device_put(st, jax.devices()[0]), lq, ctx, uctx, 2.0, sched, key)
+        jax.device_put(st, jax.devices()[0]), lq, ctx, uctx, 2.0, sched, key
+    )
     np.testing.assert_allclose(np.asarray(sharded.image), np.asarray(single.image), atol=1e-5)
     np.testing.assert_array_equal(np.asarray(sharded.labels), np.asarray(single.labels))
 
@@ -177,12 +180,13 @@ def test_seg_prior_modes_and_label_trajectory(coupled):
     key = jax.random.key(7)
     g, st = nnx.split(coupled)
 
-    fns = {}   # one compile per mode: the parameter changes below reuse it
+    fns = {}  # one compile per mode: the parameter changes below reuse it
 
     def run(state, prior):
         if prior not in fns:
-            plan = sampling.make_plan((16, 16), 2, tile=96, guidance=False, seg_prior=prior,
-                                      record_labels=True)
+            plan = sampling.make_plan(
+                (16, 16), 2, tile=96, guidance=False, seg_prior=prior, record_labels=True
+            )
             fns[prior] = sampling.make_sample_fn(g, plan)
         return fns[prior](state, lq, ctx, None, 1.0, sched, key)
 
@@ -193,8 +197,9 @@ def test_seg_prior_modes_and_label_trajectory(coupled):
 
     fixed = run(st, "fixed")
     np.testing.assert_array_equal(fixed.labels, fixed.lq_labels)
-    np.testing.assert_array_equal(fixed.trajectory,
-                                  np.repeat(np.asarray(fixed.lq_labels)[:, None], 3, 1))
+    np.testing.assert_array_equal(
+        fixed.trajectory, np.repeat(np.asarray(fixed.lq_labels)[:, None], 3, 1)
+    )
     none = run(st, "none")
     for other in (fixed, full):
         assert float(jnp.abs(other.latent - none.latent).max()) > 1e-4
@@ -205,15 +210,19 @@ def test_seg_prior_modes_and_label_trajectory(coupled):
         def f(path, x):
             keys = [str(getattr(q, "key", getattr(q, "name", q))) for q in path]
             return x * 1.5 if keys[0] in names and not set(keys) & set(keep) else x
+
         return jax.tree_util.tree_map_with_path(f, st)
 
     np.testing.assert_array_equal(
-        np.asarray(run(scaled(("bridge", "segdm")), "none").latent), np.asarray(none.latent))
+        np.asarray(run(scaled(("bridge", "segdm")), "none").latent), np.asarray(none.latent)
+    )
     np.testing.assert_array_equal(
         np.asarray(run(scaled(("segdm",), keep=("label_embedding",)), "fixed").latent),
-        np.asarray(fixed.latent))
-    assert not np.array_equal(np.asarray(run(scaled(("segdm",)), "fixed").latent),
-                              np.asarray(fixed.latent))
+        np.asarray(fixed.latent),
+    )
+    assert not np.array_equal(
+        np.asarray(run(scaled(("segdm",)), "fixed").latent), np.asarray(fixed.latent)
+    )
     with pytest.raises(ValueError, match="seg_prior"):
         sampling.make_plan((16, 16), 2, seg_prior="oracle")
 
@@ -239,8 +248,10 @@ def test_bf16_sampler_casts_weights_once_before_the_scan(monkeypatch):
     from segsr_jax.models.segsr import SegSR
     from tests.tiny_segsr import tiny_config
 
-    model = perturb(SegSR(tiny_config(), dtype=jnp.bfloat16,
-                          rngs=nnx.Rngs(jax.random.key(0, impl="rbg"))), seed=2)
+    model = perturb(
+        SegSR(tiny_config(), dtype=jnp.bfloat16, rngs=nnx.Rngs(jax.random.key(0, impl="rbg"))),
+        seed=2,
+    )
     plan = sampling.make_plan((16, 16), 2, tile=96, guidance=False)
     sched = samplers.make_schedule("ddim", 2)
     lq, ctx, _ = _inputs(model, hw=(16, 16))
@@ -250,9 +261,10 @@ def test_bf16_sampler_casts_weights_once_before_the_scan(monkeypatch):
     def loop_weights(fn):
         """dtypes of the 3x3 conv kernels the scan takes as loop constants."""
         eqn = _scan_eqn(jax.jit(fn).trace(*args).jaxpr.jaxpr)
-        consts = eqn.invars[:eqn.params["num_consts"]]
-        return [str(v.aval.dtype) for v in consts
-                if v.aval.ndim == 4 and v.aval.shape[:2] == (3, 3)]
+        consts = eqn.invars[: eqn.params["num_consts"]]
+        return [
+            str(v.aval.dtype) for v in consts if v.aval.ndim == 4 and v.aval.shape[:2] == (3, 3)
+        ]
 
     def fn(state, *a):
         return sampling.sample(nnx.merge(g, state), plan, *a)
@@ -271,8 +283,9 @@ def test_bf16_sampler_casts_weights_once_before_the_scan(monkeypatch):
     per_step = loop_weights(fn_per_step)
     assert per_step and set(per_step) == {"float32"}, per_step  # what the test guards against
     ref = jax.jit(fn_per_step)(*args)
-    np.testing.assert_array_equal(np.asarray(out.latent, np.float32),
-                                  np.asarray(ref.latent, np.float32))  # the same casts
+    np.testing.assert_array_equal(
+        np.asarray(out.latent, np.float32), np.asarray(ref.latent, np.float32)
+    )  # the same casts
     np.testing.assert_array_equal(out.labels, ref.labels)
 
 
@@ -282,14 +295,15 @@ def test_compute_dtype_weights_copy_leaves_the_model_alone():
     from segsr_jax.models.segsr import SegSR
     from tests.tiny_segsr import tiny_config
 
-    model = SegSR(tiny_config(), dtype=jnp.bfloat16,
-                  rngs=nnx.Rngs(jax.random.key(0, impl="rbg")))
+    model = SegSR(tiny_config(), dtype=jnp.bfloat16, rngs=nnx.Rngs(jax.random.key(0, impl="rbg")))
     kernel = lambda m: m.unet.conv_in.kernel[...]
     copy = layers.with_compute_dtype_weights(model)
     assert kernel(copy).dtype == jnp.bfloat16
     assert kernel(model).dtype == jnp.float32
-    np.testing.assert_array_equal(np.asarray(kernel(copy), np.float32),
-                                  np.asarray(kernel(model).astype(jnp.bfloat16), np.float32))
+    np.testing.assert_array_equal(
+        np.asarray(kernel(copy), np.float32),
+        np.asarray(kernel(model).astype(jnp.bfloat16), np.float32),
+    )
 
     @nnx.jit
     def cast_inside(m):
@@ -299,4 +313,4 @@ def test_compute_dtype_weights_copy_leaves_the_model_alone():
     assert kernel(model).dtype == jnp.float32
     assert layers.inference_weights(model) is not model
     f32 = SegSR(tiny_config(), rngs=nnx.Rngs(jax.random.key(0, impl="rbg")))
-    assert layers.inference_weights(f32) is f32   # nothing to cast: no copy, no compile
+    assert layers.inference_weights(f32) is f32  # nothing to cast: no copy, no compile

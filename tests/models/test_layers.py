@@ -21,11 +21,18 @@ def _sd(module):
 
 @pytest.mark.parametrize("cin,cout,groups", [(8, 8, 4), (8, 16, 2), (12, 6, 3)])
 def test_resnet_block_matches_diffusers(cin, cout, groups, np_rng):
-    ref = perturb_(dl.ResnetBlock2D(in_channels=cin, out_channels=cout, temb_channels=10,
-                                    groups=groups, eps=1e-6), seed=cin + cout)
+    ref = perturb_(
+        dl.ResnetBlock2D(
+            in_channels=cin, out_channels=cout, temb_channels=10, groups=groups, eps=1e-6
+        ),
+        seed=cin + cout,
+    )
     ours = load_state_dict(
-        lambda: layers.ResnetBlock2D(cin, cout, temb_channels=10, groups=groups, eps=1e-6,
-                                     rngs=nnx.Rngs(0)), _sd(ref))
+        lambda: layers.ResnetBlock2D(
+            cin, cout, temb_channels=10, groups=groups, eps=1e-6, rngs=nnx.Rngs(0)
+        ),
+        _sd(ref),
+    )
     x = np_rng.standard_normal((2, 6, 5, cin)).astype(np.float32)
     t = np_rng.standard_normal((2, 10)).astype(np.float32)
     with torch.no_grad():
@@ -37,13 +44,15 @@ def test_resnet_block_matches_diffusers(cin, cout, groups, np_rng):
 def test_attention_matches_diffusers(cross, np_rng):
     ref = perturb_(da.Attention(16, cross_attention_dim=cross, heads=4, dim_head=8), seed=3)
     ours = load_state_dict(
-        lambda: layers.Attention(16, heads=4, dim_head=8, cross_attention_dim=cross,
-                                 rngs=nnx.Rngs(0)), _sd(ref))
+        lambda: layers.Attention(
+            16, heads=4, dim_head=8, cross_attention_dim=cross, rngs=nnx.Rngs(0)
+        ),
+        _sd(ref),
+    )
     x = np_rng.standard_normal((2, 9, 16)).astype(np.float32)
     ctx = None if cross is None else np_rng.standard_normal((2, 5, cross)).astype(np.float32)
     with torch.no_grad():
-        want = ref(torch.from_numpy(x),
-                   None if ctx is None else torch.from_numpy(ctx)).numpy()
+        want = ref(torch.from_numpy(x), None if ctx is None else torch.from_numpy(ctx)).numpy()
     got = ours(jnp.asarray(x), None if ctx is None else jnp.asarray(ctx))
     assert_close_rel(got, want)
 
@@ -51,10 +60,12 @@ def test_attention_matches_diffusers(cross, np_rng):
 @pytest.mark.parametrize("flip,shift,dim", [(True, 0.0, 32), (False, 1.0, 16), (True, 1.0, 15)])
 def test_timestep_embedding_matches_diffusers(flip, shift, dim):
     t = torch.tensor([0, 1, 17, 999])
-    want = demb.get_timestep_embedding(t, dim, flip_sin_to_cos=flip,
-                                       downscale_freq_shift=shift).numpy()
-    got = layers.timestep_embedding(jnp.asarray(t.numpy()), dim, flip_sin_to_cos=flip,
-                                    downscale_freq_shift=shift)
+    want = demb.get_timestep_embedding(
+        t, dim, flip_sin_to_cos=flip, downscale_freq_shift=shift
+    ).numpy()
+    got = layers.timestep_embedding(
+        jnp.asarray(t.numpy()), dim, flip_sin_to_cos=flip, downscale_freq_shift=shift
+    )
     # sin/cos of arguments up to 999 in float32: one ulp there is 6e-5.
     np.testing.assert_allclose(np.asarray(got), want, atol=1e-4)
 
@@ -73,8 +84,7 @@ def test_up_and_down_sample_match_diffusers(np_rng):
 
 
 def test_mapper_round_trip_and_errors():
-    make = lambda: layers.ResnetBlock2D(4, 8, temb_channels=3, groups=2, eps=1e-5,
-                                        rngs=nnx.Rngs(1))
+    make = lambda: layers.ResnetBlock2D(4, 8, temb_channels=3, groups=2, eps=1e-5, rngs=nnx.Rngs(1))
     sd = state_dict_from_module(make())
     again = state_dict_from_module(load_state_dict(make, sd))
     assert sd.keys() == again.keys()
@@ -93,7 +103,7 @@ def test_mapper_round_trip_and_errors():
         load_state_dict(make, extra)
 
 
-@pytest.mark.parametrize("lq", [64, 4096])    # one block; query chunks on CPU
+@pytest.mark.parametrize("lq", [64, 4096])  # one block; query chunks on CPU
 def test_attention_gradients_recompute_scores_instead_of_storing_them(lq, np_rng):
     """The backward pass of ``layers.attention`` equals plain softmax attention's and keeps
     no [Lq, Lk] probabilities: at 4096 tokens its temporaries are a fraction of the stored
@@ -101,16 +111,21 @@ def test_attention_gradients_recompute_scores_instead_of_storing_them(lq, np_rng
     import jax
 
     heads, d, lk = 2, 8, lq
-    q, k, v = (jnp.asarray(np_rng.standard_normal((1, n, heads * d)), jnp.float32)
-               for n in (lq, lk, lk))
+    q, k, v = (
+        jnp.asarray(np_rng.standard_normal((1, n, heads * d)), jnp.float32) for n in (lq, lk, lk)
+    )
 
     def plain(q, k, v):
         qh, kh, vh = (x.reshape(1, -1, heads, d) for x in (q, k, v))
         return jax.nn.dot_product_attention(qh, kh, vh).reshape(1, lq, heads * d)
 
     def loss(fn):
-        return jax.jit(jax.grad(lambda q, k, v: jnp.sum(jnp.sin(fn(q, k, v, *(
-            () if fn is plain else (heads,))))), argnums=(0, 1, 2)))
+        return jax.jit(
+            jax.grad(
+                lambda q, k, v: jnp.sum(jnp.sin(fn(q, k, v, *(() if fn is plain else (heads,))))),
+                argnums=(0, 1, 2),
+            )
+        )
 
     ours, ref = loss(layers.attention), loss(plain)
     for a, b in zip(ours(q, k, v), ref(q, k, v), strict=True):

@@ -74,9 +74,10 @@ class TorchRRDBNet(nn.Module):
 
 def torch_model(cfg: RRDBNetConfig, seed: int = 0, fp16_round: bool = False) -> TorchRRDBNet:
     torch.manual_seed(seed)
-    model = TorchRRDBNet(cfg.num_in_ch, cfg.num_out_ch, cfg.scale, cfg.num_feat, cfg.num_block,
-                         cfg.num_grow_ch).eval()
-    if fp16_round:   # weights an fp16 ncnn file stores exactly
+    model = TorchRRDBNet(
+        cfg.num_in_ch, cfg.num_out_ch, cfg.scale, cfg.num_feat, cfg.num_block, cfg.num_grow_ch
+    ).eval()
+    if fp16_round:  # weights an fp16 ncnn file stores exactly
         with torch.no_grad():
             for name, p in model.named_parameters():
                 if name.endswith("weight"):
@@ -127,21 +128,24 @@ def test_pixel_unshuffle_scales_parity(np_rng, scale):
     t = torch.from_numpy(x).permute(0, 3, 1, 2)
     np.testing.assert_array_equal(
         np.asarray(pixel_unshuffle(x, 4 // scale)),
-        F.pixel_unshuffle(t, 4 // scale).permute(0, 2, 3, 1).numpy())
+        F.pixel_unshuffle(t, 4 // scale).permute(0, 2, 3, 1).numpy(),
+    )
 
 
 def test_tiled_upscale(np_rng):
     cfg = RRDBNetConfig(num_feat=16, num_grow_ch=8, num_block=1)
-    model = load_state_dict(lambda: RRDBNet(cfg, rngs=nnx.Rngs(0)),
-                            state_dict(torch_model(cfg, seed=3)))
+    model = load_state_dict(
+        lambda: RRDBNet(cfg, rngs=nnx.Rngs(0)), state_dict(torch_model(cfg, seed=3))
+    )
     x = np_rng.uniform(0, 1, (1, 40, 56, 3)).astype(np.float32)
     full = np.asarray(model(x))
     # One tile covering the image: exactly the untiled result.
     np.testing.assert_array_equal(np.asarray(upscale(model, x, tile=64, overlap=8)), full)
     np.testing.assert_array_equal(np.asarray(upscale(model, x, tile=None)), full)
     # 2 x 3 tiles of 24 px overlapping >= 8 px, jitted, two tiles per step.
-    tiled = np.asarray(jax.jit(lambda v: upscale(model, v, tile=24, overlap=8,
-                                                 tiles_per_step=2))(x))
+    tiled = np.asarray(
+        jax.jit(lambda v: upscale(model, v, tile=24, overlap=8, tiles_per_step=2))(x)
+    )
     assert tiled.shape == full.shape == (1, 160, 224, 3)
     diff = np.abs(tiled - full)
     # Each tile is exact away from its borders (receptive field ~10 LR px here); the
@@ -151,8 +155,14 @@ def test_tiled_upscale(np_rng):
     # Pixels covered by one tile far from any seam equal the untiled result.
     np.testing.assert_allclose(tiled[:, :40, :40], full[:, :40, :40], atol=1e-5)
     with pytest.raises(ValueError, match="divisible by 2"):
-        upscale(RRDBNet(RRDBNetConfig(scale=2, num_feat=8, num_grow_ch=4, num_block=0),
-                        rngs=nnx.Rngs(0)), x[:, :, :30], tile=15, overlap=4)
+        upscale(
+            RRDBNet(
+                RRDBNetConfig(scale=2, num_feat=8, num_grow_ch=4, num_block=0), rngs=nnx.Rngs(0)
+            ),
+            x[:, :, :30],
+            tile=15,
+            overlap=4,
+        )
 
 
 def _photos(size_lr: int):
@@ -164,12 +174,12 @@ def _photos(size_lr: int):
     for name in names:
         try:
             img = getattr(skimage.data, name)()
-        except Exception:   # an optional image that is not bundled with this version
+        except Exception:  # an optional image that is not bundled with this version
             continue
         img = img[0] if isinstance(img, tuple) else img
         s = 4 * size_lr
         top, left = (img.shape[0] - s) // 2, (img.shape[1] - s) // 2
-        out.append(img[top:top + s, left:left + s, :3])
+        out.append(img[top : top + s, left : left + s, :3])
     return np.stack(out).astype(np.float32) / 255.0
 
 

@@ -28,19 +28,52 @@ tf = pytest.importorskip("transformers")
 # sizes that are square, non-square, and not multiples of the total stride (so the decode
 # head upsamples by non-integer factors and the sr convs floor).
 CONFIGS = {
-    "4stage_64x64": (dict(num_encoder_blocks=4, depths=[1, 2, 1, 1], hidden_sizes=[8, 16, 24, 32],
-                          num_attention_heads=[1, 2, 3, 4], sr_ratios=[4, 2, 2, 1],
-                          mlp_ratios=[2, 4, 2, 3], decoder_hidden_size=16, num_labels=5,
-                          # transformers never reads layer_norm_eps; parity shows we ignore it too
-                          layer_norm_eps=1e-3), (64, 64)),
-    "2stage_64x96": (dict(num_encoder_blocks=2, depths=[2, 1], hidden_sizes=[8, 16],
-                          num_attention_heads=[2, 4], sr_ratios=[2, 1], patch_sizes=[7, 3],
-                          strides=[4, 2], mlp_ratios=[4, 2], decoder_hidden_size=32,
-                          num_labels=7, hidden_act="gelu_new"), (64, 96)),
-    "3stage_72x88": (dict(num_encoder_blocks=3, depths=[1, 1, 2], hidden_sizes=[12, 16, 24],
-                          num_attention_heads=[3, 1, 2], sr_ratios=[8, 4, 1],
-                          patch_sizes=[5, 3, 3], strides=[4, 2, 2], mlp_ratios=[4, 4, 2],
-                          decoder_hidden_size=16, num_labels=6), (72, 88)),
+    "4stage_64x64": (
+        dict(
+            num_encoder_blocks=4,
+            depths=[1, 2, 1, 1],
+            hidden_sizes=[8, 16, 24, 32],
+            num_attention_heads=[1, 2, 3, 4],
+            sr_ratios=[4, 2, 2, 1],
+            mlp_ratios=[2, 4, 2, 3],
+            decoder_hidden_size=16,
+            num_labels=5,
+            # transformers never reads layer_norm_eps; parity shows we ignore it too
+            layer_norm_eps=1e-3,
+        ),
+        (64, 64),
+    ),
+    "2stage_64x96": (
+        dict(
+            num_encoder_blocks=2,
+            depths=[2, 1],
+            hidden_sizes=[8, 16],
+            num_attention_heads=[2, 4],
+            sr_ratios=[2, 1],
+            patch_sizes=[7, 3],
+            strides=[4, 2],
+            mlp_ratios=[4, 2],
+            decoder_hidden_size=32,
+            num_labels=7,
+            hidden_act="gelu_new",
+        ),
+        (64, 96),
+    ),
+    "3stage_72x88": (
+        dict(
+            num_encoder_blocks=3,
+            depths=[1, 1, 2],
+            hidden_sizes=[12, 16, 24],
+            num_attention_heads=[3, 1, 2],
+            sr_ratios=[8, 4, 1],
+            patch_sizes=[5, 3, 3],
+            strides=[4, 2, 2],
+            mlp_ratios=[4, 4, 2],
+            decoder_hidden_size=16,
+            num_labels=6,
+        ),
+        (72, 88),
+    ),
 }
 
 
@@ -66,7 +99,8 @@ def _run_reference(model, pixels_nhwc):
     """Reference logits and fused features (captured at the head's ReLU), both NHWC."""
     captured = {}
     hook = model.decode_head.activation.register_forward_hook(
-        lambda mod, inp, out: captured.__setitem__("feats", out))
+        lambda mod, inp, out: captured.__setitem__("feats", out)
+    )
     with torch.no_grad():
         logits = model(pixel_values=nhwc_to_nchw(pixels_nhwc)).logits
     hook.remove()
@@ -142,33 +176,56 @@ def test_full_size_parameter_counts():
         assert round(params / 1e6, 1) == paper[variant], variant
         cfg = getattr(SegFormerConfig, variant)()
         with torch.device("meta"):  # shapes only, no memory, no init
-            ref = tf.SegformerForSemanticSegmentation(tf.SegformerConfig(
-                depths=list(cfg.depths), hidden_sizes=list(cfg.hidden_sizes),
-                decoder_hidden_size=cfg.decoder_hidden_size, num_labels=150))
+            ref = tf.SegformerForSemanticSegmentation(
+                tf.SegformerConfig(
+                    depths=list(cfg.depths),
+                    hidden_sizes=list(cfg.hidden_sizes),
+                    decoder_hidden_size=cfg.decoder_hidden_size,
+                    num_labels=150,
+                )
+            )
         assert params == sum(p.numel() for p in ref.parameters()), variant
     # B0 is transformers' default SegformerConfig.
     b0, default = SegFormerConfig.b0(), tf.SegformerConfig()
-    for field in ("depths", "sr_ratios", "hidden_sizes", "patch_sizes", "strides",
-                  "num_attention_heads", "mlp_ratios"):
+    for field in (
+        "depths",
+        "sr_ratios",
+        "hidden_sizes",
+        "patch_sizes",
+        "strides",
+        "num_attention_heads",
+        "mlp_ratios",
+    ):
         assert getattr(b0, field) == tuple(getattr(default, field)), field
     assert b0.decoder_hidden_size == default.decoder_hidden_size
 
 
 def test_resize_bilinear_matches_torch(np_rng):
-    for (h, w), (oh, ow) in [((2, 3), (16, 24)), ((5, 6), (18, 22)), ((9, 11), (18, 22)),
-                             ((18, 22), (9, 11)), ((18, 18), (7, 5))]:
+    for (h, w), (oh, ow) in [
+        ((2, 3), (16, 24)),
+        ((5, 6), (18, 22)),
+        ((9, 11), (18, 22)),
+        ((18, 22), (9, 11)),
+        ((18, 18), (7, 5)),
+    ]:
         x = np_rng.standard_normal((2, h, w, 3)).astype(np.float32)
-        want = torch.nn.functional.interpolate(nhwc_to_nchw(x), size=(oh, ow), mode="bilinear",
-                                               align_corners=False)
-        assert_close_rel(resize_bilinear(jnp.asarray(x), (oh, ow)), nchw_to_nhwc(want),
-                         tol=1e-5, what=f"{(h, w)}->{(oh, ow)}")
+        want = torch.nn.functional.interpolate(
+            nhwc_to_nchw(x), size=(oh, ow), mode="bilinear", align_corners=False
+        )
+        assert_close_rel(
+            resize_bilinear(jnp.asarray(x), (oh, ow)),
+            nchw_to_nhwc(want),
+            tol=1e-5,
+            what=f"{(h, w)}->{(oh, ow)}",
+        )
 
 
 def test_normalize_images_matches_image_processor(np_rng):
     pil = pytest.importorskip("transformers.models.segformer.image_processing_pil_segformer")
     images = np_rng.integers(0, 256, (2, 5, 7, 3), dtype=np.uint8)
-    want = pil.SegformerImageProcessorPil(do_resize=False)(
-        list(images), return_tensors="np")["pixel_values"].transpose(0, 2, 3, 1)
+    want = pil.SegformerImageProcessorPil(do_resize=False)(list(images), return_tensors="np")[
+        "pixel_values"
+    ].transpose(0, 2, 3, 1)
     np.testing.assert_allclose(normalize_images(images), want, atol=1e-5)
     minus1_1 = images.astype(np.float32) / 127.5 - 1.0
     np.testing.assert_allclose(normalize_images(jnp.asarray(minus1_1)), want, atol=1e-5)
@@ -193,8 +250,9 @@ def test_loader_errors(tiny_folder, tmp_path):
     bad = _copy_with(folder, tmp_path / "unknown", config=lambda c: {**c, "foo_ratio": 3})
     with pytest.raises(CheckpointError, match="foo_ratio"):
         weights.load_segformer(bad)
-    bad = _copy_with(folder, tmp_path / "encdec",
-                     config=lambda c: {**c, "is_encoder_decoder": True})
+    bad = _copy_with(
+        folder, tmp_path / "encdec", config=lambda c: {**c, "is_encoder_decoder": True}
+    )
     with pytest.raises(CheckpointError, match="is_encoder_decoder"):
         weights.load_segformer(bad)
     bad = _copy_with(folder, tmp_path / "act", config=lambda c: {**c, "hidden_act": "mish"})
@@ -210,13 +268,17 @@ def test_loader_errors(tiny_folder, tmp_path):
         weights.load_segformer(bad)
 
     key = "decode_head.classifier.weight"
-    bad = _copy_with(folder, tmp_path / "shape",
-                     tensors=lambda sd: {**sd, key: np.zeros((4, 16, 1, 1), np.float32)})
+    bad = _copy_with(
+        folder,
+        tmp_path / "shape",
+        tensors=lambda sd: {**sd, key: np.zeros((4, 16, 1, 1), np.float32)},
+    )
     with pytest.raises(CheckpointError, match=key):
         weights.load_segformer(bad)
     key = "segformer.encoder.block.1.0.attention.self.sr.weight"
-    bad = _copy_with(folder, tmp_path / "missing",
-                     tensors=lambda sd: {k: v for k, v in sd.items() if k != key})
+    bad = _copy_with(
+        folder, tmp_path / "missing", tensors=lambda sd: {k: v for k, v in sd.items() if k != key}
+    )
     with pytest.raises(CheckpointError, match=key):
         weights.load_segformer(bad)
 

@@ -10,19 +10,36 @@ from flax import nnx
 from segsr_jax.models.bridge import Bridge, BridgeConfig
 from segsr_jax.models.segdm import IGNORE_INDEX, SegDM, SegDMConfig
 
-SEG = SegDMConfig(num_classes=5, embed_dim=8, feat_channels=6, cond_channels=3,
-                  hidden_channels=16, num_blocks=2, attention_blocks=(1,), num_heads=2,
-                  norm_groups=4)
-BRIDGE = BridgeConfig(latent_channels=4, seg_channels=8, hidden_channels=16, num_blocks=2,
-                      c_channels=4, i_channels=3, norm_groups=4)
+SEG = SegDMConfig(
+    num_classes=5,
+    embed_dim=8,
+    feat_channels=6,
+    cond_channels=3,
+    hidden_channels=16,
+    num_blocks=2,
+    attention_blocks=(1,),
+    num_heads=2,
+    norm_groups=4,
+)
+BRIDGE = BridgeConfig(
+    latent_channels=4,
+    seg_channels=8,
+    hidden_channels=16,
+    num_blocks=2,
+    c_channels=4,
+    i_channels=3,
+    norm_groups=4,
+)
 
 
 def _inputs(seed=0, b=2, h=8, w=6):
     r = np.random.default_rng(seed)
-    return (jnp.asarray(r.standard_normal((b, h, w, 8)), jnp.float32),
-            jnp.asarray(r.standard_normal((b, h, w, 6)), jnp.float32),
-            jnp.asarray(r.standard_normal((b, h, w, 3)), jnp.float32),
-            jnp.asarray(r.standard_normal((b, h, w, 4)), jnp.float32))
+    return (
+        jnp.asarray(r.standard_normal((b, h, w, 8)), jnp.float32),
+        jnp.asarray(r.standard_normal((b, h, w, 6)), jnp.float32),
+        jnp.asarray(r.standard_normal((b, h, w, 3)), jnp.float32),
+        jnp.asarray(r.standard_normal((b, h, w, 4)), jnp.float32),
+    )
 
 
 def test_label_embedding_scale_ignore_and_soft_embedding():
@@ -68,8 +85,8 @@ def test_bridge_streams_exchange_information():
     for head in (bridge.i_out, bridge.c_out):
         head.kernel[...] = jax.random.normal(jax.random.key(3), head.kernel.shape) * 0.1
     i_a, c_a = bridge(z_t, s_t, 500)
-    i_z, c_z = bridge(z_t + 1.0, s_t, 500)   # change the image only
-    i_s, c_s = bridge(z_t, s_t + 1.0, 500)   # change the segmentation only
+    i_z, c_z = bridge(z_t + 1.0, s_t, 500)  # change the image only
+    i_s, c_s = bridge(z_t, s_t + 1.0, 500)  # change the segmentation only
     # Each output depends on both modalities through the exchange convs.
     for a, b in ((i_a, i_z), (i_a, i_s), (c_a, c_z), (c_a, c_s)):
         assert float(jnp.abs(a - b).max()) > 1e-4

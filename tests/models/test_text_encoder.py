@@ -19,18 +19,45 @@ safetensors_numpy = pytest.importorskip("safetensors.numpy")
 # Small configs: non-default head counts, both activations, different eps and lengths.
 # eos_token_id 2 exercises the legacy "argmax id" pooling that SD-2's config selects.
 CONFIGS = {
-    "gelu_h2": dict(hidden_size=32, num_attention_heads=2, num_hidden_layers=2,
-                    intermediate_size=37, hidden_act="gelu", layer_norm_eps=1e-5,
-                    max_position_embeddings=12, vocab_size=99, bos_token_id=97,
-                    eos_token_id=98, pad_token_id=0),
-    "quick_h4": dict(hidden_size=64, num_attention_heads=4, num_hidden_layers=3,
-                     intermediate_size=48, hidden_act="quick_gelu", layer_norm_eps=1e-6,
-                     max_position_embeddings=12, vocab_size=99, bos_token_id=0,
-                     eos_token_id=2, pad_token_id=1),
-    "gelu_h3": dict(hidden_size=48, num_attention_heads=3, num_hidden_layers=2,
-                    intermediate_size=64, hidden_act="gelu", layer_norm_eps=1e-3,
-                    max_position_embeddings=16, vocab_size=77, bos_token_id=75,
-                    eos_token_id=76, pad_token_id=0),
+    "gelu_h2": dict(
+        hidden_size=32,
+        num_attention_heads=2,
+        num_hidden_layers=2,
+        intermediate_size=37,
+        hidden_act="gelu",
+        layer_norm_eps=1e-5,
+        max_position_embeddings=12,
+        vocab_size=99,
+        bos_token_id=97,
+        eos_token_id=98,
+        pad_token_id=0,
+    ),
+    "quick_h4": dict(
+        hidden_size=64,
+        num_attention_heads=4,
+        num_hidden_layers=3,
+        intermediate_size=48,
+        hidden_act="quick_gelu",
+        layer_norm_eps=1e-6,
+        max_position_embeddings=12,
+        vocab_size=99,
+        bos_token_id=0,
+        eos_token_id=2,
+        pad_token_id=1,
+    ),
+    "gelu_h3": dict(
+        hidden_size=48,
+        num_attention_heads=3,
+        num_hidden_layers=2,
+        intermediate_size=64,
+        hidden_act="gelu",
+        layer_norm_eps=1e-3,
+        max_position_embeddings=16,
+        vocab_size=77,
+        bos_token_id=75,
+        eos_token_id=76,
+        pad_token_id=0,
+    ),
 }
 
 
@@ -46,7 +73,7 @@ def _input_ids(cfg, batch, length, rng):
     ids[:, 0] = cfg["bos_token_id"]
     for row, n in enumerate(rng.integers(1, length - 1, batch)):
         ids[row, n] = cfg["eos_token_id"]
-        ids[row, n + 1:] = cfg["pad_token_id"]
+        ids[row, n + 1 :] = cfg["pad_token_id"]
     if cfg["eos_token_id"] == 2:  # legacy configs: EOS must be the largest id in its row
         ids[ids == cfg["eos_token_id"]] = cfg["vocab_size"] - 1
     return ids
@@ -61,8 +88,9 @@ def _save_v4_layout(model, folder):
     safetensors_numpy.save_file(sd, str(folder / "model.safetensors"))
 
 
-@pytest.mark.parametrize("name,layout", [("gelu_h2", "component"), ("quick_h4", "pipeline"),
-                                         ("gelu_h3", "v4_prefix")])
+@pytest.mark.parametrize(
+    "name,layout", [("gelu_h2", "component"), ("quick_h4", "pipeline"), ("gelu_h3", "v4_prefix")]
+)
 def test_matches_transformers(name, layout, tmp_path, np_rng):
     ref = _reference(name, seed=len(name))
     if layout == "component":
@@ -88,16 +116,21 @@ def test_matches_transformers(name, layout, tmp_path, np_rng):
     assert_close_rel(te(jnp.asarray(ids)), want.last_hidden_state.numpy(), what="plain call")
     for i in (1, -1):  # first block, and the last block before final_layer_norm
         assert_close_rel(hidden[i], want.hidden_states[i].numpy(), what=f"hidden_states[{i}]")
-    assert_close_rel(te.pool(last, jnp.asarray(ids)), want.pooler_output.numpy(),
-                     what="pooled")
+    assert_close_rel(te.pool(last, jnp.asarray(ids)), want.pooler_output.numpy(), what="pooled")
 
 
 def test_full_clip_model_folder(tmp_path, np_rng):
     """A CLIPModel checkpoint (nested text_config, vision tower, projections) loads its text
     tower and the vision tensors are skipped."""
     text = CONFIGS["gelu_h2"]
-    vision = dict(hidden_size=16, intermediate_size=20, num_hidden_layers=1,
-                  num_attention_heads=2, image_size=8, patch_size=4)
+    vision = dict(
+        hidden_size=16,
+        intermediate_size=20,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        image_size=8,
+        patch_size=4,
+    )
     cfg = transformers.CLIPConfig(text_config=text, vision_config=vision, projection_dim=8)
     ref = perturb_(transformers.CLIPModel(cfg), seed=5, scale=0.1)
     ref.save_pretrained(tmp_path)
@@ -112,22 +145,41 @@ def test_config_parsing():
     # SD-2's text_encoder/config.json as written by transformers 4.25.
     sd2_raw = {
         "_name_or_path": "hf-models/stable-diffusion-v2-base/text_encoder",
-        "architectures": ["CLIPTextModel"], "attention_dropout": 0.0, "bos_token_id": 0,
-        "dropout": 0.0, "eos_token_id": 2, "hidden_act": "gelu", "hidden_size": 1024,
-        "initializer_factor": 1.0, "initializer_range": 0.02, "intermediate_size": 4096,
-        "layer_norm_eps": 1e-05, "max_position_embeddings": 77,
-        "model_type": "clip_text_model", "num_attention_heads": 16, "num_hidden_layers": 23,
-        "pad_token_id": 1, "projection_dim": 512, "torch_dtype": "float32",
-        "transformers_version": "4.25.0.dev0", "vocab_size": 49408}
+        "architectures": ["CLIPTextModel"],
+        "attention_dropout": 0.0,
+        "bos_token_id": 0,
+        "dropout": 0.0,
+        "eos_token_id": 2,
+        "hidden_act": "gelu",
+        "hidden_size": 1024,
+        "initializer_factor": 1.0,
+        "initializer_range": 0.02,
+        "intermediate_size": 4096,
+        "layer_norm_eps": 1e-05,
+        "max_position_embeddings": 77,
+        "model_type": "clip_text_model",
+        "num_attention_heads": 16,
+        "num_hidden_layers": 23,
+        "pad_token_id": 1,
+        "projection_dim": 512,
+        "torch_dtype": "float32",
+        "transformers_version": "4.25.0.dev0",
+        "vocab_size": 49408,
+    }
     assert text_config_from_transformers(sd2_raw) == CLIPTextConfig.sd2()
     # transformers 5 writes every key; defaults must agree with ours.
-    assert text_config_from_transformers(transformers.CLIPTextConfig().to_dict()) == \
-        CLIPTextConfig()
+    assert (
+        text_config_from_transformers(transformers.CLIPTextConfig().to_dict()) == CLIPTextConfig()
+    )
     full = transformers.CLIPConfig(text_config=dict(hidden_size=64, num_attention_heads=4))
     assert text_config_from_transformers(full.to_dict()) == CLIPTextConfig(
-        hidden_size=64, num_attention_heads=4)
-    legacy = {"model_type": "clip", "text_config": {"hidden_size": 64},
-              "text_config_dict": {"hidden_size": 96, "num_attention_heads": 4}}
+        hidden_size=64, num_attention_heads=4
+    )
+    legacy = {
+        "model_type": "clip",
+        "text_config": {"hidden_size": 64},
+        "text_config_dict": {"hidden_size": 96, "num_attention_heads": 4},
+    }
     assert text_config_from_transformers(legacy).hidden_size == 96
 
     with pytest.raises(weights.CheckpointError, match="use_attention_mask"):
@@ -198,9 +250,15 @@ def test_sd2_parameter_count():
     # transformers counts the same tensors (the position embedding is a parameter; the
     # position_ids buffer is not); build its model on the meta device, without memory.
     with torch.device("meta"):
-        ref = transformers.CLIPTextModel(transformers.CLIPTextConfig(
-            hidden_size=1024, intermediate_size=4096, num_hidden_layers=23,
-            num_attention_heads=16, hidden_act="gelu"))
+        ref = transformers.CLIPTextModel(
+            transformers.CLIPTextConfig(
+                hidden_size=1024,
+                intermediate_size=4096,
+                num_hidden_layers=23,
+                num_attention_heads=16,
+                hidden_act="gelu",
+            )
+        )
     assert ours == sum(p.numel() for p in ref.parameters()) == 340_387_840
 
 
@@ -226,23 +284,46 @@ def _write_sd2_style_folder(folder, max_length=12):
     folder.mkdir(parents=True)
     (folder / "vocab.json").write_text(json.dumps(_tiny_vocab()))
     (folder / "merges.txt").write_text(
-        "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in _MERGES))
-    special = lambda s: {"content": s, "lstrip": False, "normalized": True, "rstrip": False,
-                         "single_word": False}
-    (folder / "tokenizer_config.json").write_text(json.dumps({
-        "add_prefix_space": False, "bos_token": dict(special(BOS), __type="AddedToken"),
-        "do_lower_case": True, "eos_token": dict(special(EOS), __type="AddedToken"),
-        "errors": "replace", "model_max_length": max_length, "pad_token": EOS,
-        "tokenizer_class": "CLIPTokenizer",
-        "unk_token": dict(special(EOS), __type="AddedToken")}))
-    (folder / "special_tokens_map.json").write_text(json.dumps({
-        "bos_token": special(BOS), "eos_token": special(EOS), "pad_token": "!",
-        "unk_token": special(EOS)}))
+        "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in _MERGES)
+    )
+    special = lambda s: {
+        "content": s,
+        "lstrip": False,
+        "normalized": True,
+        "rstrip": False,
+        "single_word": False,
+    }
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "add_prefix_space": False,
+                "bos_token": dict(special(BOS), __type="AddedToken"),
+                "do_lower_case": True,
+                "eos_token": dict(special(EOS), __type="AddedToken"),
+                "errors": "replace",
+                "model_max_length": max_length,
+                "pad_token": EOS,
+                "tokenizer_class": "CLIPTokenizer",
+                "unk_token": dict(special(EOS), __type="AddedToken"),
+            }
+        )
+    )
+    (folder / "special_tokens_map.json").write_text(
+        json.dumps(
+            {
+                "bos_token": special(BOS),
+                "eos_token": special(EOS),
+                "pad_token": "!",
+                "unk_token": special(EOS),
+            }
+        )
+    )
 
 
 def _hf_tokenizer(pad_token, max_length=12):
-    return transformers.CLIPTokenizer(vocab=_tiny_vocab(), merges=list(_MERGES),
-                                      pad_token=pad_token, model_max_length=max_length)
+    return transformers.CLIPTokenizer(
+        vocab=_tiny_vocab(), merges=list(_MERGES), pad_token=pad_token, model_max_length=max_length
+    )
 
 
 PROMPTS = ["the cat", "", "The  CAT on, the cat sat on the mat with a hat!!", "Zebra?"]
@@ -264,8 +345,9 @@ def test_tokenizer_matches_transformers(layout, tmp_path):
     assert got.dtype == np.int32 and got.shape == (len(PROMPTS), 12)
     # diffusers' StableDiffusionPipeline.encode_prompt tokenizes exactly so.
     ref = _hf_tokenizer(pad)
-    want = ref(PROMPTS, padding="max_length", max_length=ref.model_max_length,
-               truncation=True)["input_ids"]
+    want = ref(PROMPTS, padding="max_length", max_length=ref.model_max_length, truncation=True)[
+        "input_ids"
+    ]
     np.testing.assert_array_equal(got, np.asarray(want))
     # Independently of transformers: BPE merges, padding, and truncation that keeps EOS.
     b, e, p = vocab[BOS], vocab[EOS], vocab[pad]
@@ -295,8 +377,11 @@ def test_tokenizer_errors(tmp_path):
 
 def _bytes_to_unicode():
     """GPT-2 / CLIP's reversible byte -> printable character table."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
-        list(range(ord("®"), ord("ÿ") + 1))
+    bs = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
     cs = bs[:]
     n = 0
     for b in range(256):
@@ -318,15 +403,14 @@ def test_tokenizer_real_clip_vocabulary(tmp_path):
     bpe = Path(spec.origin).parent / "bpe_simple_vocab_16e6.txt.gz" if spec else None
     if bpe is None or not bpe.is_file():
         pytest.skip("open_clip_torch (CLIP's BPE vocabulary) is not installed")
-    lines = gzip.open(bpe).read().decode("utf-8").split("\n")[1:49152 - 256 - 2 + 1]
+    lines = gzip.open(bpe).read().decode("utf-8").split("\n")[1 : 49152 - 256 - 2 + 1]
     merges = [tuple(line.split()) for line in lines]
     chars = _bytes_to_unicode()
     tokens = chars + [c + "</w>" for c in chars] + ["".join(m) for m in merges] + [BOS, EOS]
     folder = tmp_path / "tokenizer"
     _write_sd2_style_folder(folder, max_length=77)
     (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
-    (folder / "merges.txt").write_text(
-        "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
     ids = weights.load_tokenizer(tmp_path)(["a photo of a cat", "word " * 100])
     np.testing.assert_array_equal(ids[0, :8], [49406, 320, 1125, 539, 320, 2368, 49407, 0])
     assert (ids[0, 8:] == 0).all() and ids.shape == (2, 77)

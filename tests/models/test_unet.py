@@ -23,35 +23,61 @@ diffusers = pytest.importorskip("diffusers")
 CONFIGS = {
     # SD-2 style: linear projections, per-block head counts, 8 groups, one layer per block.
     "linear_tuple_heads": dict(
-        sample_size=16, block_out_channels=(32, 64), layers_per_block=1,
+        sample_size=16,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), attention_head_dim=(2, 4),
-        cross_attention_dim=24, norm_num_groups=8, use_linear_projection=True),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        attention_head_dim=(2, 4),
+        cross_attention_dim=24,
+        norm_num_groups=8,
+        use_linear_projection=True,
+    ),
     # SD-1 style: 1x1-conv projections, one int head count (4), 16 groups, two layers, two
     # transformer layers in the first block, cos-first off and freq_shift 1, other eps.
     "conv_int_heads": dict(
-        sample_size=16, block_out_channels=(32, 64), layers_per_block=2,
+        sample_size=16,
+        block_out_channels=(32, 64),
+        layers_per_block=2,
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), attention_head_dim=4,
-        transformer_layers_per_block=(2, 1), cross_attention_dim=16, norm_num_groups=16,
-        flip_sin_to_cos=False, freq_shift=1, norm_eps=1e-6),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        attention_head_dim=4,
+        transformer_layers_per_block=(2, 1),
+        cross_attention_dim=16,
+        norm_num_groups=16,
+        flip_sin_to_cos=False,
+        freq_shift=1,
+        norm_eps=1e-6,
+    ),
     # Three levels, plain block first, unpadded downsampling, odd latent size (10 -> 5 -> 2,
     # so the decoder must upsample to the skips' sizes), centred input, mid scale factor.
     "three_levels_odd_size": dict(
-        sample_size=10, block_out_channels=(16, 32, 32), layers_per_block=1,
+        sample_size=10,
+        block_out_channels=(16, 32, 32),
+        layers_per_block=1,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=(1, 2, 8), cross_attention_dim=12, norm_num_groups=8,
-        use_linear_projection=True, downsample_padding=0, mid_block_scale_factor=1.414,
-        center_input_sample=True),
+        attention_head_dim=(1, 2, 8),
+        cross_attention_dim=12,
+        norm_num_groups=8,
+        use_linear_projection=True,
+        downsample_padding=0,
+        mid_block_scale_factor=1.414,
+        center_input_sample=True,
+    ),
 }
 
 
 # The smallest valid UNet, for loader and error tests.
-TINY = dict(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4,
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), attention_head_dim=2,
-            cross_attention_dim=8)
+TINY = dict(
+    block_out_channels=(8, 16),
+    layers_per_block=1,
+    norm_num_groups=4,
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    attention_head_dim=2,
+    cross_attention_dim=8,
+)
 
 
 def _make_reference(kw, seed):
@@ -72,8 +98,9 @@ def _random_residuals(ref, x, t, ctx, seed=1):
     shapes = []
     hooks = [ref.conv_in.register_forward_hook(lambda m, i, o: shapes.append(o.shape))]
     for block in ref.down_blocks:
-        hooks.append(block.register_forward_hook(
-            lambda m, i, o: shapes.extend(r.shape for r in o[1])))
+        hooks.append(
+            block.register_forward_hook(lambda m, i, o: shapes.extend(r.shape for r in o[1]))
+        )
     hooks.append(ref.mid_block.register_forward_hook(lambda m, i, o: shapes.append(o.shape)))
     with torch.no_grad():
         ref(nhwc_to_nchw(x), torch.from_numpy(t), torch.from_numpy(ctx))
@@ -97,11 +124,14 @@ def _run_ours(unet, *args):
 BF16_REL_TOL = 5e-2
 
 
-@pytest.mark.parametrize("name,safe,with_residuals,scalar_t,check_bf16", [
-    ("linear_tuple_heads", True, True, False, True),
-    ("conv_int_heads", False, False, False, False),  # loaded from a .bin file
-    ("three_levels_odd_size", True, True, True, False),
-])
+@pytest.mark.parametrize(
+    "name,safe,with_residuals,scalar_t,check_bf16",
+    [
+        ("linear_tuple_heads", True, True, False, True),
+        ("conv_int_heads", False, False, False, False),  # loaded from a .bin file
+        ("three_levels_odd_size", True, True, True, False),
+    ],
+)
 def test_unet_matches_diffusers(name, safe, with_residuals, scalar_t, check_bf16, tmp_path):
     kw = CONFIGS[name]
     ref = _make_reference(kw, seed=len(name))
@@ -117,11 +147,22 @@ def test_unet_matches_diffusers(name, safe, with_residuals, scalar_t, check_bf16
     if with_residuals:
         down, mid = _random_residuals(ref, x, t, ctx)
     with torch.no_grad():
-        want = nchw_to_nhwc(ref(nhwc_to_nchw(x), t_ref, torch.from_numpy(ctx),
-                                down_block_additional_residuals=down,
-                                mid_block_additional_residual=mid).sample)
-    args = (x, t_ours, ctx, None if down is None else [nchw_to_nhwc(r) for r in down],
-            None if mid is None else nchw_to_nhwc(mid))
+        want = nchw_to_nhwc(
+            ref(
+                nhwc_to_nchw(x),
+                t_ref,
+                torch.from_numpy(ctx),
+                down_block_additional_residuals=down,
+                mid_block_additional_residual=mid,
+            ).sample
+        )
+    args = (
+        x,
+        t_ours,
+        ctx,
+        None if down is None else [nchw_to_nhwc(r) for r in down],
+        None if mid is None else nchw_to_nhwc(mid),
+    )
     got = _run_ours(ours, *args)
     assert_close_rel(got, want, what=name)
 
@@ -153,16 +194,36 @@ def test_sd2_base_parameter_count():
 
 # stabilityai/stable-diffusion-2-base unet/config.json as published (diffusers 0.8 era).
 SD2_BASE_CONFIG = {
-    "_class_name": "UNet2DConditionModel", "_diffusers_version": "0.8.0", "act_fn": "silu",
-    "attention_head_dim": [5, 10, 20, 20], "block_out_channels": [320, 640, 1280, 1280],
-    "center_input_sample": False, "cross_attention_dim": 1024,
-    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
-                         "CrossAttnDownBlock2D", "DownBlock2D"],
-    "downsample_padding": 1, "dual_cross_attention": False, "flip_sin_to_cos": True,
-    "freq_shift": 0, "in_channels": 4, "layers_per_block": 2, "mid_block_scale_factor": 1,
-    "norm_eps": 1e-05, "norm_num_groups": 32, "out_channels": 4, "sample_size": 64,
-    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D",
-                       "CrossAttnUpBlock2D"],
+    "_class_name": "UNet2DConditionModel",
+    "_diffusers_version": "0.8.0",
+    "act_fn": "silu",
+    "attention_head_dim": [5, 10, 20, 20],
+    "block_out_channels": [320, 640, 1280, 1280],
+    "center_input_sample": False,
+    "cross_attention_dim": 1024,
+    "down_block_types": [
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "DownBlock2D",
+    ],
+    "downsample_padding": 1,
+    "dual_cross_attention": False,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "in_channels": 4,
+    "layers_per_block": 2,
+    "mid_block_scale_factor": 1,
+    "norm_eps": 1e-05,
+    "norm_num_groups": 32,
+    "out_channels": 4,
+    "sample_size": 64,
+    "up_block_types": [
+        "UpBlock2D",
+        "CrossAttnUpBlock2D",
+        "CrossAttnUpBlock2D",
+        "CrossAttnUpBlock2D",
+    ],
     "use_linear_projection": True,
 }
 
@@ -173,8 +234,11 @@ def test_config_keys_classified():
     and diffusers' own full default config parses."""
     assert unet_weights.unet_config_from_diffusers(SD2_BASE_CONFIG) == UNetConfig.sd2_base()
     keys = set(inspect.signature(diffusers.UNet2DConditionModel.__init__).parameters) - {"self"}
-    ours = ({f.name for f in dataclasses.fields(UNetConfig)} | set(unet_weights.UNET_UNSUPPORTED)
-            | unet_weights.UNET_IGNORED)
+    ours = (
+        {f.name for f in dataclasses.fields(UNetConfig)}
+        | set(unet_weights.UNET_UNSUPPORTED)
+        | unet_weights.UNET_IGNORED
+    )
     assert keys <= ours, keys - ours
     full = dict(diffusers.UNet2DConditionModel(**TINY).config)  # every key, diffusers' values
     cfg = unet_weights.unet_config_from_diffusers(json.loads(json.dumps(full)))
@@ -187,17 +251,22 @@ def tiny_unet_dir(tmp_path):
     return tmp_path / "tiny"
 
 
-@pytest.mark.parametrize("changes,message", [
-    ({"frobnicate_attention": True}, "unknown config field.*frobnicate_attention"),
-    ({"class_embed_type": "timestep"}, "unsupported setting.*class_embed_type='timestep'"),
-    ({"down_block_types": ["CrossAttnDownBlock2D", "SimpleCrossAttnDownBlock2D"]},
-     "unsupported down block type.*SimpleCrossAttnDownBlock2D"),
-    ({"_class_name": "ControlNetModel"}, "ControlNetModel, not a UNet2DConditionModel"),
-    # Checkpoints from a different config: two transformer layers (their tensors are
-    # missing), or other widths (shapes differ).
-    ({"transformer_layers_per_block": 2}, "does not match the model config.*missing"),
-    ({"block_out_channels": [8, 24], "norm_num_groups": 4}, "shape mismatch"),
-])
+@pytest.mark.parametrize(
+    "changes,message",
+    [
+        ({"frobnicate_attention": True}, "unknown config field.*frobnicate_attention"),
+        ({"class_embed_type": "timestep"}, "unsupported setting.*class_embed_type='timestep'"),
+        (
+            {"down_block_types": ["CrossAttnDownBlock2D", "SimpleCrossAttnDownBlock2D"]},
+            "unsupported down block type.*SimpleCrossAttnDownBlock2D",
+        ),
+        ({"_class_name": "ControlNetModel"}, "ControlNetModel, not a UNet2DConditionModel"),
+        # Checkpoints from a different config: two transformer layers (their tensors are
+        # missing), or other widths (shapes differ).
+        ({"transformer_layers_per_block": 2}, "does not match the model config.*missing"),
+        ({"block_out_channels": [8, 24], "norm_num_groups": 4}, "shape mismatch"),
+    ],
+)
 def test_config_errors(tiny_unet_dir, changes, message):
     path = tiny_unet_dir / "config.json"
     path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))

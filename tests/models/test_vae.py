@@ -56,13 +56,37 @@ def _old_attention_names(tensors, as_conv):
 # (reference kwargs, image [H, W], how the checkpoint is written)
 PARITY_CASES = [
     (dict(block_out_channels=(32, 64), layers_per_block=1), (32, 32), "pipeline"),
-    (dict(block_out_channels=(16, 32, 32), layers_per_block=2, norm_num_groups=8,
-          latent_channels=3), (16, 24), "bin"),
-    (dict(block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=4,
-          scaling_factor=0.5), (16, 24), "old_names_conv"),
-    (dict(block_out_channels=(16, 32), layers_per_block=2, norm_num_groups=8, in_channels=1,
-          out_channels=2, use_quant_conv=False, mid_block_add_attention=False,
-          shift_factor=0.1), (16, 16), "safetensors"),
+    (
+        dict(
+            block_out_channels=(16, 32, 32),
+            layers_per_block=2,
+            norm_num_groups=8,
+            latent_channels=3,
+        ),
+        (16, 24),
+        "bin",
+    ),
+    (
+        dict(
+            block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=4, scaling_factor=0.5
+        ),
+        (16, 24),
+        "old_names_conv",
+    ),
+    (
+        dict(
+            block_out_channels=(16, 32),
+            layers_per_block=2,
+            norm_num_groups=8,
+            in_channels=1,
+            out_channels=2,
+            use_quant_conv=False,
+            mid_block_add_attention=False,
+            shift_factor=0.1,
+        ),
+        (16, 16),
+        "safetensors",
+    ),
 ]
 
 
@@ -95,8 +119,11 @@ def test_vae_matches_diffusers(kw, hw, how, tmp_path, np_rng):
 
     # Scaled helpers: (z - shift) * scale, and back.
     shift = kw.get("shift_factor") or 0.0
-    np.testing.assert_allclose(vae.encode_latent(jnp.asarray(x)),
-                               (np.asarray(mean) - shift) * cfg.scaling_factor, rtol=1e-6)
+    np.testing.assert_allclose(
+        vae.encode_latent(jnp.asarray(x)),
+        (np.asarray(mean) - shift) * cfg.scaling_factor,
+        rtol=1e-6,
+    )
     z_scaled = (z - shift) * cfg.scaling_factor
     assert_close_rel(vae.decode_latent(jnp.asarray(z_scaled)), want_x, what="decode_latent")
     sample = vae.encode_latent(jnp.asarray(x), key=jax.random.key(0))
@@ -120,6 +147,7 @@ def test_sd2_parameter_count():
 
 
 # ---------------------------------------------------------------- tiling
+
 
 @pytest.fixture(scope="module")
 def small_vae_folder(tmp_path_factory):
@@ -156,8 +184,9 @@ def test_blending_is_exact_for_pointwise_functions(ramp, np_rng):
     up = lambda t: jnp.repeat(jnp.repeat(jnp.tanh(t), 4, axis=1), 4, axis=2)
     down = lambda t: t[:, ::4, ::4] * 2.0
     np.testing.assert_allclose(tiled_apply(up, x, 16, 5, num=4, ramp=ramp), up(x), atol=1e-6)
-    np.testing.assert_allclose(tiled_apply(down, x, 16, 8, den=4, align=4, ramp=ramp,
-                                           tiles_per_step=2), down(x), atol=1e-6)
+    np.testing.assert_allclose(
+        tiled_apply(down, x, 16, 8, den=4, align=4, ramp=ramp, tiles_per_step=2), down(x), atol=1e-6
+    )
 
 
 def test_one_tile_equals_untiled_exactly(small_vae, np_rng):
@@ -178,8 +207,9 @@ def test_tiled_encode_is_the_documented_blend(small_vae, np_rng):
     left, _ = small_vae.encode(x[:, :, :32])
     right, _ = small_vae.encode(x[:, :, 16:])
     up = ((np.arange(8) + 0.5) / 8)[None, None, :, None]
-    want = np.concatenate([left[:, :, :8], left[:, :, 8:] * (1 - up) + right[:, :, :8] * up,
-                           right[:, :, 8:]], axis=2)
+    want = np.concatenate(
+        [left[:, :, :8], left[:, :, 8:] * (1 - up) + right[:, :, :8] * up, right[:, :, 8:]], axis=2
+    )
     np.testing.assert_allclose(mean, want, atol=1e-5)
 
 
@@ -225,8 +255,9 @@ def test_tiled_decode_compiles_once_per_shape(small_vae, np_rng):
     def decode_fn(state, z):
         return tiled_decode(nnx.merge(graphdef, state), z, 8, 2)
 
-    z1, z2 = (jnp.asarray(np_rng.standard_normal((1, 12, 10, 4)).astype(np.float32))
-              for _ in range(2))
+    z1, z2 = (
+        jnp.asarray(np_rng.standard_normal((1, 12, 10, 4)).astype(np.float32)) for _ in range(2)
+    )
     out1 = decode_fn(state, z1)
     out2 = decode_fn(state, z2)
     assert out1.shape == out2.shape == (1, 24, 20, 3)

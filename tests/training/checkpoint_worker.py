@@ -34,20 +34,24 @@ REPLICATED = NamedSharding(jax.sharding.Mesh(np.array(jax.devices()), ("d",)), P
 
 
 def trees(seed):
-    host = {"params": {"w": np.full((4, 3), seed, np.float32)},
-            "ema_params": {"w": np.full((4, 3), seed / 2, np.float32)},
-            "opt_state": {"m": np.full((5,), seed + 1, np.float32)},
-            "train": {"step": np.int32(seed)}}
+    host = {
+        "params": {"w": np.full((4, 3), seed, np.float32)},
+        "ema_params": {"w": np.full((4, 3), seed / 2, np.float32)},
+        "opt_state": {"m": np.full((5,), seed + 1, np.float32)},
+        "train": {"step": np.int32(seed)},
+    }
     return jax.tree.map(
-        lambda a: jax.make_array_from_callback(a.shape, REPLICATED, lambda i: a[i]), host)
+        lambda a: jax.make_array_from_callback(a.shape, REPLICATED, lambda i: a[i]), host
+    )
 
 
 def data():
     return iter(grain.MapDataset.range(100).to_iter_dataset())
 
 
-ckpt = checkpoint.TrainCheckpointer(folder, checkpoint.CheckpointOptions(async_save=False),
-                                    read_attempts=2, retry_delay_s=0)
+ckpt = checkpoint.TrainCheckpointer(
+    folder, checkpoint.CheckpointOptions(async_save=False), read_attempts=2, retry_delay_s=0
+)
 if mode == "save":
     it = data()
     for step in (3, 6):
@@ -59,20 +63,25 @@ else:
 
     def flaky(*args, **kwargs):
         if os.environ.get("FAIL_RESTORE") == str(process_id) or (
-                os.environ.get("FAIL_RESTORE_ONCE") == str(process_id) and not failures):
+            os.environ.get("FAIL_RESTORE_ONCE") == str(process_id) and not failures
+        ):
             failures.append(args[0])
             raise ValueError("UNAVAILABLE: injected read error")
         return restore(*args, **kwargs)
 
     ckpt._mgr.restore = flaky
     target = jax.tree.map(
-        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=REPLICATED), trees(0))
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=REPLICATED), trees(0)
+    )
     fresh, reports = data(), []
     try:
         step, items = ckpt.restore(target, fresh, report=reports.append)
-        out = {"step": step,
-               "w": float(np.asarray(items["params"]["w"].addressable_data(0))[0, 0]),
-               "next": int(next(fresh)), "steps": ckpt.all_steps()}
+        out = {
+            "step": step,
+            "w": float(np.asarray(items["params"]["w"].addressable_data(0))[0, 0]),
+            "next": int(next(fresh)),
+            "steps": ckpt.all_steps(),
+        }
     except Exception as e:  # noqa: BLE001 - reported to the test
         out = {"error": f"{type(e).__name__}: {e}"}
     out["reports"] = reports

@@ -24,7 +24,7 @@ def _config(init_checkpoint, fsdp: int, steps: int):
     c.init_from = str(init_checkpoint)
     c.num_steps = steps
     c.mesh.fsdp = fsdp
-    c.sample.every = 1          # a validation grid after every step
+    c.sample.every = 1  # a validation grid after every step
     c.checkpoint.every = 1
     return c
 
@@ -34,10 +34,9 @@ def _grids(workdir):
 
 
 @pytest.mark.parametrize("fsdp", [2, 4])
-def test_fsdp_training_validates_every_step_and_resumes(tmp_path, init_checkpoint, fsdp,
-                                                       capsys):
+def test_fsdp_training_validates_every_step_and_resumes(tmp_path, init_checkpoint, fsdp, capsys):
     assert train.train_and_evaluate(_config(init_checkpoint, fsdp, 1), str(tmp_path)) == 0
-    assert f"'fsdp': {fsdp}}}" in capsys.readouterr().out      # the mesh really is FSDP
+    assert f"'fsdp': {fsdp}}}" in capsys.readouterr().out  # the mesh really is FSDP
     assert _events(tmp_path, "compile_sampler")
     assert len(_grids(tmp_path)) == 1
     if fsdp == 4:
@@ -53,8 +52,9 @@ def test_fsdp_training_validates_every_step_and_resumes(tmp_path, init_checkpoin
         grid = np.asarray(Image.open(png))
         assert grid.shape == (8 * 32, 4 * 32, 3)
         sr = grid[:, 32:64].astype(np.float32)
-        assert np.isfinite(sr).all() and sr.std() > 1.0        # an image, not a blank
-    steps = checkpoint.TrainCheckpointer(tmp_path / "checkpoints",
-                                         checkpoint.CheckpointOptions()).all_steps()
+        assert np.isfinite(sr).all() and sr.std() > 1.0  # an image, not a blank
+    steps = checkpoint.TrainCheckpointer(
+        tmp_path / "checkpoints", checkpoint.CheckpointOptions()
+    ).all_steps()
     assert max(steps) == 2
     assert jax.device_count() == 8

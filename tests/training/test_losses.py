@@ -41,14 +41,15 @@ def test_stage_seg_zeroes_the_bridge():
 
     @jax.jit
     def seg_loss(p):
-        return losses.compute_loss(nnx.merge(graphdef, p), batch, jax.random.key(0),
-                                   loss_cfg)[1]["loss_seg"]
+        return losses.compute_loss(nnx.merge(graphdef, p), batch, jax.random.key(0), loss_cfg)[1][
+            "loss_seg"
+        ]
 
     bigger = jax.tree.map(lambda x: x * 3.0, params["bridge"])
     assert float(seg_loss(params)) == float(seg_loss({**params, "bridge": bigger}))
     z, s = jnp.ones((1, 4, 4, 4)), jnp.ones((1, 4, 4, cfg.segdm.embed_dim))
     i_t, _ = nnx.merge(graphdef, params).bridge(z, s, jnp.array([500]))
-    assert float(jnp.abs(i_t).max()) > 0   # the bridge itself is not silent
+    assert float(jnp.abs(i_t).max()) > 0  # the bridge itself is not silent
 
 
 def test_stage_prior_feeds_the_fixed_segmenter_map_and_trains_the_bridge():
@@ -61,7 +62,7 @@ def test_stage_prior_feeds_the_fixed_segmenter_map_and_trains_the_bridge():
     def loss(p, b=batch):
         return losses.compute_loss(nnx.merge(graphdef, p), b, jax.random.key(0), cfg)[0]
 
-    bridge = jax.tree.map(lambda x: x + 0.05, params["bridge"])   # open the zero heads
+    bridge = jax.tree.map(lambda x: x + 0.05, params["bridge"])  # open the zero heads
     p = {**params, "bridge": bridge}
     grads = jax.jit(jax.grad(loss))(p)
     assert float(optax.tree.norm(grads["bridge"])) > 0
@@ -78,11 +79,14 @@ def test_stage_segmenter_scores_segformer_on_hr():
     graphdef, params = random_params()
     batch = {k: v[:2] for k, v in _batch().items()}
     cfg = losses.LossConfig(stage="segmenter")
-    loss, metrics = jax.jit(lambda p: losses.compute_loss(
-        nnx.merge(graphdef, p), batch, jax.random.key(0), cfg))(params)
+    loss, metrics = jax.jit(
+        lambda p: losses.compute_loss(nnx.merge(graphdef, p), batch, jax.random.key(0), cfg)
+    )(params)
     k = model_config().segformer.num_labels
-    assert 0.5 * np.log(k) < float(loss) < 3 * np.log(k)   # near chance for random weights
+    assert 0.5 * np.log(k) < float(loss) < 3 * np.log(k)  # near chance for random weights
     assert 0.0 <= float(metrics["pixel_accuracy"]) <= 1.0
     ignored = dict(batch, label=np.full_like(batch["label"], 255))
-    assert float(losses.compute_loss(nnx.merge(graphdef, params), ignored, jax.random.key(0),
-                                     cfg)[0]) == 0.0
+    assert (
+        float(losses.compute_loss(nnx.merge(graphdef, params), ignored, jax.random.key(0), cfg)[0])
+        == 0.0
+    )

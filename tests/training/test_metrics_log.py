@@ -21,15 +21,14 @@ def read_event_file(path):
     data, out, pos = path.read_bytes(), [], 0
     while pos < len(data):
         (n,) = struct.unpack_from("<Q", data, pos)
-        out.append(event_pb2.Event.FromString(data[pos + 12: pos + 12 + n]))
+        out.append(event_pb2.Event.FromString(data[pos + 12 : pos + 12 + n]))
         pos += 12 + n + 4
     return out
 
 
 def test_scalars_images_and_events(tmp_path, capsys):
     log = MetricsLog(tmp_path, tensorboard=True)
-    log.scalars(10, {"loss": np.float32(0.5), "lr": 1e-4},
-                extra={"data_index": np.array([3, 1])})
+    log.scalars(10, {"loss": np.float32(0.5), "lr": 1e-4}, extra={"data_index": np.array([3, 1])})
     log.event("checkpoint", 10, path="x")
     png = log.image(10, "samples", np.zeros((8, 12, 3), np.uint8))
     log.close()
@@ -52,8 +51,7 @@ def test_events_are_on_disk_after_flush_without_a_background_thread(tmp_path):
     for step in range(1, 4):
         log.scalars(step, {"loss": 1.0 / step})
         log.flush()
-        tags = {(v.tag, e.step) for e in _events(tmp_path / "tensorboard")
-                for v in e.summary.value}
+        tags = {(v.tag, e.step) for e in _events(tmp_path / "tensorboard") for v in e.summary.value}
         assert ("train/loss", step) in tags
     log.close()
 
@@ -79,7 +77,11 @@ def test_other_processes_write_nothing(tmp_path, capsys):
 
 def test_sample_grid_layout():
     n, h, w = 2, 8, 8
-    grid = sample_grid(np.zeros((n, 2, 2, 3), np.uint8), np.full((n, h, w, 3), 1, np.uint8),
-                       np.full((n, 4, 4, 3), 2, np.uint8), np.full((n, h, w, 3), 3, np.uint8))
+    grid = sample_grid(
+        np.zeros((n, 2, 2, 3), np.uint8),
+        np.full((n, h, w, 3), 1, np.uint8),
+        np.full((n, 4, 4, 3), 2, np.uint8),
+        np.full((n, h, w, 3), 3, np.uint8),
+    )
     assert grid.shape == (n * h, 4 * w, 3)
-    assert (grid[:, w:2 * w] == 1).all() and (grid[:, 2 * w:3 * w] == 2).all()
+    assert (grid[:, w : 2 * w] == 1).all() and (grid[:, 2 * w : 3 * w] == 2).all()

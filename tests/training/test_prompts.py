@@ -20,8 +20,20 @@ def test_char_tokenizer_spells_words(tokenizer):
     bos, eos = prompts.CHAR_VOCAB_SIZE - 2, prompts.CHAR_VOCAB_SIZE - 1
     assert (tokenizer.bos_token_id, tokenizer.eos_token_id) == (bos, eos)
     # lower-cased characters; a word's last one is the "</w>" variant (id + 256)
-    want = [bos, ord("s"), ord("k"), ord("y") + 256, ord(",") + 256, ord("g"), ord("r"),
-            ord("a"), ord("s"), ord("s") + 256, eos, eos]
+    want = [
+        bos,
+        ord("s"),
+        ord("k"),
+        ord("y") + 256,
+        ord(",") + 256,
+        ord("g"),
+        ord("r"),
+        ord("a"),
+        ord("s"),
+        ord("s") + 256,
+        eos,
+        eos,
+    ]
     np.testing.assert_array_equal(ids[0], want)
     np.testing.assert_array_equal(ids[1], [bos] + [eos] * 11)
     assert ids[2, -1] == eos  # truncated, still closed
@@ -45,8 +57,9 @@ def test_dropout_is_a_pure_function_of_step_and_process(tokenizer):
     other = prompts.PromptMaker(tokenizer, ("sky",), cfg, process_index=1)
     assert other.prompts(labels, step=7) != a
     np.testing.assert_array_equal(maker(labels, 7), tokenizer(a))
-    fixed = prompts.PromptMaker(tokenizer, (), prompts.PromptConfig(mode="fixed", text="hi",
-                                                                     dropout=0.0))
+    fixed = prompts.PromptMaker(
+        tokenizer, (), prompts.PromptConfig(mode="fixed", text="hi", dropout=0.0)
+    )
     assert fixed.prompts(labels[:2], 0) == ["hi", "hi"]
     with pytest.raises(ValueError, match="class_names"):
         prompts.PromptMaker(tokenizer, (), cfg)

@@ -65,8 +65,9 @@ def test_set_remat_marks_blocks_or_stages_and_rejects_unknown_policies():
     model = nnx.merge(graphdef, full)
 
     def marked():
-        return {"/".join(map(str, p)) for p, n in nnx.iter_graph(model)
-                if getattr(n, "remat", False)}
+        return {
+            "/".join(map(str, p)) for p, n in nnx.iter_graph(model) if getattr(n, "remat", False)
+        }
 
     remat.set_remat(model, "blocks")
     blocks = marked()
@@ -75,8 +76,8 @@ def test_set_remat_marks_blocks_or_stages_and_rejects_unknown_policies():
     remat.set_remat(model, "full")
     full_marks = marked()
     assert "unet/down_blocks/0" in full_marks and "controlnet/mid_block" in full_marks
-    assert "unet/down_blocks/0/resnets/0" not in full_marks     # inside a stage
-    assert "segdm/blocks/0" in full_marks                        # SegDM has no stages
+    assert "unet/down_blocks/0/resnets/0" not in full_marks  # inside a stage
+    assert "segdm/blocks/0" in full_marks  # SegDM has no stages
     remat.set_remat(model, "none")
     assert not marked()
     with pytest.raises(ValueError, match="remat 'some'"):

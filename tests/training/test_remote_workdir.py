@@ -50,9 +50,14 @@ def _use_gs_filesystem(monkeypatch, cls):
     for name in ("gs", "gcs"):
         if cls is None:
             monkeypatch.delitem(fsspec_registry._registry, name, raising=False)
-            monkeypatch.setitem(fsspec_registry.known_implementations, name, {
-                "class": "segsr_jax_missing_gcsfs.GCSFileSystem",
-                "err": "Install gcsfs to access Google Storage"})
+            monkeypatch.setitem(
+                fsspec_registry.known_implementations,
+                name,
+                {
+                    "class": "segsr_jax_missing_gcsfs.GCSFileSystem",
+                    "err": "Install gcsfs to access Google Storage",
+                },
+            )
         else:
             monkeypatch.setitem(fsspec_registry._registry, name, cls)
     epath_backend.fsspec_backend._get_filesystem.cache_clear()  # epath caches filesystems
@@ -75,8 +80,12 @@ def _records(folder):
 
 def _tags(folder):
     """``{(tag, step)}`` of every event file in ``folder``."""
-    return {(v.tag, e.step) for f in folder.glob("events.out.tfevents.*")
-            for e in read_event_file(f) for v in e.summary.value}
+    return {
+        (v.tag, e.step)
+        for f in folder.glob("events.out.tfevents.*")
+        for e in read_event_file(f)
+        for v in e.summary.value
+    }
 
 
 def test_the_fake_bucket_is_object_storage(bucket):
@@ -106,18 +115,18 @@ def test_metrics_log_stages_and_uploads(bucket, tmp_path, monkeypatch):
     remote = bucket / "b/run"
     log = MetricsLog("gs://b/run", sync_every_s=3600)
     log.scalars(1, {"loss": 0.5}, extra={"data_index": np.array([3, 1])})
-    assert not (remote / "metrics.jsonl").exists()      # staged, not uploaded yet
+    assert not (remote / "metrics.jsonl").exists()  # staged, not uploaded yet
     png = log.image(1, "samples", np.zeros((8, 12, 3), np.uint8))
     assert str(png) == "gs://b/run/samples/samples_step0000001.png" and png.exists()
     assert [r["step"] for r in _records(remote)] == [1]  # an image uploads the records ...
-    assert not (remote / "tensorboard").exists()        # ... but not the growing event file
+    assert not (remote / "tensorboard").exists()  # ... but not the growing event file
     log.event("checkpoint", 2, path="x")
-    log.flush()                                         # (at checkpoints) everything
+    log.flush()  # (at checkpoints) everything
     assert [r["event"] for r in _records(remote)] == ["train", "checkpoint"]
     assert {("train/loss", 1), ("samples", 1)} <= _tags(remote / "tensorboard")
     log.close()
-    log.close()                                          # idempotent
-    assert list(staging_root.iterdir()) == []            # the staging folder is gone
+    log.close()  # idempotent
+    assert list(staging_root.iterdir()) == []  # the staging folder is gone
     assert {("train/loss", 1), ("samples", 1)} <= _tags(remote / "tensorboard")
 
     # A resumed run appends to the uploaded records; sync_every_s=0 uploads every record.

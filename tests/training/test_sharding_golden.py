@@ -53,10 +53,16 @@ def _layout() -> dict:
             replicated += 1
         else:
             sharded[parallel.path_str(path)] = [
-                list(a) if isinstance(a, tuple) else a for a in sharding.spec]
-    return {"mesh": dict(mesh.shape), "num_sharded": len(sharded),
-            "num_replicated": replicated, "total_bytes": total,
-            "bytes_per_device": per_device, "sharded": sharded}
+                list(a) if isinstance(a, tuple) else a for a in sharding.spec
+            ]
+    return {
+        "mesh": dict(mesh.shape),
+        "num_sharded": len(sharded),
+        "num_replicated": replicated,
+        "total_bytes": total,
+        "bytes_per_device": per_device,
+        "sharded": sharded,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -71,21 +77,29 @@ def test_segsr_sd2_partition_specs_match_golden(layout):
     assert layout["mesh"] == golden["mesh"] == {"data": 2, "fsdp": 4}
     missing = sorted(set(golden["sharded"]) - set(layout["sharded"]))
     extra = sorted(set(layout["sharded"]) - set(golden["sharded"]))
-    changed = [(k, golden["sharded"][k], layout["sharded"][k])
-               for k in sorted(set(golden["sharded"]) & set(layout["sharded"]))
-               if golden["sharded"][k] != layout["sharded"][k]]
+    changed = [
+        (k, golden["sharded"][k], layout["sharded"][k])
+        for k in sorted(set(golden["sharded"]) & set(layout["sharded"]))
+        if golden["sharded"][k] != layout["sharded"][k]
+    ]
     assert not (missing or extra or changed), (
         f"sharding changed: {len(missing)} no longer sharded (e.g. {missing[:3]}), "
         f"{len(extra)} newly sharded (e.g. {extra[:3]}), {len(changed)} with other specs "
-        f"(e.g. {changed[:3]})")
+        f"(e.g. {changed[:3]})"
+    )
     assert layout == golden
 
 
 def test_fsdp_covers_the_big_kernels(layout):
     sharded = layout["sharded"]
     # The UNet and ControlNet kernels, their EMA and both Adam moments split over 'fsdp'.
-    for prefix in ("frozen/unet/", "state/params/controlnet/", "state/ema_params/controlnet/",
-                   "state/opt_state/1/0/mu/controlnet/", "state/opt_state/1/0/nu/controlnet/"):
+    for prefix in (
+        "frozen/unet/",
+        "state/params/controlnet/",
+        "state/ema_params/controlnet/",
+        "state/opt_state/1/0/mu/controlnet/",
+        "state/opt_state/1/0/nu/controlnet/",
+    ):
         assert any(k.startswith(prefix) for k in sharded), prefix
     key = "frozen/unet/down_blocks/0/resnets/0/conv1/kernel"
     assert sharded[key] == [None, None, None, "fsdp"]
@@ -106,9 +120,13 @@ def test_segsr_sd2_architecture_is_what_convert_writes():
     from segsr_jax.models.unet import UNetConfig
     from segsr_jax.models.vae import VAEConfig
 
-    converted = SegSRConfig.compose(vae=VAEConfig.sd2(), text=CLIPTextConfig.sd2(),
-                                    unet=UNetConfig.sd2_base(),
-                                    segformer=SegFormerConfig.b5(150))
+    converted = SegSRConfig.compose(
+        vae=VAEConfig.sd2(),
+        text=CLIPTextConfig.sd2(),
+        unet=UNetConfig.sd2_base(),
+        segformer=SegFormerConfig.b5(150),
+    )
     configured = SegSRConfig.from_dict(_config().model.to_dict())
-    assert dataclasses.replace(configured, class_names=()) == \
-        dataclasses.replace(converted, class_names=())
+    assert dataclasses.replace(configured, class_names=()) == dataclasses.replace(
+        converted, class_names=()
+    )

@@ -18,17 +18,24 @@ def abstract():
     return state_lib.abstract_model(model_config(), jnp.float32)
 
 
-@pytest.mark.parametrize("stage,also,want", [
-    ("vae", (), {"vae"}), ("sr", (), {"controlnet"}), ("seg", (), {"segdm"}),
-    ("joint", (), {"controlnet", "segdm", "bridge"}), ("sr", ("unet",), {"controlnet", "unet"}),
-])
+@pytest.mark.parametrize(
+    "stage,also,want",
+    [
+        ("vae", (), {"vae"}),
+        ("sr", (), {"controlnet"}),
+        ("seg", (), {"segdm"}),
+        ("joint", (), {"controlnet", "segdm", "bridge"}),
+        ("sr", ("unet",), {"controlnet", "unet"}),
+    ],
+)
 def test_stage_selects_trainable_modules(abstract, stage, also, want):
     _, params, frozen = state_lib.split_model(abstract, stage, also)
     assert set(params) == want
     everything = state_lib.merge_trees(params, frozen)
     assert set(everything) == set(state_lib.MODULES)
-    assert (state_lib.count_params(params) + state_lib.count_params(frozen)
-            == state_lib.count_params(nnx.state(abstract)))
+    assert state_lib.count_params(params) + state_lib.count_params(
+        frozen
+    ) == state_lib.count_params(nnx.state(abstract))
     assert state_lib.take_like(everything, params).keys() == params.keys()
 
 
@@ -52,18 +59,21 @@ def test_shape_only_rngs_build_the_same_model():
     (g1, s1), (g2, s2) = nnx.split(real), nnx.split(fast)
     assert g1 == g2
     assert jax.tree.map(lambda a: (a.shape, a.dtype), s1) == jax.tree.map(
-        lambda a: (a.shape, a.dtype), s2)
+        lambda a: (a.shape, a.dtype), s2
+    )
 
 
 def test_learning_rate_schedules():
-    const = state_lib.make_schedule(state_lib.OptimizerConfig(learning_rate=1.0,
-                                                              warmup_steps=10))
-    np.testing.assert_allclose([const(0), const(5), const(10), const(1000)], [0, .5, 1, 1])
-    cos = state_lib.make_schedule(state_lib.OptimizerConfig(
-        learning_rate=1.0, warmup_steps=10, schedule="cosine", decay_steps=110,
-        end_factor=0.1))
-    np.testing.assert_allclose([cos(10), cos(60), cos(110), cos(500)], [1, .55, .1, .1],
-                               atol=1e-6)
+    const = state_lib.make_schedule(state_lib.OptimizerConfig(learning_rate=1.0, warmup_steps=10))
+    np.testing.assert_allclose([const(0), const(5), const(10), const(1000)], [0, 0.5, 1, 1])
+    cos = state_lib.make_schedule(
+        state_lib.OptimizerConfig(
+            learning_rate=1.0, warmup_steps=10, schedule="cosine", decay_steps=110, end_factor=0.1
+        )
+    )
+    np.testing.assert_allclose(
+        [cos(10), cos(60), cos(110), cos(500)], [1, 0.55, 0.1, 0.1], atol=1e-6
+    )
     with pytest.raises(ValueError, match="decay_steps > warmup_steps"):
         state_lib.OptimizerConfig(schedule="cosine", warmup_steps=10, decay_steps=5)
 
@@ -71,19 +81,16 @@ def test_learning_rate_schedules():
 def test_ema_update_warms_up():
     ema, params = {"w": jnp.zeros(3)}, {"w": jnp.ones(3)}
     # step 0: decay min(0.999, 1/10) = 0.1 -> 0.9 of the new params
-    np.testing.assert_allclose(state_lib.ema_update(ema, params, 0.999, jnp.int32(0))["w"],
-                               0.9)
+    np.testing.assert_allclose(state_lib.ema_update(ema, params, 0.999, jnp.int32(0))["w"], 0.9)
     # late: the configured decay
-    np.testing.assert_allclose(state_lib.ema_update(ema, params, 0.5, jnp.int32(10**6))["w"],
-                               0.5)
+    np.testing.assert_allclose(state_lib.ema_update(ema, params, 0.5, jnp.int32(10**6))["w"], 0.5)
 
 
 def test_init_train_state_has_moments_for_trainable_params_only(abstract):
     _, params, _ = state_lib.split_model(abstract, "seg")
     opt = state_lib.make_optimizer(state_lib.OptimizerConfig())
     st = jax.eval_shape(lambda p: state_lib.init_train_state(p, opt, 0), params)
-    paths = [parallel.path_str(p)
-             for p, _ in jax.tree_util.tree_flatten_with_path(st.opt_state)[0]]
+    paths = [parallel.path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(st.opt_state)[0]]
     # clip_by_global_norm, then adamw's (ScaleByAdamState(count, mu, nu), ...)
     roots = {p.split("/")[3] for p in paths if p.split("/")[2] in ("mu", "nu")}
     assert roots == {"segdm"}
@@ -98,11 +105,12 @@ def test_lr_multipliers_scale_only_their_modules():
     from segsr_jax.training.state import OptimizerConfig, make_optimizer
 
     params = {"bridge": {"w": jnp.ones((3,))}, "unet": {"w": jnp.ones((3,))}}
-    grads = {"bridge": {"w": jnp.array([0.1, -0.2, 0.3])},
-             "unet": {"w": jnp.array([0.3, 0.2, -0.1])}}
+    grads = {
+        "bridge": {"w": jnp.array([0.1, -0.2, 0.3])},
+        "unet": {"w": jnp.array([0.3, 0.2, -0.1])},
+    }
     base = OptimizerConfig(learning_rate=1e-2, warmup_steps=0)
-    fast = OptimizerConfig(learning_rate=1e-2, warmup_steps=0,
-                           lr_multipliers={"bridge": 10.0})
+    fast = OptimizerConfig(learning_rate=1e-2, warmup_steps=0, lr_multipliers={"bridge": 10.0})
     assert fast.lr_multipliers == (("bridge", 10.0),)
     ups = []
     for cfg in (base, fast):

@@ -20,24 +20,30 @@ def model_parts():
     graphdef, full = random_params()
     graphdef, params, frozen = state_lib.split_model(nnx.merge(graphdef, full), "seg")
     mesh = parallel.make_mesh(data=4, fsdp=2)
-    rules = parallel.ShardingRules(param_axes=((r"(unet|segdm)/.*kernel$", ("in", "out")),),
-                                   logical_rules=(("in", None), ("out", "fsdp")), min_size=1)
+    rules = parallel.ShardingRules(
+        param_axes=((r"(unet|segdm)/.*kernel$", ("in", "out")),),
+        logical_rules=(("in", None), ("out", "fsdp")),
+        min_size=1,
+    )
     return graphdef, params, frozen, mesh, rules
 
 
 def _batch(seed=0):
     rng = np.random.default_rng(seed)
-    return {"hr": rng.integers(0, 256, (B, S, S, 3), dtype=np.uint8),
-            "lq": rng.integers(0, 256, (B, S // 4, S // 4, 3), dtype=np.uint8),
-            "label": rng.integers(0, 4, (B, S, S), dtype=np.uint8),
-            "input_ids": rng.integers(0, 300, (B, 16)).astype(np.int32)}
+    return {
+        "hr": rng.integers(0, 256, (B, S, S, 3), dtype=np.uint8),
+        "lq": rng.integers(0, 256, (B, S // 4, S // 4, 3), dtype=np.uint8),
+        "label": rng.integers(0, 4, (B, S, S), dtype=np.uint8),
+        "input_ids": rng.integers(0, 300, (B, 16)).astype(np.int32),
+    }
 
 
 def _cfg(accum=1, lr=1e-3, eps=1e-8):
-    return step_lib.StepConfig(loss=losses.LossConfig(stage="seg"),
-                               optimizer=state_lib.OptimizerConfig(learning_rate=lr,
-                                                                   warmup_steps=0, eps=eps),
-                               accum_steps=accum)
+    return step_lib.StepConfig(
+        loss=losses.LossConfig(stage="seg"),
+        optimizer=state_lib.OptimizerConfig(learning_rate=lr, warmup_steps=0, eps=eps),
+        accum_steps=accum,
+    )
 
 
 def test_micro_batches_stay_spread_over_devices():
@@ -60,21 +66,23 @@ def test_seg_step_on_the_mesh(model_parts):
     shardings = step_lib.StepShardings(
         state=parallel.tree_shardings(jax.eval_shape(lambda: state), mesh, rules),
         frozen=parallel.tree_shardings(frozen, mesh, rules),
-        batch={k: bs for k in _batch()}, replicated=parallel.replicated(mesh))
-    assert shardings.state.params["segdm"]["conv_in"]["kernel"].spec == \
-        jax.sharding.PartitionSpec(None, None, None, "fsdp")
+        batch={k: bs for k in _batch()},
+        replicated=parallel.replicated(mesh),
+    )
+    assert shardings.state.params["segdm"]["conv_in"]["kernel"].spec == jax.sharding.PartitionSpec(
+        None, None, None, "fsdp"
+    )
     dev_state = parallel.place(state, shardings.state)
     dev_frozen = parallel.place(frozen, shardings.frozen)
     batch = _batch(1)
     fn = step_lib.make_train_step(graphdef, cfg, shardings)
-    compiled, report = step_lib.compile_step(fn, dev_state, dev_frozen,
-                                             jax.device_put(batch, bs))
+    compiled, report = step_lib.compile_step(fn, dev_state, dev_frozen, jax.device_put(batch, bs))
     assert report.seconds > 0 and report.argument_bytes > 0 and report.alias_bytes > 0
     new, metrics = compiled(dev_state, dev_frozen, jax.device_put(batch, bs))
-    assert dev_state.params["segdm"]["conv_in"]["kernel"].is_deleted()   # donated
+    assert dev_state.params["segdm"]["conv_in"]["kernel"].is_deleted()  # donated
     metrics = jax.device_get(metrics)
     assert metrics["finite"] == 1.0 and np.isfinite(metrics["loss_seg"])
-    assert "loss_sr" not in metrics                  # SRDM not scored in stage seg
+    assert "loss_sr" not in metrics  # SRDM not scored in stage seg
     assert int(new.step) == 1
     kernel = new.params["segdm"]["conv_in"]["kernel"]
     assert kernel.sharding == shardings.state.params["segdm"]["conv_in"]["kernel"]
@@ -84,11 +92,15 @@ def test_seg_step_on_the_mesh(model_parts):
     after = jax.device_get(state_lib.merge_trees(new.params, dev_frozen))
     flat_b = dict(jax.tree_util.tree_flatten_with_path(before)[0])
     flat_a = dict(jax.tree_util.tree_flatten_with_path(after)[0])
-    changed = {parallel.path_str(p).split("/")[0] for p in flat_b
-               if not np.array_equal(flat_b[p], flat_a[p])}
+    changed = {
+        parallel.path_str(p).split("/")[0]
+        for p in flat_b
+        if not np.array_equal(flat_b[p], flat_a[p])
+    }
     assert changed == {"segdm"}
-    moments = [parallel.path_str(p) for p, _ in
-               jax.tree_util.tree_flatten_with_path(new.opt_state)[0]]
+    moments = [
+        parallel.path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(new.opt_state)[0]
+    ]
     assert {m.split("/")[3] for m in moments if "/mu/" in m or "/nu/" in m} == {"segdm"}
 
     # The same update by hand, unsharded: per-micro-batch grads with their keys, averaged.
@@ -97,12 +109,13 @@ def test_seg_step_on_the_mesh(model_parts):
 
     @jax.jit
     def grad(p, mb, k):
-        loss = lambda p: losses.compute_loss(nnx.merge(graphdef, p, frozen), mb, k,
-                                             cfg.loss)[0]
+        loss = lambda p: losses.compute_loss(nnx.merge(graphdef, p, frozen), mb, k, cfg.loss)[0]
         return jax.value_and_grad(loss)(p)
 
-    outs = [grad(params, jax.tree.map(lambda x, i=i: x[i], micro), jax.random.fold_in(key, i))
-            for i in range(2)]
+    outs = [
+        grad(params, jax.tree.map(lambda x, i=i: x[i], micro), jax.random.fold_in(key, i))
+        for i in range(2)
+    ]
     g = jax.tree.map(lambda a, b: (a + b) / 2, outs[0][1], outs[1][1])
     updates, _ = opt.update(g, state.opt_state, params)
     want = jax.tree.map(lambda p, u: p + u, params, updates)
@@ -112,12 +125,17 @@ def test_seg_step_on_the_mesh(model_parts):
 
 
 def test_state_finiteness_check():
-    st = state_lib.TrainState(step=jnp.int32(3), rng=jnp.zeros(2, jnp.uint32),
-                              params={"w": jnp.ones(2)}, ema_params={"w": jnp.ones(2)},
-                              opt_state=({"m": jnp.array([0.0, jnp.inf])},))
+    st = state_lib.TrainState(
+        step=jnp.int32(3),
+        rng=jnp.zeros(2, jnp.uint32),
+        params={"w": jnp.ones(2)},
+        ema_params={"w": jnp.ones(2)},
+        opt_state=({"m": jnp.array([0.0, jnp.inf])},),
+    )
     with pytest.raises(step_lib.NonFiniteError, match="NaN/Inf at step 3; not saving"):
         step_lib.check_state_finite(st, 3)
-    step_lib.check_state_finite(st.__class__(st.step, st.rng, st.params, st.ema_params,
-                                             ({"m": jnp.zeros(2)},)), 3)
+    step_lib.check_state_finite(
+        st.__class__(st.step, st.rng, st.params, st.ema_params, ({"m": jnp.zeros(2)},)), 3
+    )
     with pytest.raises(step_lib.NonFiniteError, match="step 7 .*last checkpoint is step 5"):
         step_lib.check_metrics_finite({"loss": np.float32(np.nan), "finite": 0.0}, 7, 5)

@@ -22,10 +22,12 @@ def _trees(seed):
     params = {"a": {"kernel": jax.random.normal(k1, (4, 3))}, "b": {0: {"w": jnp.arange(5.0)}}}
     opt = optax.adamw(1e-3).init(params)
     opt = jax.tree.map(lambda x: x + 1 if x.dtype == jnp.float32 else x, opt)
-    return {"params": params,
-            "ema_params": jax.tree.map(lambda x: x * 0.5, params),
-            "opt_state": opt,
-            "train": {"step": jnp.int32(seed), "rng": jax.random.key_data(k2)}}
+    return {
+        "params": params,
+        "ema_params": jax.tree.map(lambda x: x * 0.5, params),
+        "opt_state": opt,
+        "train": {"step": jnp.int32(seed), "rng": jax.random.key_data(k2)},
+    }
 
 
 def _abstract(trees):
@@ -37,9 +39,15 @@ def _data():
 
 
 def _save(ckpt, step, trees, it):
-    ckpt.save(step, params=trees["params"], ema_params=trees["ema_params"],
-              opt_state=trees["opt_state"], train=trees["train"], data_iterator=it,
-              config={"model": {}, "note": step})
+    ckpt.save(
+        step,
+        params=trees["params"],
+        ema_params=trees["ema_params"],
+        opt_state=trees["opt_state"],
+        train=trees["train"],
+        data_iterator=it,
+        config={"model": {}, "note": step},
+    )
 
 
 def _assert_equal(a, b):
@@ -53,23 +61,33 @@ def test_round_trip_with_data_position(tmp_path):
     for step in (1, 2):
         next(it), next(it)
         _save(ckpt, step, _trees(step), it)
-    assert not ckpt.save(2, **{"params": {}, "ema_params": {}, "opt_state": {}, "train": {},
-                               "data_iterator": it, "config": {}})  # exists: skipped
+    assert not ckpt.save(
+        2,
+        **{
+            "params": {},
+            "ema_params": {},
+            "opt_state": {},
+            "train": {},
+            "data_iterator": it,
+            "config": {},
+        },
+    )  # exists: skipped
     ckpt.close()
     fresh = _data()
     step, items = checkpoint.TrainCheckpointer(tmp_path, checkpoint.CheckpointOptions()).restore(
-        _abstract(_trees(0)), fresh)
+        _abstract(_trees(0)), fresh
+    )
     assert step == 2
     _assert_equal(items, _trees(2))
     assert jax.tree.structure(items["opt_state"]) == jax.tree.structure(_trees(2)["opt_state"])
-    assert next(fresh) == 4   # the iterator continues after the 4 elements consumed
+    assert next(fresh) == 4  # the iterator continues after the 4 elements consumed
     assert checkpoint.read_checkpoint_config(tmp_path)["note"] == 2
 
 
 def test_keep_last_and_keep_every(tmp_path):
     ckpt = checkpoint.TrainCheckpointer(
-        tmp_path, checkpoint.CheckpointOptions(every=1, keep_last=2, keep_every=4,
-                                               async_save=False))
+        tmp_path, checkpoint.CheckpointOptions(every=1, keep_last=2, keep_every=4, async_save=False)
+    )
     it = _data()
     for step in range(1, 10):
         _save(ckpt, step, _trees(step), it)
@@ -78,8 +96,9 @@ def test_keep_last_and_keep_every(tmp_path):
 
 
 def _checkpointer(path, **kwargs):
-    return checkpoint.TrainCheckpointer(path, checkpoint.CheckpointOptions(), retry_delay_s=0,
-                                        **kwargs)
+    return checkpoint.TrainCheckpointer(
+        path, checkpoint.CheckpointOptions(), retry_delay_s=0, **kwargs
+    )
 
 
 def _two_steps(tmp_path):
@@ -101,9 +120,10 @@ DAMAGE = {
     "lost_metadata": lambda d: (d / "params" / "_METADATA").unlink(),
     "lost_array_index": lambda d: (d / "opt_state" / "manifest.ocdbt").unlink(),
     "lost_item": lambda d: shutil.rmtree(d / "train"),
-    "garbled_config": lambda d: (d / "config" / "metadata").write_text("{\"format\": "),
-    "garbled_data_state": lambda d: [f.write_text("{not json")
-                                     for f in (d / "data").glob("process_*.json")],
+    "garbled_config": lambda d: (d / "config" / "metadata").write_text('{"format": '),
+    "garbled_data_state": lambda d: [
+        f.write_text("{not json") for f in (d / "data").glob("process_*.json")
+    ],
 }
 
 
@@ -152,8 +172,9 @@ def test_transient_read_error_is_retried_and_nothing_changes(tmp_path, monkeypat
 
     monkeypatch.setattr(checkpoint, "_read_bytes", flaky)
     reports = []
-    step, items = _checkpointer(tmp_path).restore(_abstract(_trees(0)), _data(),
-                                                  report=reports.append)
+    step, items = _checkpointer(tmp_path).restore(
+        _abstract(_trees(0)), _data(), report=reports.append
+    )
     assert failed and step == 6
     _assert_equal(items, _trees(6))
     assert len(reports) == 1 and f"read checkpoint {tmp_path}/6 failed" in reports[0]
@@ -169,7 +190,7 @@ def test_transient_error_of_the_array_reads_is_retried(tmp_path):
 
     def flaky(*args, **kwargs):
         calls.append(args[0])
-        if len(calls) == 1:   # tensorstore reports I/O errors as ValueError
+        if len(calls) == 1:  # tensorstore reports I/O errors as ValueError
             raise ValueError("DEADLINE_EXCEEDED: reading gs://bucket/6/params/d/abc")
         return restore(*args, **kwargs)
 
@@ -196,9 +217,11 @@ def test_persistent_read_error_raises_and_changes_nothing(tmp_path, monkeypatch)
     monkeypatch.setattr(checkpoint, "_read_bytes", failing)
     reports = []
     ckpt = _checkpointer(tmp_path, read_attempts=3)
-    with pytest.raises(checkpoint.CheckpointReadError,
-                       match=rf"could not read checkpoint {tmp_path}/6 \(3 attempts; nothing "
-                             r"was changed\): PermissionError: 403 Forbidden"):
+    with pytest.raises(
+        checkpoint.CheckpointReadError,
+        match=rf"could not read checkpoint {tmp_path}/6 \(3 attempts; nothing "
+        r"was changed\): PermissionError: 403 Forbidden",
+    ):
         ckpt.restore(_abstract(_trees(0)), _data(), report=reports.append)
     assert len(attempts) == 3 and len(reports) == 2
     assert _files(tmp_path) == before
@@ -215,10 +238,13 @@ def test_persistent_error_of_the_array_reads_raises(tmp_path):
         chunk.unlink()
     before = _files(tmp_path)
     reports = []
-    with pytest.raises(checkpoint.CheckpointReadError,
-                       match=rf"could not read checkpoint {tmp_path}/6 \(2 attempts"):
-        _checkpointer(tmp_path, read_attempts=2).restore(_abstract(_trees(0)), _data(),
-                                                         report=reports.append)
+    with pytest.raises(
+        checkpoint.CheckpointReadError,
+        match=rf"could not read checkpoint {tmp_path}/6 \(2 attempts",
+    ):
+        _checkpointer(tmp_path, read_attempts=2).restore(
+            _abstract(_trees(0)), _data(), report=reports.append
+        )
     assert len(reports) == 1 and "retrying" in reports[0]
     assert _files(tmp_path) == before
 
@@ -232,9 +258,11 @@ def test_failed_move_aside_raises(tmp_path, monkeypatch):
         raise PermissionError(f"403: may not write {target}")
 
     monkeypatch.setattr(type(ckpt._path), "rename", refuse)
-    with pytest.raises(checkpoint.CheckpointReadError,
-                       match=rf"could not rename {tmp_path}/6 to {tmp_path}/6.broken-\S+ "
-                             r"\(2 attempts\): PermissionError"):
+    with pytest.raises(
+        checkpoint.CheckpointReadError,
+        match=rf"could not rename {tmp_path}/6 to {tmp_path}/6.broken-\S+ "
+        r"\(2 attempts\): PermissionError",
+    ):
         ckpt.restore(_abstract(_trees(0)), _data(), report=lambda _: None)
     assert (tmp_path / "6" / "params" / "_METADATA").exists()
 
@@ -244,9 +272,11 @@ def test_every_step_broken_raises_and_changes_nothing(tmp_path):
     for step in (3, 6):
         (tmp_path / str(step) / "ema_params" / "_METADATA").unlink()
     before = _files(tmp_path)
-    with pytest.raises(checkpoint.CheckpointMismatchError,
-                       match=rf"every checkpoint in {tmp_path} is broken .*"
-                             rf"{tmp_path}/6: ema_params/_METADATA is missing"):
+    with pytest.raises(
+        checkpoint.CheckpointMismatchError,
+        match=rf"every checkpoint in {tmp_path} is broken .*"
+        rf"{tmp_path}/6: ema_params/_METADATA is missing",
+    ):
         _checkpointer(tmp_path).restore(_abstract(_trees(0)), _data(), report=lambda _: None)
     assert _files(tmp_path) == before
 
@@ -257,8 +287,10 @@ def test_data_state_of_another_process_count_is_a_mismatch(tmp_path):
     (data / "process_0-of-1.json").rename(data / "process_0-of-2.json")
     (data / "process_1-of-2.json").write_text((data / "process_0-of-2.json").read_text())
     before = _files(tmp_path)
-    with pytest.raises(checkpoint.CheckpointMismatchError,
-                       match="another number of processes .*process_0-of-2.json"):
+    with pytest.raises(
+        checkpoint.CheckpointMismatchError,
+        match="another number of processes .*process_0-of-2.json",
+    ):
         _checkpointer(tmp_path).restore(_abstract(_trees(0)), _data(), report=lambda _: None)
     assert _files(tmp_path) == before
 
@@ -276,6 +308,7 @@ def test_other_processes_restore_the_step_process_0_chose(tmp_path, monkeypatch)
         def broadcast(values):
             sent.append(values.tolist())
             return np.array(choice)
+
         return broadcast
 
     def never(path):
@@ -294,8 +327,10 @@ def test_other_processes_restore_the_step_process_0_chose(tmp_path, monkeypatch)
 
     monkeypatch.setattr(checkpoint, "_broadcast_from_0", from_process_0([6, 0]))
     monkeypatch.setattr(checkpoint, "_all_processes_ok", lambda ok: False)
-    with pytest.raises(checkpoint.CheckpointReadError,
-                       match=f"another process could not read checkpoint {tmp_path}/6"):
+    with pytest.raises(
+        checkpoint.CheckpointReadError,
+        match=f"another process could not read checkpoint {tmp_path}/6",
+    ):
         _checkpointer(tmp_path).restore(_abstract(_trees(0)), _data())
     assert len(sent) == 3 and all(v[0] == -2 for v in sent)  # process 1 sends no choice
 
@@ -304,11 +339,11 @@ def test_process_0_broadcasts_its_choice(tmp_path, monkeypatch):
     _two_steps(tmp_path)
     (tmp_path / "6" / "train" / "_METADATA").write_text("[]")
     sent = []
-    monkeypatch.setattr(checkpoint, "_broadcast_from_0",
-                        lambda values: sent.append(values.tolist()) or values)
-    step, _ = _checkpointer(tmp_path).restore(_abstract(_trees(0)), _data(),
-                                              report=lambda _: None)
-    assert step == 3 and sent == [[3, 1]]   # step 3; one broken step moved aside
+    monkeypatch.setattr(
+        checkpoint, "_broadcast_from_0", lambda values: sent.append(values.tolist()) or values
+    )
+    step, _ = _checkpointer(tmp_path).restore(_abstract(_trees(0)), _data(), report=lambda _: None)
+    assert step == 3 and sent == [[3, 1]]  # step 3; one broken step moved aside
 
 
 def test_shape_mismatch_is_an_error_not_damage(tmp_path):
@@ -320,7 +355,8 @@ def test_shape_mismatch_is_an_error_not_damage(tmp_path):
     before = _files(tmp_path)
     with pytest.raises(checkpoint.CheckpointMismatchError, match=r"a/kernel: saved \(4, 3\)"):
         checkpoint.TrainCheckpointer(tmp_path, checkpoint.CheckpointOptions()).restore(
-            target, _data())
+            target, _data()
+        )
     assert _files(tmp_path) == before
 
 
@@ -329,9 +365,17 @@ def test_empty_folder_restores_nothing(tmp_path):
     assert ckpt.restore(_abstract(_trees(0)), _data()) is None
 
 
-CFG = SegDMConfig(num_classes=3, embed_dim=4, feat_channels=2, cond_channels=2,
-                  hidden_channels=8, num_blocks=1, attention_blocks=(), num_heads=2,
-                  norm_groups=4)
+CFG = SegDMConfig(
+    num_classes=3,
+    embed_dim=4,
+    feat_channels=2,
+    cond_channels=2,
+    hidden_channels=8,
+    num_blocks=1,
+    attention_blocks=(),
+    num_heads=2,
+    norm_groups=4,
+)
 
 
 def test_restore_model_puts_trainable_ema_over_params(tmp_path):
@@ -342,18 +386,25 @@ def test_restore_model_puts_trainable_ema_over_params(tmp_path):
     trainable = {"conv_out": full["conv_out"], "blocks": {0: full["blocks"][0]}}
     ema = jax.tree.map(lambda x: x + 1.0, trainable)
     ckpt = checkpoint.TrainCheckpointer(tmp_path, checkpoint.CheckpointOptions())
-    ckpt.save(5, params=full, ema_params=ema, opt_state={"count": jnp.int32(0)},
-              train={"step": jnp.int32(5)},
-              data_iterator=_data(), config={"segdm": dataclasses.asdict(CFG)})
+    ckpt.save(
+        5,
+        params=full,
+        ema_params=ema,
+        opt_state={"count": jnp.int32(0)},
+        train={"step": jnp.int32(5)},
+        data_iterator=_data(),
+        config={"segdm": dataclasses.asdict(CFG)},
+    )
     ckpt.close()
-    build = lambda cfg: SegDM(SegDMConfig(**{k: tuple(v) if isinstance(v, list) else v
-                                            for k, v in cfg["segdm"].items()}),
-                              rngs=nnx.Rngs(0))
+    build = lambda cfg: SegDM(
+        SegDMConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg["segdm"].items()}),
+        rngs=nnx.Rngs(0),
+    )
     restored, _ = checkpoint.restore_model(tmp_path, build)
     got = nnx.to_pure_dict(nnx.state(restored))
     _assert_equal(got["conv_out"], ema["conv_out"])
     _assert_equal(got["blocks"][0], ema["blocks"][0])
-    _assert_equal(got["conv_in"], full["conv_in"])          # not trained: the params
+    _assert_equal(got["conv_in"], full["conv_in"])  # not trained: the params
     plain, _ = checkpoint.restore_model(tmp_path, build, prefer_ema=False)
     _assert_equal(nnx.to_pure_dict(nnx.state(plain)), full)
     merged = state_lib.merge_trees(trainable, state_lib.take_like(full, {"conv_in": 0}))

