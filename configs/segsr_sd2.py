@@ -83,12 +83,16 @@ def get_config(stage: str = "sr") -> ConfigDict:
 
     # remat 'none': on the CPU memory plan (benchmarks/RESULTS.md) 'blocks' did not lower the
     # peak (0.7 GiB higher at per-chip batch 1); try --config.train.remat=blocks on hardware.
+    # frozen_dtype bfloat16: the frozen UNet/VAE/CLIP/SegFormer matrices (1.39 B params) are
+    # stored in bf16, the dtype the bf16 compute casts them to anyway: 2.6 GB less per copy,
+    # what lets the full-size smoke run fit 24 GiB (scripts/sd2_smoke.py).
     c.train = ConfigDict(
         dict(
             stage=stage,
             also_train=(),
             accum_steps=1,
             remat="none",
+            frozen_dtype="bfloat16",
             prompt=dict(mode="tags", text="", dropout=0.5, max_tags=8),
         )
     )

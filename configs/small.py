@@ -136,6 +136,7 @@ def get_config(stage: str = "vae") -> ConfigDict:
             also_train=also_train,
             accum_steps=1,
             remat="none",
+            frozen_dtype="float32",
             prompt=dict(mode="tags", text="", dropout=0.5, max_tags=4),
         )
     )

@@ -272,6 +272,8 @@ def _train(
     sample_graphdef = nnx.graphdef(abstract)  # the validation sampler: no rematerialisation
     remat.set_remat(abstract, config.train.get("remat", "none"))
     graphdef, abs_params, abs_frozen = state_lib.split_model(abstract, stage, also_train)
+    frozen_dtype = config.train.get("frozen_dtype", "float32")
+    abs_frozen = state_lib.frozen_storage(abs_frozen, frozen_dtype)
     optimizer = state_lib.make_optimizer(step_cfg.optimizer)
     abs_state = jax.eval_shape(
         lambda p: state_lib.init_train_state(p, optimizer, config.seed), abs_params
@@ -285,7 +287,7 @@ def _train(
     log.text(
         f"trainable {state_lib.count_params(abs_params):,} params "
         f"({', '.join(state_lib.trainable_modules(stage, also_train))}); frozen "
-        f"{state_lib.count_params(abs_frozen):,}"
+        f"{state_lib.count_params(abs_frozen):,} (stored {frozen_dtype})"
     )
 
     # Data: this process's share of every global batch, and prompts for it.
@@ -322,6 +324,8 @@ def _train(
             config.init_from or None,
             (shardings.state.params, shardings.frozen),
         )
+        if frozen_dtype != "float32":  # initialised/converted in float32: store as configured
+            frozen = state_lib.cast_like(frozen, abs_frozen, shardings.frozen)
         train_state = jax.jit(
             lambda p: state_lib.init_train_state(p, optimizer, config.seed),
             out_shardings=shardings.state,

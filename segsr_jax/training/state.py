@@ -202,6 +202,46 @@ def ema_update(ema: dict, params: dict, decay: float, step: jax.Array) -> dict:
     return jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, ema, params)
 
 
+FROZEN_DTYPES = ("float32", "bfloat16")
+
+
+def frozen_storage(abstract_frozen: dict, frozen_dtype: str) -> dict:
+    """The frozen variables as training stores them: with ``frozen_dtype="bfloat16"`` every
+    floating leaf of rank >= 2 (conv kernels, dense and embedding matrices: nearly all of the
+    bytes) is held in bfloat16; rank 0/1 leaves (biases, norm scales, BatchNorm statistics)
+    stay float32. Frozen weights get no gradient or optimizer update, so halving them only
+    rounds what the bf16 compute casts them to anyway; for SD-2 it frees 2.6 GB per model copy
+    (see benchmarks/RESULTS.md, SD-2 smoke run).
+
+    Args:
+      abstract_frozen: pure-dict tree of ShapeDtypeStructs (or arrays: only shape/dtype read).
+      frozen_dtype: ``float32`` (unchanged) or ``bfloat16``.
+
+    Returns:
+      the same tree of ``jax.ShapeDtypeStruct`` (shardings kept) with storage dtypes.
+    """
+    if frozen_dtype not in FROZEN_DTYPES:
+        raise ValueError(f"train.frozen_dtype must be one of {FROZEN_DTYPES}, got {frozen_dtype!r}")
+
+    def leaf(x):
+        low = frozen_dtype == "bfloat16" and x.ndim >= 2 and jnp.issubdtype(x.dtype, jnp.floating)
+        dtype = jnp.bfloat16 if low else x.dtype
+        return jax.ShapeDtypeStruct(x.shape, dtype, sharding=getattr(x, "sharding", None))
+
+    return jax.tree.map(leaf, abstract_frozen)
+
+
+def cast_like(tree: dict, abstract: dict, shardings: dict) -> dict:
+    """``tree`` cast leaf by leaf to the dtypes of ``abstract`` in one jitted call that donates
+    its input (the float32 copy is freed as the bfloat16 one is made), placed by ``shardings``."""
+    fn = jax.jit(
+        lambda t: jax.tree.map(lambda x, a: x.astype(a.dtype), t, abstract),
+        out_shardings=shardings,
+        donate_argnums=0,
+    )
+    return fn(tree)
+
+
 def count_params(tree) -> int:
     """Number of scalars in a tree of arrays (or ShapeDtypeStructs)."""
     return sum(int(x.size) for x in jax.tree.leaves(tree))

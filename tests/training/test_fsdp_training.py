@@ -1,12 +1,14 @@
 """Training with FSDP and validation on, in-process on the 8-device mesh: the sampler takes
 the FSDP-sharded EMA / frozen parameters as they lie (it used to stop the run at its first
 validation with "Sharding passed to jit does not match"), a grid is written at every step,
-and a resumed run continues and validates again."""
+and a resumed run continues and validates again. The fsdp-2 run also stores its frozen
+weights in bfloat16 (``train.frozen_dtype``, what the SD-2 configs use)."""
 
 import json
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from PIL import Image
 
@@ -21,6 +23,7 @@ def _events(workdir, event):
 
 def _config(init_checkpoint, fsdp: int, steps: int):
     c = get_config("joint")
+    c.train.frozen_dtype = "bfloat16" if fsdp == 2 else "float32"
     c.init_from = str(init_checkpoint)
     c.num_steps = steps
     c.mesh.fsdp = fsdp
@@ -57,4 +60,21 @@ def test_fsdp_training_validates_every_step_and_resumes(tmp_path, init_checkpoin
         tmp_path / "checkpoints", checkpoint.CheckpointOptions()
     ).all_steps()
     assert max(steps) == 2
+    # bfloat16 storage: frozen matrices bf16, frozen vectors and all trainable params float32.
+    handler = ocp.StandardCheckpointHandler
+    with ocp.CheckpointManager(
+        tmp_path / "checkpoints",
+        options=ocp.CheckpointManagerOptions(read_only=True),
+        item_handlers={"params": handler(), "ema_params": handler()},
+    ) as mgr:
+        meta = mgr.item_metadata(2)
+    params, ema = (getattr(meta[k], "tree", meta[k]) for k in ("params", "ema_params"))
+    ema_paths = {p for p, _ in jax.tree_util.tree_flatten_with_path(ema)[0]}
+    dtypes = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        kind = (
+            "trainable" if path in ema_paths else ("matrix" if len(leaf.shape) >= 2 else "vector")
+        )
+        dtypes.setdefault(kind, set()).add(np.dtype(leaf.dtype).name)
+    assert dtypes == {"trainable": {"float32"}, "matrix": {"bfloat16"}, "vector": {"float32"}}
     assert jax.device_count() == 8

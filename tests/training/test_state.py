@@ -126,3 +126,26 @@ def test_lr_multipliers_scale_only_their_modules():
     # Without multipliers the optimizer state keeps its structure (old checkpoints resume).
     n_plain = len(jax.tree.leaves(make_optimizer(base).init(params)))
     assert n_plain == len(jax.tree.leaves(make_optimizer(fast).init(params)))
+
+
+def test_frozen_storage_halves_matrices_only():
+    tree = {
+        "conv": {"kernel": jax.ShapeDtypeStruct((3, 3, 4, 8), jnp.float32)},
+        "norm": {"scale": jax.ShapeDtypeStruct((8,), jnp.float32)},
+        "count": jax.ShapeDtypeStruct((2, 2), jnp.int32),
+    }
+    low = state_lib.frozen_storage(tree, "bfloat16")
+    assert low["conv"]["kernel"].dtype == jnp.bfloat16
+    assert low["norm"]["scale"].dtype == jnp.float32 and low["count"].dtype == jnp.int32
+    same = state_lib.frozen_storage(tree, "float32")
+    assert jax.tree.map(lambda a: a.dtype, same) == jax.tree.map(lambda a: a.dtype, tree)
+    with pytest.raises(ValueError, match="frozen_dtype"):
+        state_lib.frozen_storage(tree, "float16")
+    values = {
+        "conv": {"kernel": jnp.full((3, 3, 4, 8), 1 / 3)},
+        "norm": {"scale": jnp.ones(8)},
+        "count": jnp.ones((2, 2), jnp.int32),
+    }
+    cast = state_lib.cast_like(values, low, jax.tree.map(lambda x: x.sharding, values))
+    assert cast["conv"]["kernel"].dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(cast["conv"]["kernel"], np.float32), 1 / 3, rtol=4e-3)
