@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -64,17 +65,26 @@ class _Job:
     remaining: int
 
 
-def make_label_fn(graphdef, window: int):
-    """Jitted `(state, tiles uint8 [B, window, window, 3]) -> labels uint8 [B, window, window]`."""
+def segment(seg, images: jax.Array) -> jax.Array:
+    """A SegFormer's labels of uint8 RGB ``images [B, H, W, 3]`` -> uint8 ``[B, H, W]``: the
+    logits (1/4 resolution) upsampled bilinearly to the images' own size, then the argmax (as
+    transformers' ``post_process_semantic_segmentation``)."""
+    logits, _ = seg(normalize_images(images))
+    logits = resize_bilinear(logits.astype(jnp.float32), images.shape[1:3])
+    return jnp.argmax(logits, axis=-1).astype(jnp.uint8)
 
-    @jax.jit
-    def label_fn(state, tiles):
-        seg = nnx.merge(graphdef, state)
-        logits, _ = seg(normalize_images(tiles))
-        logits = resize_bilinear(logits.astype(jnp.float32), (window, window))
-        return jnp.argmax(logits, axis=-1).astype(jnp.uint8)
 
-    return label_fn
+@functools.cache
+def make_segment_fn(graphdef):
+    """Jitted ``(state, images uint8 [B, H, W, 3]) -> labels uint8 [B, H, W]``
+    (:func:`segment`); cached per model structure, so every caller with the same SegFormer
+    shares one compiled program per input shape. Used for label windows here and for whole
+    images by :mod:`segsr_jax.evaluation`."""
+
+    def segment_fn(state, images):
+        return segment(nnx.merge(graphdef, state), images)
+
+    return jax.jit(segment_fn)
 
 
 def _write_png(path: pathlib.Path, label: np.ndarray) -> None:
@@ -89,7 +99,7 @@ class _Labeller:
 
     def __init__(self, seg, window: int, overlap: int, batch_size: int):
         graphdef, self.state = nnx.split(seg)
-        self.label_fn = make_label_fn(graphdef, window)
+        self.label_fn = make_segment_fn(graphdef)
         self.window, self.overlap, self.batch_size = window, overlap, batch_size
         self.tiles: list[np.ndarray] = []
         self.places: list[tuple] = []
