@@ -162,6 +162,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--overwrite", action="store_true", help="redo images already done")
     p.add_argument(
+        "--report",
+        action="store_true",
+        help="also write OUTPUT/index.html: bicubic | SR sliders and segmentation overlays "
+        "of every image, in one self-contained page (segsr_jax.report)",
+    )
+    p.add_argument(
         "--cache-dir",
         default=os.environ.get(
             "SEGSR_JAX_CACHE", str(Path.home() / ".cache" / "segsr_jax" / "xla")
@@ -265,7 +271,12 @@ def main(argv=None) -> int:
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGINT, _interrupt_once) if in_main_thread else None
     try:
-        return run(args, progress)
+        status = run(args, progress)
+        if args.report and status != 2:  # 2: nothing sampled (bad input, output or checkpoint)
+            from segsr_jax.report import write_sample_report
+
+            print(f"wrote {write_sample_report(args.input, args.output, args.checkpoint)}")
+        return status
     except KeyboardInterrupt:
         # Outputs are written atomically: nothing partial is left, and a rerun resumes.
         print(
