@@ -18,11 +18,33 @@ from scipy.io import savemat
 from skimage import data
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from segsr_jax import evaluate as E
+from segsr_jax import evaluation as E
+from segsr_jax import images
 from segsr_jax import metrics as M
+from segsr_jax.evaluate import main as evaluate_main
+from segsr_jax.label import make_segment_fn
 from segsr_jax.models.seg_encoder import SegFormer, SegFormerConfig
+from segsr_jax.weights import fetch
 
 CROP = 4
+REAL_CACHE = fetch.cache_dir()  # read before the fixture below hides it
+
+
+@pytest.fixture(autouse=True)
+def no_fetched_weights(tmp_path, monkeypatch):
+    """The command sees an empty weight cache (no LPIPS-VGG column, no Real-ESRGAN), so its
+    columns do not depend on what this machine has fetched; :func:`fetched` undoes it."""
+    monkeypatch.setenv(fetch.CACHE_ENV, str(tmp_path / "no_weights"))
+
+
+@pytest.fixture
+def fetched(monkeypatch):
+    """``fetched(name)``: the weights folder of ``name`` in the real cache (fetched on demand,
+    skipped when the registry cannot be reached); the command sees that cache too."""
+    from tests.weights.test_fetch import fetched_model
+
+    monkeypatch.setenv(fetch.CACHE_ENV, str(REAL_CACHE))
+    return fetched_model
 
 
 def _degraded(img: np.ndarray, kind: str, seed: int = 0) -> np.ndarray:
@@ -207,8 +229,9 @@ def folders(tmp_path):
     return tmp_path, gts, preds
 
 
-def test_cli_scores_pairs_and_writes_csv_and_json(folders, niqe_params, capsys):
+def test_cli_scores_pairs_and_writes_csv_and_json(folders, niqe_params, capsys, monkeypatch):
     root, gts, preds = folders
+    monkeypatch.setenv("SEGSR_JAX_CACHE_DIR", str(root / "empty_cache"))  # no LPIPS weights
     np.savez(root / "niqe.npz", **niqe_params)
     argv = [
         "--pred",
@@ -226,16 +249,20 @@ def test_cli_scores_pairs_and_writes_csv_and_json(folders, niqe_params, capsys):
         "--no-pyiqa",
         "--per-image",
     ]
-    assert E.main(argv) == 0
+    assert evaluate_main(argv) == 0
     out, err = capsys.readouterr()
     assert "scene2" in err and "without ground truth" in err
     assert "PSNR" in out and "NIQE" in out and "seg mIoU" in out and "scene1" in out
     assert "pyiqa metrics skipped" in out
+    # No LPIPS weights: one line says how to fetch them; the other metrics are there.
+    (lpips_note,) = [line for line in out.splitlines() if "LPIPS" in line]
+    assert "python -m segsr_jax.weights.fetch lpips" in lpips_note
 
     with open(root / "out" / "metrics.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert [r["name"] for r in rows] == ["scene0", "scene1", "mean"]
-    assert list(rows[0]) == ["name", "psnr", "ssim", "niqe", "seg_miou"]
+    assert {r["method"] for r in rows} == {"pred"}
+    assert list(rows[0]) == ["method", "name", "psnr", "ssim", "niqe", "seg_miou"]
     psnrs = [M.psnr(preds[s], gts[s], 4) for s in ("scene0", "scene1")]
     for row, want in zip(rows, psnrs, strict=False):
         assert float(row["psnr"]) == pytest.approx(want, abs=1e-12)
@@ -262,7 +289,7 @@ def test_cli_scores_pairs_and_writes_csv_and_json(folders, niqe_params, capsys):
 
     # --out defaults to --pred; --rgb scores RGB.
     assert (
-        E.main(
+        evaluate_main(
             [
                 "--pred",
                 str(root / "pred"),
@@ -289,18 +316,20 @@ def test_cli_errors_name_the_files(folders, capsys):
     root, gts, _ = folders
     empty = root / "empty"
     empty.mkdir()
-    assert E.main(["--pred", str(empty), "--gt", str(root / "gt"), "--no-pyiqa"]) == 2
+    assert evaluate_main(["--pred", str(empty), "--gt", str(root / "gt"), "--no-pyiqa"]) == 2
     assert "no prediction" in capsys.readouterr().err
 
     _save(root / "gt" / "scene1_hr.png", gts["scene1"][:120])
-    assert E.main(["--pred", str(root / "pred"), "--gt", str(root / "gt"), "--no-pyiqa"]) == 2
+    assert (
+        evaluate_main(["--pred", str(root / "pred"), "--gt", str(root / "gt"), "--no-pyiqa"]) == 2
+    )
     err = capsys.readouterr().err
     assert "scene1_sr.png is 128x128" in err and "scene1_hr.png is 128x120" in err
 
     _save(root / "gt" / "scene1_hr.png", gts["scene1"])
     _save(root / "labels" / "scene0_label.png", np.zeros((64, 128), np.uint8))
     assert (
-        E.main(
+        evaluate_main(
             [
                 "--pred",
                 str(root / "pred"),
@@ -318,7 +347,9 @@ def test_cli_errors_name_the_files(folders, capsys):
     assert "scene0_label.png is 128x64 but the image scene0 is 128x128" in capsys.readouterr().err
 
     (root / "pred" / "scene0_sr.png").write_bytes(b"\x89PNG not really")
-    assert E.main(["--pred", str(root / "pred"), "--gt", str(root / "gt"), "--no-pyiqa"]) == 2
+    assert (
+        evaluate_main(["--pred", str(root / "pred"), "--gt", str(root / "gt"), "--no-pyiqa"]) == 2
+    )
     assert "scene0_sr.png" in capsys.readouterr().err
     assert not (root / "pred" / "metrics.json").exists()
 
@@ -337,7 +368,7 @@ def test_cli_unreadable_niqe_params_is_a_one_line_error(folders, content, capsys
     else:
         path.write_bytes(content)
     assert (
-        E.main(
+        evaluate_main(
             [
                 "--pred",
                 str(root / "pred"),
@@ -470,7 +501,7 @@ def test_semantic_miou_is_one_against_own_labels_and_drops_when_perturbed(segfor
         assert lab.shape == (100, 76) and lab.dtype == np.uint8 and lab.max() < 5
     assert len(np.unique(np.concatenate([lab.ravel() for lab in own.values()]))) > 1
     graphdef, _ = nnx.split(segformer)
-    assert E.make_segment_fn(graphdef)._cache_size() == 1  # one compile per image shape
+    assert make_segment_fn(graphdef)._cache_size() == 1  # one compile per image shape
 
     for s, img in shots.items():
         _save(tmp_path / "pred" / f"{s}_sr.png", img)
@@ -537,7 +568,7 @@ def test_segmenter_from_a_segsr_checkpoint(tmp_path):
     for path in gt.glob("*_hr.png"):
         (tmp_path / "pred" / path.name.replace("_hr", "_sr")).write_bytes(path.read_bytes())
     assert (
-        E.main(
+        evaluate_main(
             [
                 "--pred",
                 str(tmp_path / "pred"),
@@ -614,3 +645,109 @@ def test_psnr_ssim_agree_with_pyiqa_ycbcr_settings_when_installed():
     c = 4
     ya, yb = np.round(M.rgb_to_y(a)), np.round(M.rgb_to_y(b))
     assert abs(M._ssim_channel(ya[c:-c, c:-c], yb[c:-c, c:-c]) - s) < 1e-5
+
+
+# --- LPIPS-VGG, baselines and the page -------------------------------------------------------
+
+
+def _lq_folder(root, gts) -> dict:
+    """x4 bicubic-downscaled ground truth as LQ inputs (``lq/<stem>.png``)."""
+    lqs = {stem: images.resize(gt, (32, 32)) for stem, gt in gts.items()}
+    for stem, lq in lqs.items():
+        _save(root / "lq" / f"{stem}.png", lq)
+    return lqs
+
+
+def _csv_rows(path) -> dict:
+    with open(path, newline="") as f:
+        return {(r["method"], r["name"]): r for r in csv.DictReader(f)}
+
+
+def test_lpips_column_is_segsr_jax_lpips_of_each_pair(folders, fetched, capsys):
+    from segsr_jax.lpips import load_lpips
+
+    metric = load_lpips(fetched("lpips"))
+    root, gts, preds = folders
+    base = ["--pred", str(root / "pred"), "--gt", str(root / "gt"), "--no-pyiqa"]
+    assert evaluate_main([*base, "--out", str(root / "out")]) == 0
+    assert "LPIPS-VGG" in capsys.readouterr().out
+    rows = _csv_rows(root / "out" / "metrics.csv")
+    want = {
+        s: float(
+            metric(images.to_unit_range(preds[s])[None], images.to_unit_range(gts[s])[None])[0]
+        )
+        for s in gts
+    }
+    assert 0.05 < min(want.values())  # degraded images: a real distance
+    for s, w in want.items():
+        assert float(rows["pred", s]["lpips_vgg"]) == pytest.approx(w, abs=1e-6)
+    assert float(rows["pred", "mean"]["lpips_vgg"]) == pytest.approx(np.mean(list(want.values())))
+    assert evaluate_main([*base, "--out", str(root / "off"), "--no-lpips"]) == 0
+    assert "lpips_vgg" not in next(iter(_csv_rows(root / "off" / "metrics.csv").values()))
+
+
+def test_baselines_are_scored_as_extra_rows_and_shown_in_the_page(folders, fetched, capsys):
+    from segsr_jax.models.rrdbnet import load_rrdbnet
+
+    fetched("lpips")
+    esrgan = load_rrdbnet(fetched("realesrgan"))
+    root, gts, preds = folders
+    lqs = _lq_folder(root, gts)
+    argv = ["--pred", str(root / "pred"), "--gt", str(root / "gt"), "--lq", str(root / "lq")]
+    argv += ["--baseline", "bicubic", "--baseline", "realesrgan", "--baseline", "bicubic"]
+    argv += ["--no-pyiqa", "--out", str(root / "out"), "--html", "--per-image"]
+    assert evaluate_main(argv) == 0
+    out = capsys.readouterr().out
+    assert "mean (bicubic, 2)" in out and "mean (realesrgan, 2)" in out
+    rows = _csv_rows(root / "out" / "metrics.csv")
+    assert [m for m, n in rows if n == "mean"] == ["pred", "bicubic", "realesrgan"]
+
+    # bicubic: PIL's bicubic of the LQ to the ground truth's size, scored like a prediction.
+    for s, gt in gts.items():
+        up = images.resize(lqs[s], gt.shape[:2])
+        written = images.read_image(root / "out" / "baselines" / "bicubic" / f"{s}_sr.png")
+        np.testing.assert_array_equal(written, up)
+        assert float(rows["bicubic", s]["psnr"]) == pytest.approx(M.psnr(up, gt, CROP), abs=1e-12)
+    # realesrgan: the x4plus network on the LQ (one tile at this size).
+    for s, gt in gts.items():
+        x = (lqs[s].astype(np.float32) / 255)[None]
+        want = np.round(np.clip(np.asarray(nnx.jit(lambda m, v: m(v))(esrgan, x))[0], 0, 1) * 255)
+        written = images.read_image(root / "out" / "baselines" / "realesrgan" / f"{s}_sr.png")
+        diff = np.abs(written.astype(int) - want.astype(int))
+        assert diff.max() <= 1 and (diff == 0).mean() > 0.99
+        assert float(rows["realesrgan", s]["psnr"]) == pytest.approx(M.psnr(written, gt, CROP))
+        assert 0 < float(rows["realesrgan", s]["lpips_vgg"]) < 1
+    doc = json.loads((root / "out" / "metrics.json").read_text())
+    assert sorted(doc["baselines"]) == ["bicubic", "realesrgan"]
+    assert doc["baselines"]["bicubic"]["mean"]["psnr"] == pytest.approx(
+        float(rows["bicubic", "mean"]["psnr"])
+    )
+
+    page = (root / "out" / "index.html").read_text()
+    from tests.test_report import assert_self_contained, decoded
+
+    assert_self_contained(page)
+    # Per image: bicubic | pred, realesrgan | pred, pred | ground truth; then the overlay of
+    # the sampler's labels (the folder's _seg_labels.png).
+    assert page.count('<figure class="cmp"') == 2 * 3 and page.count('class="seg"') == 2
+    shown = decoded(page)
+    np.testing.assert_array_equal(shown[0], preds["scene0"])
+    np.testing.assert_array_equal(shown[1], images.resize(lqs["scene0"], (128, 128)))
+    np.testing.assert_array_equal(shown[4], gts["scene0"])  # "after" of pred | ground truth
+    assert f"{float(rows['realesrgan', 'scene0']['psnr']):.4f}" in page
+
+
+def test_baseline_errors_are_one_line(folders, capsys):
+    root, gts, _ = folders
+    base = ["--pred", str(root / "pred"), "--gt", str(root / "gt"), "--no-pyiqa"]
+    with pytest.raises(SystemExit):
+        evaluate_main([*base, "--baseline", "bicubic"])
+    assert "--baseline needs --lq" in capsys.readouterr().err
+    _lq_folder(root, gts)
+    argv = [*base, "--lq", str(root / "lq"), "--baseline", "realesrgan", "--out", str(root / "o")]
+    assert evaluate_main(argv) == 2  # the autouse fixture hides the fetched weights
+    (line,) = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error")]
+    assert "python -m segsr_jax.weights.fetch realesrgan" in line
+    (root / "lq" / "scene1.png").unlink()
+    assert evaluate_main([*argv[:-3], "bicubic", "--out", str(root / "o")]) == 2
+    assert "no LQ image for scene1" in capsys.readouterr().err
