@@ -455,8 +455,8 @@ def test_pyiqa_metrics_are_used_when_importable_and_failures_noted(folders, monk
     def create_metric(name):
         if name == "lpips":
             return lambda pred, ref: calls.append((pred, ref)) or 0.25
-        if name == "musiq":
-            return lambda pred: 50.0
+        if name == "musiq":  # fails on one image: NaN there, the column stays
+            return lambda pred: 50.0 if "scene0" in pred else 1 / 0
         raise RuntimeError("weights not downloadable")
 
     monkeypatch.setitem(sys.modules, "pyiqa", types.SimpleNamespace(create_metric=create_metric))
@@ -465,6 +465,9 @@ def test_pyiqa_metrics_are_used_when_importable_and_failures_noted(folders, monk
     )
     assert ev.columns == ["psnr", "ssim", "lpips", "musiq"]
     assert ev.mean["lpips"] == 0.25 and ev.mean["musiq"] == 50.0
+    assert ev.rows[0]["musiq"] == 50.0 and math.isnan(ev.rows[1]["musiq"])
+    (note,) = [n for n in ev.notes if n.startswith("musiq failed")]
+    assert "on 1 of 2 image(s)" in note and "scene1_sr.png (ZeroDivisionError" in note
     assert [p.split("/")[-1] for p, _ in calls] == ["scene0_sr.png", "scene1_sr.png"]
     assert [r.split("/")[-1] for _, r in calls] == ["scene0_hr.png", "scene1_hr.png"]
     assert sum("omitted" in n for n in ev.notes) == 4  # NIQE, dists, maniqa, clipiqa
