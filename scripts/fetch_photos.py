@@ -1,7 +1,11 @@
-"""Fetch held-out real photos from pinned Debian packages, with a licence manifest.
+"""Fetch the training photos from pinned Debian packages, with a licence manifest.
 
     python scripts/fetch_photos.py                 # -> ~/.cache/segsr_jax/photos
     python scripts/fetch_photos.py --out DIR
+
+These are the real-photo TRAINING photos (``scripts/prepare_photos.py`` turns them into
+training data). They are not for evaluation: the held-out evaluation photos are a separate
+set, from PyPI wheels (``scripts/fetch_heldout.py``), and are never used to train, tune or pick.
 
 Four Debian 12 (bookworm) packages are downloaded with ``apt-get download NAME=VERSION`` (run
 ``apt-get update`` once first), checked against sha256 hashes pinned here, and unpacked with
