@@ -18,7 +18,7 @@ first (by 2 or 4), as in BasicSR, so the body always runs at 1/4 of the output s
 Images are NHWC RGB in ``[0, 1]``; the output is ``scale`` times larger and not clipped.
 Sub-modules are named as BasicSR's ``RRDBNet`` (``conv_first``, ``body.0.rdb1.conv1`` ...,
 ``conv_last``) so :func:`segsr_jax.weights.torch_mapping.load_state_dict` maps its state dict,
-and :func:`segsr_jax.weights.ncnn.rrdbnet_from_layers` produces the same names.
+and :func:`segsr_jax.weights.ncnn_rrdbnet.rrdbnet_from_layers` produces the same names.
 """
 
 from __future__ import annotations
@@ -253,7 +253,7 @@ def rrdbnet_from_tensors(
     config: RRDBNetConfig, tensors, *, dtype=jnp.float32, source: str = "checkpoint"
 ) -> RRDBNet:
     """An :class:`RRDBNet` holding ``tensors`` (PyTorch layout, BasicSR names, e.g. from
-    :func:`segsr_jax.weights.ncnn.rrdbnet_from_layers` or a BasicSR ``params_ema`` dict).
+    :func:`segsr_jax.weights.ncnn_rrdbnet.rrdbnet_from_layers` or a BasicSR ``params_ema`` dict).
 
     Raises:
       CheckpointError: a missing or unexpected tensor, or a shape mismatch (named).

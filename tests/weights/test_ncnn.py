@@ -6,7 +6,7 @@ import pytest
 from flax import nnx
 
 from segsr_jax.models.rrdbnet import RRDBNet, RRDBNetConfig, rrdbnet_from_tensors
-from segsr_jax.weights import ncnn
+from segsr_jax.weights import ncnn, ncnn_rrdbnet
 
 FP16_TAG = (0x01306B47).to_bytes(4, "little")
 
@@ -123,7 +123,7 @@ def test_roundtrip_mapping_and_graph(np_rng, fp16):
     param, binary = rrdbnet_ncnn(tensors, SMALL.num_block, fp16=fp16)
     layers = ncnn.read_bin(ncnn.parse_param(param), binary)
     assert sum(ly.type == "Split" for ly in layers) > 0
-    config, mapped = ncnn.rrdbnet_from_layers(layers)
+    config, mapped = ncnn_rrdbnet.rrdbnet_from_layers(layers)
     assert RRDBNetConfig(**config) == SMALL
     assert mapped.keys() == tensors.keys()
     for k, v in tensors.items():
@@ -215,7 +215,7 @@ def test_mapping_refuses_other_graphs(np_rng):
     param, binary = rrdbnet_ncnn(tensors, 1)
 
     def mapped(text):
-        return ncnn.rrdbnet_from_layers(ncnn.read_bin(ncnn.parse_param(text), binary))
+        return ncnn_rrdbnet.rrdbnet_from_layers(ncnn.read_bin(ncnn.parse_param(text), binary))
 
     mapped(param)  # the unmodified graph maps
     with pytest.raises(ncnn.NcnnError, match="expected 0.2 \\* branch"):
@@ -227,7 +227,7 @@ def test_mapping_refuses_other_graphs(np_rng):
     # One conv dropped (its weights too): not 6 + 15 k convolutions.
     layers = ncnn.read_bin(ncnn.parse_param(param), binary)
     with pytest.raises(ncnn.NcnnError, match="do not form an x4 RRDBNet"):
-        ncnn.rrdbnet_from_layers([ly for ly in layers if ly.name != "Convolution_1"])
+        ncnn_rrdbnet.rrdbnet_from_layers([ly for ly in layers if ly.name != "Convolution_1"])
 
 
 def test_real_realesrgan_graph_matches_rrdbnet():
@@ -240,7 +240,7 @@ def test_real_realesrgan_graph_matches_rrdbnet():
     members = fetch.read_members(fetched_archive("realesrgan"), src.members)
     layers = ncnn.parse_param(members[src.members[0]].decode())
     ncnn.read_bin(layers, members[src.members[1]])
-    config, tensors = ncnn.rrdbnet_from_layers(layers)
+    config, tensors = ncnn_rrdbnet.rrdbnet_from_layers(layers)
     cfg = RRDBNetConfig(**config)
     assert cfg == RRDBNetConfig()  # x4plus: 23 blocks, 64 features, growth 32
     assert sum(v.size for v in tensors.values()) == 16_697_987
