@@ -128,7 +128,7 @@ def compile_all(programs: dict, res: Results, workers: int | None = None) -> dic
     1 compiles one at a time); a program that fails to compile is retried with the XLA
     attention path instead of cuDNN's. Progress goes to stdout with the elapsed time.
     Returns ``{name: (compiled, args, compile seconds, jaxpr FLOPs)}`` of those compiled."""
-    from segsr_jax.models import layers
+    from segsr_jax.models import attention
 
     traced = {n: fn.trace(*a) for n, (fn, a) in programs.items()}
     lowered = {n: t.lower() for n, t in traced.items()}
@@ -153,7 +153,7 @@ def compile_all(programs: dict, res: Results, workers: int | None = None) -> dic
     for name in failed:
         fn, fargs = programs[name]
         t0 = time.perf_counter()
-        with mock.patch.object(layers, "_use_cudnn", lambda *a: False):
+        with mock.patch.object(attention, "_use_cudnn", lambda *a: False):
             try:  # a fresh jit: the old one's trace cache holds the cuDNN version
                 retraced = jax.jit(fn.__wrapped__).trace(*fargs)
                 exe = retraced.lower().compile()

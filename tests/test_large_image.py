@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from segsr_jax.models import layers
+from segsr_jax.models import attention
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "large_image_bench.py"
 MiB, GiB = 2**20, 2**30
@@ -69,11 +69,11 @@ def test_chunked_attention_equals_one_block(monkeypatch):
         q, k, v = (
             jnp.asarray(rng.standard_normal((b, n, heads * d)), jnp.float32) for n in (lq, lk, lk)
         )
-        whole = layers.attention(q, k, v, heads)
+        whole = attention.attention(q, k, v, heads)
         monkeypatch.setitem(
-            layers.MAX_SCORE_ELEMENTS, jax.default_backend(), b * heads * lk * 40
+            attention.MAX_SCORE_ELEMENTS, jax.default_backend(), b * heads * lk * 40
         )  # chunks of 40 queries: 6 chunks, 37 padded
-        chunked = layers.attention(q, k, v, heads)
+        chunked = attention.attention(q, k, v, heads)
         monkeypatch.undo()
         want = jax.nn.dot_product_attention(
             q.reshape(b, lq, heads, d), k.reshape(b, lk, heads, d), v.reshape(b, lk, heads, d)

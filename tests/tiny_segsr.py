@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 from flax import nnx
 
 from segsr_jax.models.bridge import BridgeConfig
-from segsr_jax.models.controlnet import ControlNetConfig
+from segsr_jax.models.controlnet import controlnet_config_from_unet
 from segsr_jax.models.seg_encoder import SegFormerConfig
 from segsr_jax.models.segdm import SegDMConfig
 from segsr_jax.models.segsr import SegSR, SegSRConfig
@@ -60,12 +58,13 @@ def tiny_config(**overrides) -> SegSRConfig:
         i_channels=3,
         norm_groups=4,
     )
-    shared = {f.name for f in dataclasses.fields(ControlNetConfig)}
-    cn = ControlNetConfig(
-        **{k: v for k, v in dataclasses.asdict(unet).items() if k in shared},
-        conditioning="latent",
-        conditioning_channels=4 + 2,
-        conditioning_embedding_out_channels=(8, 8),
+    cn = controlnet_config_from_unet(
+        unet,
+        dict(
+            conditioning="latent",
+            conditioning_channels=4 + 2,
+            conditioning_embedding_out_channels=(8, 8),
+        ),
     )
     seg = SegFormerConfig(
         num_encoder_blocks=2,

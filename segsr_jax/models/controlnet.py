@@ -10,7 +10,8 @@ Conditioning (``ControlNetConfig.conditioning``):
 
 - ``"pixel"``: diffusers' ``ControlNetConditioningEmbedding``: an RGB image at 8x the latent
   resolution through 3x3 convs (SiLU) with three stride-2 steps; loads diffusers checkpoints.
-- ``"latent"``: SegSR's SRDM branch (DESIGN §2): ``concat(Z_lq, C_t)`` at latent resolution
+- ``"latent"``: SegSR's SRDM branch (its condition is already latent: the LQ's VAE latent
+  and the bridge's ``C_t``): ``concat(Z_lq, C_t)`` at latent resolution
   through the same stack with stride 1; ``conditioning_channels`` is its channel count.
 
 Both end in a zero-initialised 3x3 conv (``controlnet_cond_embedding.conv_out``).

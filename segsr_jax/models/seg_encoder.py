@@ -1,4 +1,5 @@
-"""SegFormer (MiT encoder + all-MLP decode head), the segmentation encoder of DESIGN §2.
+"""SegFormer (MiT encoder + all-MLP decode head): SegSR's segmentation encoder, whose fused
+decode-head features condition SegDM (``F_lq``) and whose logits are the fixed-segmenter baseline.
 
 The module mirrors transformers' ``SegformerForSemanticSegmentation`` as it is stored on disk
 (the names ``save_pretrained`` writes and hub checkpoints hold): ``segformer.encoder.
@@ -11,7 +12,11 @@ Input pixels are ImageNet-normalised RGB exactly as transformers' ``SegformerIma
 produces them (``(x / 255 - mean) / std`` with the ImageNet mean/std, no resizing here);
 :func:`normalize_images` makes them from our uint8 or ``[-1, 1]`` images. The model is
 inference-only: dropout and stochastic depth are not implemented and the decode head's
-BatchNorm always uses its running statistics (the segmentation encoder is frozen, DESIGN §4).
+BatchNorm always uses its running statistics (the segmentation encoder is frozen in SegSR's
+training stages).
+
+(Just past 400 lines on purpose: one file mirrors one transformers model, its config to its
+head, so the weight names can be checked against it in one read.)
 """
 
 from __future__ import annotations
@@ -22,7 +27,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from segsr_jax.models.layers import PARAM_DTYPE, attention, conv, layer_norm, linear
+from segsr_jax.models.attention import attention
+from segsr_jax.models.layers import PARAM_DTYPE, conv, layer_norm, linear
 
 # transformers builds every SegFormer LayerNorm as ``nn.LayerNorm(C)``: PyTorch's default eps,
 # whatever ``layer_norm_eps`` in config.json says (hub configs say 1e-6; it is never read).

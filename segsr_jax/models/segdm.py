@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from segsr_jax.models import layers
+from segsr_jax.models import attention, layers
 from segsr_jax.models.remat import BLOCK, boundary
 
 IGNORE_INDEX = 255
@@ -59,7 +59,7 @@ class SelfAttentionBlock(nnx.Module):
 
     def __init__(self, channels: int, heads: int, groups: int, *, dtype, rngs: nnx.Rngs):
         self.norm = layers.group_norm(channels, groups, 1e-6, dtype=dtype, rngs=rngs)
-        self.attn = layers.Attention(
+        self.attn = attention.Attention(
             channels, heads=heads, dim_head=channels // heads, qkv_bias=True, dtype=dtype, rngs=rngs
         )
 

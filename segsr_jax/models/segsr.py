@@ -1,7 +1,7 @@
 """SegSR: the two diffusion models, the bridge and their encoders in one NNX module.
 
 ``SegSR.denoise`` is the one place where the coupling order of a reverse step is written
-(DESIGN §1)::
+(the paper's figure: the bridge reads the states the previous step produced)::
 
     I_t, C_t   = DMB(Z_t, S_t, t)
     eps_hat    = SRDM(Z_t, t, text, cond=(Z_lq, C_t))       # ControlNet + UNet
@@ -21,9 +21,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from segsr_jax.diffusion import guidance
+from segsr_jax.models import guidance
 from segsr_jax.models.bridge import Bridge, BridgeConfig
-from segsr_jax.models.controlnet import ControlNet, ControlNetConfig
+from segsr_jax.models.controlnet import ControlNet, ControlNetConfig, controlnet_config_from_unet
 from segsr_jax.models.seg_encoder import SegFormer, SegFormerConfig, normalize_images
 from segsr_jax.models.segdm import SegDM, SegDMConfig
 from segsr_jax.models.text_encoder import CLIPTextConfig, CLIPTextEncoder
@@ -113,13 +113,13 @@ class SegSRConfig:
             seg_channels=segdm.embed_dim,
             i_channels=segdm.cond_channels,
         )
-        shared = {f.name for f in dataclasses.fields(ControlNetConfig)}
-        base = {k: v for k, v in dataclasses.asdict(unet).items() if k in shared}
-        controlnet = ControlNetConfig(
-            **base,
-            conditioning="latent",
-            conditioning_channels=lat + bridge.c_channels,
-            conditioning_embedding_out_channels=conditioning_embedding_out_channels,
+        controlnet = controlnet_config_from_unet(
+            unet,
+            dict(
+                conditioning="latent",
+                conditioning_channels=lat + bridge.c_channels,
+                conditioning_embedding_out_channels=conditioning_embedding_out_channels,
+            ),
         )
         if not kwargs.get("class_names") and segformer.id2label:
             kwargs["class_names"] = tuple(segformer.id2label)
@@ -259,8 +259,9 @@ class SegSR(nnx.Module):
             None for no classifier-free guidance (then ``guidance_scale`` is unused).
           guidance_scale: text CFG scale (text only: the LQ, bridge and SegDM are shared).
           use_bridge: static ``(use C_t, use I_t)``. The training stages ``sr`` and ``seg``
-            switch one off (that condition becomes zeros, DESIGN §4); with both off XLA drops
-            the bridge from the program.
+            switch one off (that condition becomes zeros, so each model learns alone before
+            the joint stage couples them); with both off XLA drops the bridge from the
+            program. Sampling takes it from :class:`segsr_jax.diffusion.options.SegPrior`.
 
         Returns:
           ``(model_out [B, h, w, 4], seg_logits [B, h, w, K])`` float32; ``model_out`` is

@@ -41,8 +41,9 @@ class UNetConfig:
     one per block); ``num_attention_heads``, when given, takes precedence. Per-block fields
     (``layers_per_block``, ``cross_attention_dim``, ``transformer_layers_per_block``) take an
     int or one value per down block; up blocks use them reversed.
-    ``upcast_attention`` is accepted and changes nothing: :func:`~segsr_jax.models.layers.attention`
-    already runs its softmax in float32 for low-precision inputs.
+    ``upcast_attention`` is accepted and changes nothing:
+    :func:`~segsr_jax.models.attention.attention` already runs its softmax in float32 for
+    low-precision inputs.
     """
 
     sample_size: int | tuple[int, int] | None = None

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from segsr_jax.models import layers
+from segsr_jax.models import attention, layers
 
 # diffusers builds every VAE norm with eps=1e-6 (resnets, attention and the output norms).
 _EPS = 1e-6
@@ -119,7 +119,7 @@ class VAEAttention(nnx.Module):
         """``x [B, H, W, C]`` -> ``[B, H, W, C]``; every pixel attends to every pixel."""
         b, h, w, c = x.shape
         y = self.group_norm(x).reshape(b, h * w, c)
-        y = layers.attention(self.to_q(y), self.to_k(y), self.to_v(y), heads=1)
+        y = attention.attention(self.to_q(y), self.to_k(y), self.to_v(y), heads=1)
         return x + self.to_out[0](y).reshape(b, h, w, c)
 
 

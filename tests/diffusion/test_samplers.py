@@ -7,9 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from segsr_jax.diffusion import guidance, samplers
+from segsr_jax.diffusion import samplers
 from segsr_jax.diffusion.samplers import init_state, make_schedule, seg_step, sr_step
 from segsr_jax.diffusion.schedules import NoiseConfig, alphas_cumprod
+from segsr_jax.models import guidance
 from tests.torch_reference import assert_close_rel, torch
 
 ds = pytest.importorskip("diffusers")

@@ -190,7 +190,7 @@ def test_from_unet_and_composition_match_diffusers(tmp_path):
 
 
 def test_latent_conditioning(tmp_path):
-    """DESIGN §2: cond = concat(Z_lq, C_t) at latent resolution. The zero-initialised output
+    """SegSR's branch: cond = concat(Z_lq, C_t) at latent resolution. The zero-initialised output
     conv makes the residuals independent of cond (even with non-zero residual convs); once it
     is non-zero they depend on it. A config.json with "conditioning": "latent" loads back."""
     diffusers.UNet2DConditionModel(**UNET_KW).save_pretrained(tmp_path / "unet")

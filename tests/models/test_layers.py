@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from segsr_jax.models import layers
+from segsr_jax.models import attention, layers
 from segsr_jax.weights.checkpoint_files import CheckpointError
 from segsr_jax.weights.torch_mapping import load_state_dict, state_dict_from_module
 from tests.torch_reference import assert_close_rel, nchw_to_nhwc, nhwc_to_nchw, perturb_, torch
@@ -44,7 +44,7 @@ def test_resnet_block_matches_diffusers(cin, cout, groups, np_rng):
 def test_attention_matches_diffusers(cross, np_rng):
     ref = perturb_(da.Attention(16, cross_attention_dim=cross, heads=4, dim_head=8), seed=3)
     ours = load_state_dict(
-        lambda: layers.Attention(
+        lambda: attention.Attention(
             16, heads=4, dim_head=8, cross_attention_dim=cross, rngs=nnx.Rngs(0)
         ),
         _sd(ref),
@@ -105,7 +105,7 @@ def test_mapper_round_trip_and_errors():
 
 @pytest.mark.parametrize("lq", [64, 4096])  # one block; query chunks on CPU
 def test_attention_gradients_recompute_scores_instead_of_storing_them(lq, np_rng):
-    """The backward pass of ``layers.attention`` equals plain softmax attention's and keeps
+    """The backward pass of ``attention.attention`` equals plain softmax attention's and keeps
     no [Lq, Lk] probabilities: at 4096 tokens its temporaries are a fraction of the stored
     score matrix (the flash-attention memory pattern)."""
     import jax
@@ -127,7 +127,7 @@ def test_attention_gradients_recompute_scores_instead_of_storing_them(lq, np_rng
             )
         )
 
-    ours, ref = loss(layers.attention), loss(plain)
+    ours, ref = loss(attention.attention), loss(plain)
     for a, b in zip(ours(q, k, v), ref(q, k, v), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=2e-5)
     scores_bytes = heads * lq * lk * 4
