@@ -1,4 +1,4 @@
-"""Device meshes and shardings (DESIGN §5): one mesh with axes ``('data', 'fsdp')``.
+"""Device meshes and shardings: one mesh with axes ``('data', 'fsdp')``, built once.
 
 Batches are split over ``'data'`` (and, when training with FSDP, over ``'fsdp'`` too); params,
 their EMA and optimizer state are laid out by :class:`ShardingRules`, a path -> logical-name ->
@@ -21,8 +21,10 @@ AXES = ("data", "fsdp")
 
 
 def make_mesh(data: int = -1, fsdp: int = 1, devices=None) -> Mesh:
-    """A ``('data', 'fsdp')`` mesh with Auto axis types (so ``with_sharding_constraint`` and
-    jit shardings work as in the design; this jax defaults ``make_mesh`` to Explicit).
+    """A ``('data', 'fsdp')`` mesh (``jax.make_mesh``: device order fit to the topology) with
+    Auto axis types, so that shardings are propagated by the compiler from the
+    ``in_shardings``/``out_shardings`` and constraints we give (this jax defaults
+    ``make_mesh`` to Explicit axes, which would put shardings into every array's type).
 
     ``data=-1`` takes every device not used by ``fsdp``.
     """
@@ -34,8 +36,7 @@ def make_mesh(data: int = -1, fsdp: int = 1, devices=None) -> Mesh:
         data = n // fsdp
     if data * fsdp != n:
         raise ValueError(f"mesh data={data} x fsdp={fsdp} needs {data * fsdp} devices, have {n}")
-    grid = np.asarray(devices, dtype=object).reshape(data, fsdp)
-    return Mesh(grid, AXES, axis_types=(AxisType.Auto, AxisType.Auto))
+    return jax.make_mesh((data, fsdp), AXES, axis_types=(AxisType.Auto,) * 2, devices=devices)
 
 
 def batch_sharding(mesh: Mesh, axes: str | tuple[str, ...] = "data") -> NamedSharding:
@@ -49,7 +50,13 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
-# --- Params: logical axis names by path, mesh axes by logical name (DESIGN §5) -------------
+def global_array(local: np.ndarray, sharding: NamedSharding) -> jax.Array:
+    """This process's rows ``local`` -> the global array laid out by ``sharding`` (its leading
+    axis the processes' rows in process order; replicated: every process holds it all)."""
+    return jax.make_array_from_process_local_data(sharding, np.asarray(local))
+
+
+# --- Params: logical axis names by path, mesh axes by logical name (a table in the config) --
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,3 +175,16 @@ def place(tree, shardings):
         return jax.make_array_from_callback(x.shape, s, lambda index: x[index])
 
     return jax.tree.map(put, tree, shardings)
+
+
+def enable_compilation_cache(cache_dir: str, min_compile_secs: float = 0.5) -> None:
+    """Persist compiled XLA programs in ``cache_dir``, so that a rerun (or a resumed job)
+    skips compiling every program that took at least ``min_compile_secs`` (the sampler
+    command: 0.5, its few big programs; training: 0, as a from-scratch init is hundreds of
+    sub-second programs)."""
+    from jax.experimental.compilation_cache import compilation_cache
+
+    jax.config.update("jax_compilation_cache_dir", cache_dir)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", min_compile_secs)
+    # JAX fixes the cache location at its first compile; re-point it if that already happened.
+    compilation_cache.reset_cache()

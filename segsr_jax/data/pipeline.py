@@ -23,9 +23,9 @@ from collections.abc import Sequence
 import cv2
 import grain
 import jax
-import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from segsr_jax import parallel
 from segsr_jax.data.degradations import DegradationConfig, Degrade
 from segsr_jax.data.transforms import CropConfig, MinSizeFilter, RandomCrop
 
@@ -158,6 +158,4 @@ def to_global_arrays(batch, mesh: Mesh, spec: PartitionSpec):
     leading dimension; trailing dimensions it does not mention are replicated.
     """
     sharding = NamedSharding(mesh, spec)
-    return jax.tree.map(
-        lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), batch
-    )
+    return jax.tree.map(lambda x: parallel.global_array(x, sharding), batch)
