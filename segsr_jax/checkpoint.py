@@ -22,8 +22,10 @@ through :class:`TrainCheckpointer`; paths may be local or ``gs://`` (Orbax handl
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
+import tempfile
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -43,11 +45,53 @@ FORMAT = "segsr_jax/1"
 # hundreds of one-off compiles at the first save and gains nothing. Only arrays whose
 # per-replica slice is at least 1 MiB are split.
 MIN_REPLICA_SLICE_BYTES = 2**20
-ocp.type_handlers.register_type_handler(
-    jax.Array,
-    ocp.type_handlers.ArrayHandler(min_slice_bytes_for_replica_parallel=MIN_REPLICA_SLICE_BYTES),
-    override=True,
-)
+
+
+@functools.cache
+def _register_array_handler() -> None:
+    """Orbax's ``jax.Array`` handler with :data:`MIN_REPLICA_SLICE_BYTES`; Orbax keeps one
+    global registry, so this is done once, when this module first opens a checkpoint (not on
+    import: importing a module changes nobody's Orbax)."""
+    ocp.type_handlers.register_type_handler(
+        jax.Array,
+        ocp.type_handlers.ArrayHandler(
+            min_slice_bytes_for_replica_parallel=MIN_REPLICA_SLICE_BYTES
+        ),
+        override=True,
+    )
+
+
+def is_remote(path: str | os.PathLike) -> bool:
+    """True for a URI (``gs://bucket/run``), False for a local (or mounted) path."""
+    return "://" in os.fspath(path)
+
+
+def copy_tree(src: epath.Path, dest: epath.Path) -> None:
+    """Copy the folder ``src`` into ``dest`` (created), file by file; either side may be
+    local or remote. Recurses with ``iterdir`` (epath's ``walk`` drops the ``gs://``
+    prefix on fsspec backends)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for child in src.iterdir():
+        if child.is_dir():
+            copy_tree(child, dest / child.name)
+        else:
+            (dest / child.name).write_bytes(child.read_bytes())
+
+
+def load_tokenizer(folder: str | os.PathLike):
+    """:func:`segsr_jax.weights.load_tokenizer` of a local or ``gs://`` folder, e.g. a
+    checkpoint's ``tokenizer/`` (transformers reads only local files, so a remote one is
+    loaded from a temporary local copy; the tokenizer's ``source`` names the remote
+    folder)."""
+    from segsr_jax import weights
+
+    if not is_remote(folder):
+        return weights.load_tokenizer(folder)
+    with tempfile.TemporaryDirectory(prefix="segsr_jax_tokenizer_") as local:
+        copy_tree(epath.Path(folder), epath.Path(local))
+        tokenizer = weights.load_tokenizer(local)
+    tokenizer.source = os.fspath(folder)  # the local copy is gone; name where it came from
+    return tokenizer
 
 
 class CheckpointMismatchError(ValueError):
@@ -61,6 +105,7 @@ def _manager(
     max_to_keep: int | None = None,
     handlers: Mapping | None = None,
 ) -> ocp.CheckpointManager:
+    _register_array_handler()
     path = directory if str(directory).startswith("gs://") else Path(directory).absolute()
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep, read_only=read_only, create=not read_only
@@ -348,6 +393,7 @@ class TrainCheckpointer:
         self.options = options
         self.read_attempts = read_attempts
         self.retry_delay_s = retry_delay_s
+        _register_array_handler()
         path = directory if str(directory).startswith("gs://") else Path(directory).absolute()
         self._path = epath.Path(path)
         self._mgr = ocp.CheckpointManager(

@@ -20,12 +20,11 @@ import tempfile
 
 from etils import epath
 
+# train.py still reaches load_tokenizer through this module. is_remote and copy_tree serve
+# checkpoints and workdirs alike, so they live with the checkpoints.
+from segsr_jax.checkpoint import copy_tree, is_remote, load_tokenizer  # noqa: F401
+
 REMOTE_SCHEMES = ("gs",)  # the object stores checkpoint.py hands to Orbax as they are
-
-
-def is_remote(path: str | os.PathLike) -> bool:
-    """True for a URI (``gs://bucket/run``), False for a local (or mounted) path."""
-    return "://" in os.fspath(path)
 
 
 def open_workdir(workdir: str | os.PathLike) -> epath.Path:
@@ -56,18 +55,6 @@ def open_workdir(workdir: str | os.PathLike) -> epath.Path:
             f"with: pip install -e '.[gcs]'"
         ) from e
     return path
-
-
-def copy_tree(src: epath.Path, dest: epath.Path) -> None:
-    """Copy the folder ``src`` into ``dest`` (created), file by file; either side may be
-    local or remote. Recurses with ``iterdir`` (epath's ``walk`` drops the ``gs://``
-    prefix on fsspec backends)."""
-    dest.mkdir(parents=True, exist_ok=True)
-    for child in src.iterdir():
-        if child.is_dir():
-            copy_tree(child, dest / child.name)
-        else:
-            (dest / child.name).write_bytes(child.read_bytes())
 
 
 class Staging:
@@ -125,18 +112,3 @@ class Staging:
 def _version(file: pathlib.Path) -> tuple[int, int]:
     st = file.stat()
     return st.st_size, st.st_mtime_ns
-
-
-def load_tokenizer(folder: str | os.PathLike):
-    """:func:`segsr_jax.weights.load_tokenizer` of a local or ``gs://`` folder (transformers
-    reads only local files, so a remote one is loaded from a temporary local copy; the
-    tokenizer's ``source`` names the remote folder)."""
-    from segsr_jax import weights
-
-    if not is_remote(folder):
-        return weights.load_tokenizer(folder)
-    with tempfile.TemporaryDirectory(prefix="segsr_jax_tokenizer_") as local:
-        copy_tree(epath.Path(folder), epath.Path(local))
-        tokenizer = weights.load_tokenizer(local)
-    tokenizer.source = os.fspath(folder)  # the local copy is gone; name where it came from
-    return tokenizer
