@@ -59,8 +59,9 @@ def measure(size: int, args) -> dict:
     import jax.numpy as jnp
     from flax import nnx
 
-    from segsr_jax import images
-    from segsr_jax.diffusion import samplers, sampling
+    from segsr_jax.diffusion import geometry
+    from segsr_jax.diffusion.options import SampleOptions
+    from segsr_jax.diffusion.session import SamplingSession
     from segsr_jax.models.unet import UNetConfig
 
     bench = bench_models.CONFIGS[args.config]
@@ -69,23 +70,24 @@ def measure(size: int, args) -> dict:
     f = cfg.latent_factor
     small = max(8, round(size / args.upscale))
     lq_u8 = np.random.default_rng(0).integers(0, 256, (small, small, 3), dtype=np.uint8)
-    lq = jnp.asarray(images.to_unit_range(images.resize(lq_u8, (size, size))))[None]
-    plan = sampling.make_plan(
-        (size, size),
-        f,
+    lq = geometry.model_input([lq_u8], (size, size), f)
+    options = SampleOptions(
+        steps=args.steps,
+        guidance=1.0,
         tile=args.tile,
-        overlap=args.tile_overlap,
+        tile_overlap=args.tile_overlap,
         tiles_per_call=args.tiles_per_call,
-        guidance=False,
+    )
+    ctx = jnp.zeros((1, cfg.text.max_position_embeddings, cfg.unet.cross_attention_dim))
+    sampler = SamplingSession(graphdef, cfg).prepare(
+        state,
+        lq,
+        options,
+        contexts=(ctx, None),
         vae_encode_tile=args.vae_encode_tile,
         vae_decode_tile=args.vae_decode_tile,
     )
-    sched = samplers.make_schedule("ddpm", args.steps)
-    ctx = jnp.zeros((1, cfg.text.max_position_embeddings, cfg.unet.cross_attention_dim))
-    fargs = (state, lq, ctx, None, jnp.float32(1.0), sched, jax.random.key(0))
-    t0 = time.perf_counter()
-    exe = sampling.make_sample_fn(graphdef, plan).lower(*fargs).compile()
-    compile_s = time.perf_counter() - t0
+    exe, fargs, plan, compile_s = sampler.program, sampler.args, sampler.plan, sampler.compile_s
     mem = exe.memory_analysis()
     before = _status_kib("VmRSS")
     with open("/proc/self/clear_refs", "w") as f_refs:

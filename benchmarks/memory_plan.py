@@ -189,8 +189,9 @@ def sample_case(px: int, batch: int, fsdp: int) -> dict:
     from flax import nnx
 
     from segsr_jax import parallel
-    from segsr_jax.diffusion import samplers, sampling
-    from segsr_jax.diffusion.schedules import NoiseConfig
+    from segsr_jax.diffusion import sampling
+    from segsr_jax.diffusion.options import SampleOptions
+    from segsr_jax.diffusion.session import SamplingSession
     from segsr_jax.models import layers
     from segsr_jax.models.segsr import SegSRConfig
     from segsr_jax.training import state as state_lib
@@ -210,12 +211,10 @@ def sample_case(px: int, batch: int, fsdp: int) -> dict:
         else jax.tree.map(lambda _: parallel.replicated(mesh), state)
     )
     b = batch * mesh.shape["data"]
-    plan = sampling.make_plan(
-        (px, px), model_cfg.latent_factor, tile=96, overlap=32, tiles_per_call=4, guidance=True
-    )
-    sched = samplers.make_schedule(
-        "ddpm", 50, NoiseConfig(prediction_type=model_cfg.prediction_type)
-    )
+    # SeeSR's sampler (DDPM, 50 steps, guidance 5.5, 96/32 latent tiles), 4 tiles per call.
+    session = SamplingSession(graphdef, model_cfg)
+    options = SampleOptions(tiles_per_call=4)
+    plan, sched = session.plan((px, px), options), session.schedule(options)
     rows = parallel.batch_sharding(mesh)
     rep = parallel.replicated(mesh)
     seq, width = model_cfg.text.max_position_embeddings, model_cfg.text.hidden_size

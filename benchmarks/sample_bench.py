@@ -63,7 +63,8 @@ from bench_models import CONFIGS, DTYPES, build_models, step_inputs, with_comput
 from flax import nnx  # noqa: E402
 
 from segsr_jax.diffusion import samplers, sampling  # noqa: E402
-from segsr_jax.diffusion.schedules import NoiseConfig  # noqa: E402
+from segsr_jax.diffusion.options import SampleOptions  # noqa: E402
+from segsr_jax.diffusion.session import SamplingSession  # noqa: E402
 from segsr_jax.models.segsr import SegSR  # noqa: E402
 
 
@@ -94,7 +95,8 @@ def jax_programs(
     steps: int,
     step_model: SegSR | None = None,
 ):
-    """The jitted JAX callables and their arguments: ``{name: (jitted, args)}``.
+    """The jitted JAX callables and their arguments: ``{name: (jitted, args)}``; the whole
+    sampler's as the sampling session that every sampler caller uses makes it.
 
     The whole sampler runs ``model`` (as a user's run does); the step programs run
     ``step_model`` when given (e.g. :func:`with_compute_dtype_kernels` of it).
@@ -112,10 +114,16 @@ def jax_programs(
         down, mid = nnx.merge(cn_def, cn_state)(z, t, ctx, cond)
         return nnx.merge(unet_def, unet_state)(z, t, ctx, down_residuals=down, mid_residual=mid)
 
-    f = cfg.latent_factor
-    plan = sampling.make_plan((image, image), f, tile=image // f, overlap=0, guidance=guidance)
-    sched = samplers.make_schedule("ddpm", steps, NoiseConfig(prediction_type=cfg.prediction_type))
-    s0 = jax.tree.map(lambda a: jnp.asarray(a[0]), sched)
+    session = SamplingSession(graphdef, cfg)
+    options = SampleOptions(
+        steps=steps,
+        guidance=5.5 if guidance else 1.0,
+        tile=image // cfg.latent_factor,
+        tile_overlap=0,
+        tiles_per_call=1,
+    )
+    plan = session.plan((image, image), options)
+    s0 = jax.tree.map(lambda a: jnp.asarray(a[0]), session.schedule(options))
     cond = sampling.Conditions(
         z_lq=x["z_lq"],
         f_lq=x["f_lq"],
@@ -134,23 +142,15 @@ def jax_programs(
     def segsr_step(state, cond, carry, s):
         return sampling.reverse_step(nnx.merge(graphdef, state), plan, cond, carry, s)
 
-    lq = jnp.asarray(np.random.default_rng(1).uniform(-1, 1, (b, image, image, 3)), jnp.float32)
-    sample_args = (
-        sampler_state,
-        lq,
-        x["context"],
-        cond.uncond_context,
-        jnp.float32(5.5),
-        sched,
-        jax.random.key(0),
-    )
+    lq = np.random.default_rng(1).uniform(-1, 1, (b, image, image, 3)).astype(np.float32)
+    sampler = session.call(sampler_state, lq, options, contexts=(x["context"], cond.uncond_context))
     return {
         "jax_srdm_step": (
             jax.jit(srdm),
             (cn_state, unet_state, x["z"], x["t"], x["context"], cond_in),
         ),
         "jax_segsr_step": (jax.jit(segsr_step), (state, cond, carry, s0)),
-        "jax_sampler": (sampling.make_sample_fn(graphdef, plan), sample_args),
+        "jax_sampler": (sampler.fn, sampler.args),
     }
 
 

@@ -6,6 +6,7 @@ returns uint8 RGB ``[H, W, 3]``; model inputs are float32 in ``[-1, 1]``.
 
 from __future__ import annotations
 
+import collections
 import io
 import os
 import tempfile
@@ -16,6 +17,8 @@ import numpy as np
 from PIL import Image, ImageOps
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+# The files written per restored image: SR, segmentation colours, raw labels, sheet.
+OUTPUT_SUFFIXES = ("_sr.png", "_seg.png", "_seg_labels.png", "_sheet.png")
 # Refuse decompression bombs: 16k x 16k is far beyond what anyone super-resolves.
 MAX_PIXELS = 16384 * 16384
 MIN_SIDE = 8
@@ -25,14 +28,16 @@ class ImageError(ValueError):
     """An input image that cannot be used; the message names the file and the reason."""
 
 
-def list_images(path: str | os.PathLike) -> list[Path]:
-    """The image files under ``path`` (a file, or a folder searched non-recursively, sorted)."""
+def list_images(path: str | os.PathLike, recursive: bool = False) -> list[Path]:
+    """The image files (by suffix, :data:`IMAGE_SUFFIXES`) under ``path``, sorted: a file is
+    itself; a folder is searched non-recursively unless ``recursive`` (a dataset tree)."""
     path = Path(path)
     if path.is_file():
         return [path]
     if not path.is_dir():
         raise FileNotFoundError(f"input not found: {path}")
-    return sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    found = path.rglob("*") if recursive else path.iterdir()
+    return sorted(p for p in found if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
 
 
 def _to_uint8_rgb(img: Image.Image) -> np.ndarray:
@@ -118,8 +123,9 @@ def write_png(path: str | os.PathLike, array: np.ndarray) -> None:
     write_atomic(path, buf.getvalue())
 
 
-def to_unit_range(img_u8: np.ndarray) -> np.ndarray:
-    """uint8 ``[..., 3]`` -> float32 in ``[-1, 1]``."""
+def to_unit_range(img_u8):
+    """uint8 ``[..., 3]`` -> float32 in ``[-1, 1]``: the model's pixel range, for numpy arrays
+    on the host and JAX arrays in a jitted step alike."""
     return img_u8.astype(np.float32) / 127.5 - 1.0
 
 
@@ -166,3 +172,41 @@ def side_by_side(*images: np.ndarray, gap: int = 8) -> np.ndarray:
         if n < len(images) - 1:
             parts.append(np.full((h, gap, 3), 255, np.uint8))
     return np.concatenate(parts, axis=1)
+
+
+def output_names(files: list[Path]) -> dict[Path, str]:
+    """The output name of each input: its stem, or ``stem_ext`` when another input has the
+    same stem (compared case-insensitively, as some file systems do), so none overwrites
+    another's outputs."""
+    counts = collections.Counter(f.stem.casefold() for f in files)
+    return {
+        f: f"{f.stem}_{f.suffix.lstrip('.')}" if counts[f.stem.casefold()] > 1 else f.stem
+        for f in files
+    }
+
+
+def outputs_of(out_dir: Path, name: str) -> list[Path]:
+    """The files written for the input whose output name (:func:`output_names`) is ``name``."""
+    return [out_dir / f"{name}{s}" for s in OUTPUT_SUFFIXES]
+
+
+def write_outputs(
+    paths: list[Path],
+    lq: np.ndarray,
+    out_hw: tuple[int, int],
+    sr: np.ndarray,
+    labels: np.ndarray,
+    num_classes: int,
+) -> None:
+    """Write the four files of one restored image to ``paths`` (:func:`outputs_of`), each
+    atomically, the sheet last: the SR image resized to ``out_hw``, the segmentation
+    ``labels`` (any resolution) upsampled to it in colour and raw, and LQ | SR | colours."""
+    sr = resize(sr, out_hw)
+    labels_hr = resize(labels.astype(np.uint8), out_hw, resample=Image.NEAREST)
+    seg = colorize(labels_hr, num_classes)
+    lq_big = resize(lq, out_hw, resample=Image.NEAREST)
+    sr_p, seg_p, lab_p, sheet_p = paths
+    write_png(sr_p, sr)
+    write_png(seg_p, seg)
+    write_png(lab_p, labels_hr)
+    write_png(sheet_p, side_by_side(lq_big, sr, seg))

@@ -4,9 +4,11 @@
 
     restorer = Restorer.from_checkpoint("path/to/checkpoint")
     opts = restorer.options(steps=20)
-    results, compile_s = restorer.restore_batch([lq_uint8], work_hw=(512, 512), options=opts)
+    out_hw, work_hw = restorer.sizes(lq_uint8.shape[:2], upscale=4, options=opts)
+    results, compile_s = restorer.restore_batch([lq_uint8], work_hw, options=opts)
 
-Compiled samplers are cached per (plan, batch, steps, sampler): images of one size compile once.
+Sampling goes through one :class:`~segsr_jax.diffusion.session.SamplingSession`, which caches
+the compiled samplers per (plan, batch, steps, sampler): images of one size compile once.
 """
 
 from __future__ import annotations
@@ -22,13 +24,18 @@ import numpy as np
 from flax import nnx
 
 from segsr_jax import checkpoint, images, parallel
-from segsr_jax.diffusion import samplers, sampling
-from segsr_jax.diffusion.schedules import NoiseConfig
+from segsr_jax.diffusion import geometry, tiling
+from segsr_jax.diffusion.options import SampleOptions
+from segsr_jax.diffusion.session import SamplingSession
 from segsr_jax.models import layers
 from segsr_jax.models.segsr import SegSR, SegSRConfig, ShapeOnlyRngs
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 POLL_SECONDS = 0.02
+# After a device out-of-memory the latent tile is halved down to this (in latent pixels).
+MIN_TILE = 16
+# What XLA's out-of-memory errors say (status RESOURCE_EXHAUSTED, "Out of memory ...").
+OOM_MARKERS = ("resource_exhausted", "out of memory")
 
 
 def default_tiles_per_call() -> int:
@@ -47,25 +54,8 @@ def wait_ready(tree):
     return tree
 
 
-@dataclasses.dataclass(frozen=True)
-class SampleOptions:
-    """How to sample (see ``python -m segsr_jax.sample --help``); the defaults are SeeSR's."""
-
-    sampler: str = "ddpm"
-    steps: int = 50
-    guidance: float = 5.5
-    prompt: str = "clean, high-resolution, 8k"  # SeeSR's positive suffix
-    negative_prompt: str = "dotted, noise, blur, lowres, smooth"  # SeeSR's negative prompt
-    tile: int = 96
-    tile_overlap: int = 32
-    tiles_per_call: int = 4  # Restorer.options: 1 on CPU (default_tiles_per_call)
-    color_fix: str = "adain"
-    min_side: int = 128
-    seg_prior: str = "diffusion"  # SegSR; "fixed" / "none": ablations (sampling.SEG_PRIORS)
-
-
 class Restorer:
-    """A SegSR model, its tokenizer and a cache of compiled samplers.
+    """A SegSR model, its tokenizer and its sampling session (with the compiled samplers).
 
     With ``mesh``, the model's weights are already laid out on it (e.g. FSDP-sharded by
     :meth:`from_checkpoint` with ``fsdp > 1``) and stay there: the sampler takes them in that
@@ -84,13 +74,10 @@ class Restorer:
         # Weights in their compute dtype once (bfloat16: half the memory, no casts per step).
         self.graphdef, self.state = nnx.split(layers.inference_weights(model))
         self.mesh = mesh
-        self._state_shardings = None if mesh is None else sampling.shardings_of(self.state)
         self.tokenizer = tokenizer
         self.defaults = dict(defaults or {})
-        self._compiled: dict = {}
-        self._contexts: dict = {}
-        self._encode = jax.jit(
-            lambda state, ids: nnx.merge(self.graphdef, state).encode_prompts(ids)
+        self.session = SamplingSession(
+            self.graphdef, self.config, tokenizer, mesh, fixed_weights=True
         )
 
     @classmethod
@@ -109,8 +96,6 @@ class Restorer:
         UNet / ControlNet / text-encoder kernels; ``rules`` to choose others), for a model
         that does not fit one device; no device ever holds the whole model.
         """
-        from segsr_jax.training import workdir
-
         if dtype not in DTYPES:
             raise ValueError(f"dtype {dtype!r}: choose one of {sorted(DTYPES)}")
         if fsdp < 1:
@@ -141,10 +126,10 @@ class Restorer:
         # A gs:// checkpoint (Orbax reads it natively) keeps its tokenizer there too.
         folder = (
             f"{str(path).rstrip('/')}/tokenizer"
-            if workdir.is_remote(path)
+            if checkpoint.is_remote(path)
             else (Path(path) / "tokenizer")
         )
-        tokenizer = workdir.load_tokenizer(folder)
+        tokenizer = checkpoint.load_tokenizer(folder)
         return cls(model, tokenizer, defaults=cfg.get("sampling", {}), mesh=mesh)
 
     @property
@@ -154,40 +139,29 @@ class Restorer:
 
     def options(self, **overrides) -> SampleOptions:
         """Sampling options: the checkpoint's defaults, then ``overrides`` (None = default);
-        ``tiles_per_call`` set by neither is :func:`default_tiles_per_call`."""
-        known = {f.name for f in dataclasses.fields(SampleOptions)}
-        merged = {"tiles_per_call": default_tiles_per_call()}
-        merged.update({k: v for k, v in self.defaults.items() if k in known})
-        merged.update({k: v for k, v in overrides.items() if v is not None})
-        return SampleOptions(**merged)
+        ``tiles_per_call`` set by neither is :func:`default_tiles_per_call`.
 
-    def _context(self, prompt: str, batch: int) -> jax.Array:
-        if prompt not in self._contexts:
-            ids = jnp.asarray(self.tokenizer([prompt]))
-            self._contexts[prompt] = self._encode(self.state, ids)
-        return jnp.tile(self._contexts[prompt], (batch, 1, 1))
+        Raises:
+          ValueError: options that cannot be sampled with (e.g. a tile overlap not below the
+            tile, one of them from the checkpoint).
+        """
+        return SampleOptions.from_dict(
+            {"tiles_per_call": default_tiles_per_call(), **self.defaults}, **overrides
+        )
 
-    def _placement(self, n: int):
-        """``(mesh, batch sharding)`` for a batch of ``n``: the Restorer's own mesh (batch
-        over ``'data'`` when it divides, else replicated), else all devices' ``data`` mesh
-        when ``n`` divides over them, else ``(None, None)`` (one device)."""
-        if self.mesh is not None:
-            split = n % self.mesh.shape["data"] == 0
-            return self.mesh, (
-                parallel.batch_sharding(self.mesh) if split else parallel.replicated(self.mesh)
-            )
-        ndev = jax.device_count()
-        if ndev > 1 and n % ndev == 0:
-            mesh = parallel.make_mesh()
-            return mesh, parallel.batch_sharding(mesh)
-        return None, None
+    def sizes(
+        self, lq_hw: tuple[int, int], upscale: float, options: SampleOptions
+    ) -> tuple[tuple[int, int], tuple[int, int]]:
+        """``(output size, working size)`` of an LQ image of ``lq_hw``
+        (:func:`segsr_jax.diffusion.geometry.working_size` with the options' ``min_side``)."""
+        return geometry.working_size(lq_hw, upscale, options.min_side)
 
     def restore_batch(
         self,
         lqs: list[np.ndarray],
         work_hw: tuple[int, int],
         options: SampleOptions,
-        seed: int = 0,
+        seed: int | None = None,
         record_labels: bool = False,
     ):
         """Super-resolve a batch of same-size LQ images.
@@ -196,7 +170,7 @@ class Restorer:
           lqs: uint8 ``[h, w, 3]`` LQ images.
           work_hw: the output size the model works at (each LQ is bicubically resized to it).
           options: sampling options.
-          seed: PRNG seed (each batch position gets its own noise).
+          seed: PRNG seed (each batch position gets its own noise); None: ``options.seed``.
           record_labels: also return the segmentation's argmax after every step.
 
         Returns:
@@ -205,51 +179,71 @@ class Restorer:
           the program was cached. With ``record_labels`` each result has a third item, the
           ``[steps, ceil(H/f), ceil(W/f)]`` uint8 label trajectory.
         """
+        if seed is not None:
+            options = dataclasses.replace(options, seed=seed)
         f = self.config.latent_factor
-        n = len(lqs)
-        batch = np.stack([images.to_unit_range(images.resize(x, work_hw)) for x in lqs])
-        h, w = work_hw
-        ph, pw = -h % f, -w % f
-        if ph or pw:
-            mode = "reflect" if ph < h and pw < w else "edge"
-            batch = np.pad(batch, ((0, 0), (0, ph), (0, pw), (0, 0)), mode=mode)
-        guided = options.guidance != 1.0
-        plan = sampling.make_plan(
-            batch.shape[1:3],
-            f,
-            tile=options.tile,
-            overlap=options.tile_overlap,
-            tiles_per_call=options.tiles_per_call,
-            guidance=guided,
-            color_fix=options.color_fix,
-            seg_prior=options.seg_prior,
-            record_labels=record_labels,
-        )
-        sched = samplers.make_schedule(
-            options.sampler, options.steps, NoiseConfig(prediction_type=self.config.prediction_type)
-        )
-        mesh, batch_sharding = self._placement(n)
-        ctx = self._context(options.prompt, n)
-        uctx = self._context(options.negative_prompt, n) if guided else None
-        key = jax.random.key(seed)
-        lq = jnp.asarray(batch)
-        if batch_sharding is not None:  # contexts from sharded text weights come out sharded
-            lq, ctx, uctx = jax.device_put((lq, ctx, uctx), batch_sharding)
-        args = (self.state, lq, ctx, uctx, jnp.float32(options.guidance), sched, key)
-        cache_key = (plan, n, options.steps, options.sampler, mesh is not None)
-        compile_s = 0.0
-        if cache_key not in self._compiled:
-            t0 = time.perf_counter()
-            fn = sampling.make_sample_fn(
-                self.graphdef, plan, mesh, self._state_shardings, batch_sharding
-            )
-            self._compiled[cache_key] = fn.lower(*args).compile()
-            compile_s = time.perf_counter() - t0
-        out = jax.device_get(wait_ready(self._compiled[cache_key](*args)))
-        lh, lw = math.ceil(h / f), math.ceil(w / f)
+        batch = geometry.model_input(lqs, work_hw, f)
+        out, compile_s = self.session.run(self.state, batch, options, record_labels=record_labels)
+        out = jax.device_get(wait_ready(out))
+        latent_hw = (math.ceil(work_hw[0] / f), math.ceil(work_hw[1] / f))
+        sr = images.from_unit_range(geometry.crop(out.image, work_hw))
+        labels = geometry.crop(out.labels, latent_hw)
+        lh, lw = latent_hw
         results = [
-            (images.from_unit_range(out.image[i, :h, :w]), out.labels[i, :lh, :lw])
-            + ((out.trajectory[i, :, :lh, :lw],) if record_labels else ())
-            for i in range(n)
+            (sr[i], labels[i]) + ((out.trajectory[i, :, :lh, :lw],) if record_labels else ())
+            for i in range(len(lqs))
         ]
         return results, compile_s
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` is XLA's device out-of-memory (a ``jax.errors.JaxRuntimeError`` with
+    status RESOURCE_EXHAUSTED), raised when compiling or running a program too big for the
+    device."""
+    text = str(error).lower()
+    return isinstance(error, jax.errors.JaxRuntimeError) and any(m in text for m in OOM_MARKERS)
+
+
+def _tile_setting(options: SampleOptions, latent_hw: tuple[int, int]) -> tuple[int, int]:
+    """``(tile, tiles per call)`` as the sampler uses them on a latent of ``latent_hw``: the
+    tile clamped to the latent, the tiles per call to the number of tiles."""
+    plan = tiling.plan_tiles(*latent_hw, options.tile, options.tile_overlap)
+    return max(plan.tile), max(1, min(options.tiles_per_call, len(plan.origins)))
+
+
+def describe_setting(options: SampleOptions, n_images: int, latent_hw: tuple[int, int]) -> str:
+    """E.g. ``"tile 96, 4 tiles per call"`` (``", 2 images per call"`` for a batch)."""
+    tile, per_call = _tile_setting(options, latent_hw)
+    text = f"tile {tile}, {per_call} tile{'s' if per_call > 1 else ''} per call"
+    return text + (f", {n_images} images per call" if n_images > 1 else "")
+
+
+def shrink_after_oom(options: SampleOptions, n_images: int, latent_hw: tuple[int, int]):
+    """The next, smaller setting to try after sampling ``n_images`` of latent size
+    ``latent_hw`` with ``options`` ran out of device memory: ``(options, images per call,
+    what changed)``, or None when nothing is left to shrink.
+
+    In order: halve the tiles per call (down to 1); then halve the latent tile (down to
+    :data:`MIN_TILE`; the overlap shrinks in proportion, so it stays below the tile); then one
+    image at a time. A step that would not change the compiled program (e.g. fewer tiles per
+    call when the latent is one tile) is skipped.
+    """
+    tile, per_call = _tile_setting(options, latent_hw)
+    if per_call > 1:
+        fewer = per_call // 2
+        return (
+            dataclasses.replace(options, tiles_per_call=fewer),
+            n_images,
+            f"{fewer} tile{'s' if fewer > 1 else ''} per call",
+        )
+    smaller = max(MIN_TILE, tile // 2)
+    if smaller < tile:
+        overlap = options.tile_overlap * smaller // options.tile
+        return (
+            dataclasses.replace(options, tile=smaller, tile_overlap=overlap, tiles_per_call=1),
+            n_images,
+            f"tile {smaller} (overlap {overlap})",
+        )
+    if n_images > 1:
+        return options, 1, "one image at a time"
+    return None

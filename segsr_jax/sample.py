@@ -15,17 +15,20 @@ reported on one line naming the file, the others go on, and the exit status is 1
 failed.
 
 A device out-of-memory (at compile or at run time) is retried with less at once: fewer tiles
-per call (halved down to 1), then a smaller latent tile (halved down to :data:`MIN_TILE`, the
+per call (halved down to 1), then a smaller latent tile (halved down to
+:data:`segsr_jax.inference.MIN_TILE`, the
 overlap shrinking with it), then one image at a time; one line says each change, the reduced
 setting is kept for the following images, and an image that fails even so is reported as
 failed (exit status 1) while the others go on.
+
+(A little past 400 lines: a third is the flags and their help, and the resumable, OOM-tolerant
+loop reads best whole; what a library user needs lives in segsr_jax.inference.)
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
-import dataclasses
 import itertools
 import math
 import os
@@ -38,15 +41,9 @@ from pathlib import Path
 
 import numpy as np
 
-DEFAULT_PROMPT = "clean, high-resolution, 8k"  # SeeSR's positive suffix
-DEFAULT_NEGATIVE = "dotted, noise, blur, lowres, smooth"  # SeeSR's negative prompt
-# (segsr_jax.inference.SampleOptions holds the same defaults; this module avoids importing
-# JAX before the arguments are parsed, so --help is instant.)
-OUTPUT_SUFFIXES = ("_sr.png", "_seg.png", "_seg_labels.png", "_sheet.png")
-# After a device out-of-memory the latent tile is halved down to this (in latent pixels).
-MIN_TILE = 16
-# What XLA's out-of-memory errors say (status RESOURCE_EXHAUSTED, "Out of memory ...").
-OOM_MARKERS = ("resource_exhausted", "out of memory")
+# JAX-free, so --help stays instant: JAX is imported only after the arguments are parsed.
+from segsr_jax.diffusion.options import SampleOptions
+from segsr_jax.images import output_names, outputs_of, write_outputs
 
 
 def bundled_paths() -> tuple[Path, Path]:
@@ -60,7 +57,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ckpt, demo = bundled_paths()
     p = argparse.ArgumentParser(
         prog="python -m segsr_jax.sample",
-        description=__doc__,
+        description=__doc__.split("\n\n(")[0],  # the note on this file's length is not help
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
@@ -118,12 +115,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         "checkpoint's, else 128 as SeeSR)",
     )
     p.add_argument(
-        "--prompt", default=None, help=f"default: the checkpoint's, else {DEFAULT_PROMPT!r} (SeeSR)"
+        "--prompt",
+        default=None,
+        help=f"default: the checkpoint's, else {SampleOptions.prompt!r} (SeeSR)",
     )
     p.add_argument(
         "--negative-prompt",
         default=None,
-        help=f"default: the checkpoint's, else {DEFAULT_NEGATIVE!r} (SeeSR)",
+        help=f"default: the checkpoint's, else {SampleOptions.negative_prompt!r} (SeeSR)",
     )
     p.add_argument(
         "--guidance",
@@ -187,8 +186,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--min-side must be >= 0, not {args.min_side}")
     if args.tile_overlap is not None and args.tile_overlap < 0:
         p.error(f"--tile-overlap must be >= 0, not {args.tile_overlap}")
-    if args.tile is not None and args.tile_overlap is not None and args.tile_overlap >= args.tile:
-        p.error("--tile-overlap must be in [0, --tile)")
+    if args.tile is not None and args.tile_overlap is not None:
+        try:  # the options' own check; a checkpoint's tile is checked when it is known
+            SampleOptions(tile=args.tile, tile_overlap=args.tile_overlap)
+        except ValueError as e:
+            p.error(f"{e} (--tile, --tile-overlap)")
     return args
 
 
@@ -200,43 +202,6 @@ class Job:
     lq: np.ndarray  # uint8 [h, w, 3] as read
     out_hw: tuple[int, int]  # final output size (upscale x input)
     work_hw: tuple[int, int]  # size the model sees (before padding)
-
-
-def plan_job(path: Path, lq: np.ndarray, upscale: float, min_side: int) -> Job:
-    """Output and working sizes for one image. SeeSR's small-input rule: an LQ whose short
-    side is below ``min_side`` is first enlarged to it, and the result resized back."""
-    h, w = lq.shape[:2]
-    out_hw = (max(1, round(h * upscale)), max(1, round(w * upscale)))
-    grow = max(1.0, min_side / min(h, w))
-    work_hw = (round(h * grow * upscale), round(w * grow * upscale))
-    return Job(path, lq, out_hw, work_hw)
-
-
-def output_names(files: list[Path]) -> dict[Path, str]:
-    """The output name of each input: its stem, or ``stem_ext`` when another input has the
-    same stem (compared case-insensitively, as some file systems do), so none overwrites
-    another's outputs."""
-    counts = collections.Counter(f.stem.casefold() for f in files)
-    return {
-        f: f"{f.stem}_{f.suffix.lstrip('.')}" if counts[f.stem.casefold()] > 1 else f.stem
-        for f in files
-    }
-
-
-def outputs_of(out_dir: Path, name: str) -> list[Path]:
-    """The files written for the input whose output name (:func:`output_names`) is ``name``."""
-    return [out_dir / f"{name}{s}" for s in OUTPUT_SUFFIXES]
-
-
-def enable_compilation_cache(cache_dir: str) -> None:
-    """Persist compiled XLA programs in ``cache_dir`` so the next run skips compilation."""
-    import jax
-    from jax.experimental.compilation_cache import compilation_cache
-
-    jax.config.update("jax_compilation_cache_dir", cache_dir)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-    # JAX fixes the cache location at its first compile; re-point it if that already happened.
-    compilation_cache.reset_cache()
 
 
 def quiet_library_logs() -> None:
@@ -293,11 +258,16 @@ def main(argv=None) -> int:
 def run(args: argparse.Namespace, progress: Progress) -> int:
     """:func:`main` on parsed ``args``; counts the images written in ``progress``."""
     quiet_library_logs()
-    from segsr_jax import images
-    from segsr_jax.inference import Restorer  # heavy imports after argument parsing
+    from segsr_jax import images, parallel
+    from segsr_jax.inference import (  # heavy imports after argument parsing
+        Restorer,
+        describe_setting,
+        is_out_of_memory,
+        shrink_after_oom,
+    )
 
     if args.cache_dir:
-        enable_compilation_cache(args.cache_dir)
+        parallel.enable_compilation_cache(args.cache_dir)
     try:
         files = images.list_images(args.input)
     except FileNotFoundError as e:
@@ -341,25 +311,23 @@ def run(args: argparse.Namespace, progress: Progress) -> int:
     except (OSError, ValueError) as e:
         print(f"error: cannot load checkpoint {args.checkpoint}: {e}", file=sys.stderr)
         return 2
-    options = restorer.options(
-        steps=args.steps,
-        sampler=args.sampler,
-        guidance=args.guidance,
-        prompt=args.prompt,
-        negative_prompt=args.negative_prompt,
-        tile=args.tile,
-        tile_overlap=args.tile_overlap,
-        tiles_per_call=args.tiles_per_call,
-        color_fix=args.color_fix,
-        min_side=args.min_side,
-        seg_prior=args.seg_prior,
-    )
-    if not 0 <= options.tile_overlap < options.tile:  # one of them from the checkpoint
-        print(
-            f"error: tile overlap {options.tile_overlap} must be in [0, tile {options.tile}) "
-            "(--tile, --tile-overlap)",
-            file=sys.stderr,
+    try:
+        options = restorer.options(
+            steps=args.steps,
+            sampler=args.sampler,
+            guidance=args.guidance,
+            prompt=args.prompt,
+            negative_prompt=args.negative_prompt,
+            tile=args.tile,
+            tile_overlap=args.tile_overlap,
+            tiles_per_call=args.tiles_per_call,
+            color_fix=args.color_fix,
+            min_side=args.min_side,
+            seg_prior=args.seg_prior,
+            seed=args.seed,
         )
+    except ValueError as e:  # e.g. --tile against the checkpoint's overlap
+        print(f"error: {e} (the flags over the checkpoint's defaults)", file=sys.stderr)
         return 2
     print(
         f"model: {args.checkpoint} | sampler {options.sampler}, {options.steps} steps, "
@@ -372,7 +340,8 @@ def run(args: argparse.Namespace, progress: Progress) -> int:
     jobs: list[Job] = []
     for path in todo:
         try:
-            jobs.append(plan_job(path, images.read_image(path), args.upscale, options.min_side))
+            lq = images.read_image(path)
+            jobs.append(Job(path, lq, *restorer.sizes(lq.shape[:2], args.upscale, options)))
         except images.ImageError as e:
             print(f"error: {e}", file=sys.stderr)
             failed += 1
@@ -404,7 +373,7 @@ def run(args: argparse.Namespace, progress: Progress) -> int:
             t0 = time.perf_counter()
             try:
                 results, compile_s = restorer.restore_batch(
-                    [j.lq for j in batch], batch[0].work_hw, options, seed=args.seed
+                    [j.lq for j in batch], batch[0].work_hw, options
                 )
             except (ValueError, MemoryError) as e:
                 print(f"error: {', '.join(str(j.path) for j in batch)}: {e}", file=sys.stderr)
@@ -434,7 +403,11 @@ def run(args: argparse.Namespace, progress: Progress) -> int:
             run_s = time.perf_counter() - t0 - compile_s
             for job, result in zip(batch, results, strict=True):
                 write_outputs(
-                    outputs_of(out_dir, names[job.path]), job, result, restorer.num_classes
+                    outputs_of(out_dir, names[job.path]),
+                    job.lq,
+                    job.out_hw,
+                    *result,
+                    restorer.num_classes,
                 )
                 progress.written += 1
             bar.update(len(batch) * options.steps)
@@ -445,80 +418,6 @@ def run(args: argparse.Namespace, progress: Progress) -> int:
     done = sum(1 for j in jobs if all(p.exists() for p in outputs_of(out_dir, names[j.path])))
     print(f"wrote {done} image(s) to {out_dir}" + (f"; {failed} failed" if failed else ""))
     return 1 if failed else 0
-
-
-def is_out_of_memory(error: BaseException) -> bool:
-    """Whether ``error`` is XLA's device out-of-memory (a ``jax.errors.JaxRuntimeError`` with
-    status RESOURCE_EXHAUSTED), raised when compiling or running a program too big for the
-    device."""
-    import jax
-
-    text = str(error).lower()
-    return isinstance(error, jax.errors.JaxRuntimeError) and any(m in text for m in OOM_MARKERS)
-
-
-def _tile_setting(options, latent_hw: tuple[int, int]) -> tuple[int, int]:
-    """``(tile, tiles per call)`` as the sampler uses them on a latent of ``latent_hw``: the
-    tile clamped to the latent, the tiles per call to the number of tiles."""
-    from segsr_jax.diffusion import tiling
-
-    plan = tiling.plan_tiles(*latent_hw, options.tile, options.tile_overlap)
-    return max(plan.tile), max(1, min(options.tiles_per_call, len(plan.origins)))
-
-
-def describe_setting(options, n_images: int, latent_hw: tuple[int, int]) -> str:
-    """E.g. ``"tile 96, 4 tiles per call"`` (``", 2 images per call"`` for a batch)."""
-    tile, per_call = _tile_setting(options, latent_hw)
-    text = f"tile {tile}, {per_call} tile{'s' if per_call > 1 else ''} per call"
-    return text + (f", {n_images} images per call" if n_images > 1 else "")
-
-
-def shrink_after_oom(options, n_images: int, latent_hw: tuple[int, int]):
-    """The next, smaller setting to try after sampling ``n_images`` of latent size
-    ``latent_hw`` with ``options`` ran out of device memory: ``(options, images per call,
-    what changed)``, or None when nothing is left to shrink.
-
-    In order: halve the tiles per call (down to 1); then halve the latent tile (down to
-    :data:`MIN_TILE`; the overlap shrinks in proportion, so it stays below the tile); then one
-    image at a time. A step that would not change the compiled program (e.g. fewer tiles per
-    call when the latent is one tile) is skipped.
-    """
-    tile, per_call = _tile_setting(options, latent_hw)
-    if per_call > 1:
-        fewer = per_call // 2
-        return (
-            dataclasses.replace(options, tiles_per_call=fewer),
-            n_images,
-            f"{fewer} tile{'s' if fewer > 1 else ''} per call",
-        )
-    smaller = max(MIN_TILE, tile // 2)
-    if smaller < tile:
-        overlap = options.tile_overlap * smaller // options.tile
-        return (
-            dataclasses.replace(options, tile=smaller, tile_overlap=overlap, tiles_per_call=1),
-            n_images,
-            f"tile {smaller} (overlap {overlap})",
-        )
-    if n_images > 1:
-        return options, 1, "one image at a time"
-    return None
-
-
-def write_outputs(paths: list[Path], job: Job, result, num_classes: int) -> None:
-    """Write the four files of one image to ``paths`` (:func:`outputs_of`), each atomically,
-    the sheet last."""
-    from segsr_jax import images
-
-    sr, labels = result
-    sr = images.resize(sr, job.out_hw)
-    labels_hr = images.resize(labels.astype(np.uint8), job.out_hw, resample=images.Image.NEAREST)
-    seg = images.colorize(labels_hr, num_classes)
-    lq_big = images.resize(job.lq, job.out_hw, resample=images.Image.NEAREST)
-    sr_p, seg_p, lab_p, sheet_p = paths
-    images.write_png(sr_p, sr)
-    images.write_png(seg_p, seg)
-    images.write_png(lab_p, labels_hr)
-    images.write_png(sheet_p, images.side_by_side(lq_big, sr, seg))
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ import pytest
 from flax import nnx
 from PIL import Image
 
-from segsr_jax import sample
+from segsr_jax import images, sample
 from segsr_jax.training import losses
 from segsr_jax.training import state as state_lib
 from segsr_jax.training import step as step_lib
@@ -243,7 +243,7 @@ def _check_outputs(out):
     assert all(n.endswith(".tmp") and ".png" not in n[-4:] for n in temps), temps
     expect = {"_sr.png": (64, 64, 3), "_seg.png": (64, 64, 3), "_seg_labels.png": (64, 64)}
     for n in visible:
-        suffix = next(s for s in sample.OUTPUT_SUFFIXES if n.endswith(s))
+        suffix = next(s for s in images.OUTPUT_SUFFIXES if n.endswith(s))
         assert n[: -len(suffix)] in {f"img{i}" for i in range(IMAGES)}, n
         with Image.open(out / n) as im:
             im.load()  # decodes the whole file

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 from skimage import data
 
-from segsr_jax import sample
+from segsr_jax import images, sample
 from tests.diffusion.test_sampling import perturb
 from tests.tiny_segsr import save_checkpoint, tiny_model
 
@@ -67,7 +67,7 @@ def test_folder_with_good_and_bad_files(ckpt, inputs, tmp_path, capsys):
     assert err.count("error:") == 4
     written = sorted(p.name for p in out.iterdir())
     assert written == sorted(
-        f"{s}{suf}" for s in ("rgb", "gray", "rgba") for suf in sample.OUTPUT_SUFFIXES
+        f"{s}{suf}" for s in ("rgb", "gray", "rgba") for suf in images.OUTPUT_SUFFIXES
     )  # nothing partial, no temps
     sr = np.asarray(Image.open(out / "rgb_sr.png"))
     assert sr.shape == (24, 32, 3)
@@ -135,18 +135,22 @@ def test_checkpoint_errors(ckpt, inputs, tmp_path, capsys):
 
 
 def test_small_inputs_are_enlarged_first_and_resized_back():
-    lq = np.zeros((24, 32, 3), np.uint8)
-    job = sample.plan_job(sample.Path("x.png"), lq, upscale=4, min_side=128)
-    assert job.out_hw == (96, 128)  # exactly upscale x the input
-    assert job.work_hw == (512, 683)  # short side 128 before the x4
-    assert sample.plan_job(sample.Path("x.png"), lq, 2, 16).work_hw == (48, 64)
+    from segsr_jax.diffusion import geometry
+
+    out_hw, work_hw = geometry.working_size((24, 32), upscale=4, min_side=128)
+    assert out_hw == (96, 128)  # exactly upscale x the input
+    assert work_hw == (512, 683)  # short side 128 before the x4
+    assert geometry.working_size((24, 32), 2, 16)[1] == (48, 64)
 
 
-def test_cli_defaults_are_the_library_defaults():
-    from segsr_jax.inference import SampleOptions
+def test_cli_help_shows_the_library_defaults(capsys):
+    from segsr_jax.diffusion.options import SampleOptions
 
-    assert sample.DEFAULT_PROMPT == SampleOptions().prompt
-    assert sample.DEFAULT_NEGATIVE == SampleOptions().negative_prompt
+    with pytest.raises(SystemExit):
+        sample.parse_args(["--help"])
+    text = "".join(capsys.readouterr().out.split())  # argparse wraps lines, even at "-"
+    for default in (SampleOptions().prompt, SampleOptions().negative_prompt):
+        assert "".join(repr(default).split()) in text
 
 
 def test_bundled_default_runs_and_leaves_the_package_untouched(tmp_path):
@@ -156,7 +160,7 @@ def test_bundled_default_runs_and_leaves_the_package_untouched(tmp_path):
     assert rc == 0
     names = sorted(p.name for p in (tmp_path / "out").iterdir())
     stems = sorted(p.stem for p in demo.glob("*.png"))
-    assert names == sorted(f"{s}{suf}" for s in stems for suf in sample.OUTPUT_SUFFIXES)
+    assert names == sorted(f"{s}{suf}" for s in stems for suf in images.OUTPUT_SUFFIXES)
     sr = np.asarray(Image.open(tmp_path / "out" / f"{stems[0]}_sr.png"))
     lq = np.asarray(Image.open(demo / f"{stems[0]}.png"))
     assert sr.shape == (4 * lq.shape[0], 4 * lq.shape[1], 3)
@@ -245,11 +249,11 @@ def test_ctrl_c_stops_with_one_line_and_a_rerun_resumes(
     assert sample.main(_args(ckpt, d, out, tmp_path)) == 130
     err = capsys.readouterr().err
     assert "interrupted: 1 of 2 images written; rerun the same command to resume" in err
-    assert len(sorted(out.iterdir())) == len(sample.OUTPUT_SUFFIXES)  # one image, no temps
+    assert len(sorted(out.iterdir())) == len(images.OUTPUT_SUFFIXES)  # one image, no temps
     monkeypatch.undo()
     assert sample.main(_args(ckpt, d, out, tmp_path)) == 0
     assert "skipping 1 image(s)" in capsys.readouterr().out
-    assert len(sorted(out.iterdir())) == 2 * len(sample.OUTPUT_SUFFIXES)
+    assert len(sorted(out.iterdir())) == 2 * len(images.OUTPUT_SUFFIXES)
 
 
 def test_ctrl_c_in_a_real_run_exits_at_once_and_quietly(tmp_path):
@@ -298,7 +302,7 @@ def test_ctrl_c_in_a_real_run_exits_at_once_and_quietly(tmp_path):
     assert "interrupted: 1 of 3 images written" in err
     assert "Traceback" not in err and "WARNING" not in err and "PyTorch" not in err, err
     assert exit_s < max(1.0, image_s / 3), (exit_s, image_s)
-    assert len(list((tmp_path / "out").iterdir())) == len(sample.OUTPUT_SUFFIXES)
+    assert len(list((tmp_path / "out").iterdir())) == len(images.OUTPUT_SUFFIXES)
 
 
 def test_inputs_with_the_same_stem_get_their_extension_in_output_names(ckpt, tmp_path, capsys):
@@ -313,7 +317,7 @@ def test_inputs_with_the_same_stem_get_their_extension_in_output_names(ckpt, tmp
     err = capsys.readouterr().err
     assert err.count("note:") == 1 and "pic.jpg -> pic_jpg_sr.png" in err
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        f"{s}{suf}" for s in ("pic_jpg", "pic_png", "other") for suf in sample.OUTPUT_SUFFIXES
+        f"{s}{suf}" for s in ("pic_jpg", "pic_png", "other") for suf in images.OUTPUT_SUFFIXES
     )
     a = np.asarray(Image.open(out / "pic_png_sr.png"))
     b = np.asarray(Image.open(out / "pic_jpg_sr.png"))

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from segsr_jax import sample
+from segsr_jax import images, inference, sample
 from segsr_jax.inference import Restorer, SampleOptions
 
 ROOT = Path(__file__).parents[1]
@@ -108,7 +108,7 @@ def test_out_of_memory_retries_smaller_keeps_it_and_goes_on(tmp_path, capsys, mo
     ]
     assert "Traceback" not in err
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        f"{s}{suf}" for s in "abc" for suf in sample.OUTPUT_SUFFIXES
+        f"{s}{suf}" for s in "abc" for suf in images.OUTPUT_SUFFIXES
     )
     for s in "abc":
         assert np.asarray(Image.open(out / f"{s}_sr.png")).shape == (128, 128, 3)
@@ -130,7 +130,7 @@ def test_shrink_order_and_skipped_steps():
     the tile."""
     opts = SampleOptions(tile=96, tile_overlap=32, tiles_per_call=4)
     # Latent 48: one tile of 48, so straight to tile 24.
-    got = sample.shrink_after_oom(opts, 1, (48, 48))
+    got = inference.shrink_after_oom(opts, 1, (48, 48))
     assert (got[0].tile, got[0].tile_overlap, got[0].tiles_per_call, got[1], got[2]) == (
         24,
         8,
@@ -140,7 +140,7 @@ def test_shrink_order_and_skipped_steps():
     )
     # Latent 200: 3x3 tiles; 4 per call -> 2 -> 1 -> tile 48 -> 24 -> 16 -> None.
     seen, n = [], 1
-    while (got := sample.shrink_after_oom(opts, n, (200, 200))) is not None:
+    while (got := inference.shrink_after_oom(opts, n, (200, 200))) is not None:
         opts, n, change = got
         assert 0 <= opts.tile_overlap < opts.tile
         seen.append(change)
@@ -151,7 +151,7 @@ def test_shrink_order_and_skipped_steps():
         "tile 24 (overlap 8)",
         "tile 16 (overlap 5)",
     ]
-    assert sample.shrink_after_oom(opts, 3, (200, 200))[1:] == (1, "one image at a time")
+    assert inference.shrink_after_oom(opts, 3, (200, 200))[1:] == (1, "one image at a time")
 
 
 def test_a_real_xla_out_of_memory_is_recognised(tmp_path):
@@ -175,6 +175,6 @@ def test_a_real_xla_out_of_memory_is_recognised(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     message = ast.literal_eval(proc.stdout.strip())
-    assert sample.is_out_of_memory(jax.errors.JaxRuntimeError(message)), message
-    assert not sample.is_out_of_memory(jax.errors.JaxRuntimeError("INTERNAL: no"))
-    assert not sample.is_out_of_memory(ValueError(message))
+    assert inference.is_out_of_memory(jax.errors.JaxRuntimeError(message)), message
+    assert not inference.is_out_of_memory(jax.errors.JaxRuntimeError("INTERNAL: no"))
+    assert not inference.is_out_of_memory(ValueError(message))

@@ -31,107 +31,10 @@ from flax import nnx
 from segsr_jax import parallel
 from segsr_jax.diffusion import samplers, tiling
 from segsr_jax.diffusion.color_fix import color_fix
+from segsr_jax.diffusion.plans import SamplingPlan
 from segsr_jax.diffusion.schedules import NoiseConfig, alphas_cumprod
 from segsr_jax.models import layers, vae_tiling
 from segsr_jax.models.segsr import SegSR
-
-# What conditions SRDM on segmentation (static; DESIGN §1 is "diffusion"):
-#   diffusion: full SegSR, SegDM refines S_t jointly with Z_t and the bridge couples them;
-#   fixed:     S_t is the fixed segmenter's labels on the LQ image at every step (embedded
-#              like SegDM's clean maps), fed to SRDM through the bridge; SegDM's output is
-#              unused (XLA drops it from the program);
-#   none:      SRDM alone (C_t = 0, as in training stage ``sr``); the bridge does not run.
-SEG_PRIORS = ("diffusion", "fixed", "none")
-
-
-@dataclasses.dataclass(frozen=True)
-class SamplingPlan:
-    """Static shape decisions of one compiled sampler (hashable; part of the jit cache key).
-
-    Attributes:
-      image_shape: ``(H, W)`` of the (upscaled, padded) LQ input, multiples of the latent factor.
-      tiles: the latent tile plan (one window when the latent fits in a tile).
-      tiles_per_call: tiles denoised together in one model call (memory vs. speed).
-      guidance: whether classifier-free guidance (a doubled batch) is used.
-      color_fix: ``adain`` | ``wavelet`` | ``none``.
-      vae_tile: VAE encoder tile in pixels and decoder tile in latent pixels, or None to run
-        the VAE on the whole image.
-      vae_overlap: their overlaps (pixels, latent pixels).
-      t_start: the SR timestep the LQ latent is noised to (SeeSR: 999).
-      seg_prior: ``diffusion`` | ``fixed`` | ``none`` (see :data:`SEG_PRIORS`).
-      record_labels: also return the segmentation's argmax after every step
-        (:attr:`SampleOutput.trajectory`).
-    """
-
-    image_shape: tuple[int, int]
-    tiles: tiling.TilePlan
-    tiles_per_call: int = 1
-    guidance: bool = True
-    color_fix: str = "adain"
-    vae_tile: tuple[int, int] | None = None
-    vae_overlap: tuple[int, int] = (64, 8)
-    t_start: int = 999
-    seg_prior: str = "diffusion"
-    record_labels: bool = False
-
-    def __post_init__(self):
-        if self.seg_prior not in SEG_PRIORS:
-            raise ValueError(f"seg_prior {self.seg_prior!r} is not one of {SEG_PRIORS}")
-
-    @property
-    def use_bridge(self) -> tuple[bool, bool]:
-        """``(use C_t, use I_t)`` for :meth:`SegSR.denoise`."""
-        return {"diffusion": (True, True), "fixed": (True, False), "none": (False, False)}[
-            self.seg_prior
-        ]
-
-    @property
-    def latent_shape(self) -> tuple[int, int]:
-        """``(h, w)`` of the latent."""
-        return self.tiles.shape
-
-
-def make_plan(
-    image_hw: tuple[int, int],
-    latent_factor: int,
-    *,
-    tile: int = 96,
-    overlap: int = 32,
-    tiles_per_call: int = 4,
-    guidance: bool = True,
-    color_fix: str = "adain",
-    vae_encode_tile: int = 1024,
-    vae_decode_tile: int = 224,
-    seg_prior: str = "diffusion",
-    record_labels: bool = False,
-) -> SamplingPlan:
-    """A :class:`SamplingPlan` for an LQ input of ``image_hw`` (already upscaled and padded).
-
-    ``tile``/``overlap`` are in latent pixels (SeeSR: 96 / 4; OSEDiff overlap 32). The VAE
-    is tiled only when the image exceeds ``vae_encode_tile`` pixels or the latent exceeds
-    ``vae_decode_tile``.
-    """
-    h, w = image_hw
-    if h % latent_factor or w % latent_factor:
-        raise ValueError(f"image size {image_hw} must be a multiple of {latent_factor}")
-    if overlap >= tile:
-        raise ValueError(f"tile overlap {overlap} must be smaller than the tile {tile}")
-    lh, lw = h // latent_factor, w // latent_factor
-    plan = tiling.plan_tiles(lh, lw, tile, overlap)
-    big = max(h, w) > vae_encode_tile or max(lh, lw) > vae_decode_tile
-    vae_tile = (vae_encode_tile, vae_decode_tile) if big else None
-    enc_overlap = max(latent_factor, (vae_encode_tile // 16) // latent_factor * latent_factor)
-    return SamplingPlan(
-        image_shape=(h, w),
-        tiles=plan,
-        tiles_per_call=max(1, min(tiles_per_call, len(plan))),
-        guidance=guidance,
-        color_fix=color_fix,
-        vae_tile=vae_tile,
-        vae_overlap=(enc_overlap, max(1, vae_decode_tile // 16)),
-        seg_prior=seg_prior,
-        record_labels=record_labels,
-    )
 
 
 @jax.tree_util.register_dataclass
@@ -185,7 +88,7 @@ def _denoise_tiles(model: SegSR, plan: SamplingPlan, z_t, s_t, t, t_seg, cond: C
     """:meth:`SegSR.denoise` over the plan's tiles, blended back to the full latent."""
     tp = plan.tiles
     uncond = cond.uncond_context if plan.guidance else None
-    ub = plan.use_bridge
+    ub = plan.seg_prior.use_bridge
     if len(tp) == 1:
         return model.denoise(
             z_t,
@@ -241,7 +144,7 @@ def reverse_step(
     key, k_noise = jax.random.split(carry.key)
     noise = jax.random.normal(k_noise, carry.sr.x.shape, carry.sr.x.dtype)
     sr = samplers.sr_step(s.sr, carry.sr, model_out, noise)
-    if plan.seg_prior != "diffusion":  # S_t stays the fixed prior; SegDM's output is unused
+    if not plan.seg_prior.refined:  # S_t stays the fixed prior; SegDM's output is unused
         return Carry(sr=sr, s_t=carry.s_t, key=key, seg_logits=carry.seg_logits)
     s0_hat = model.segdm.embed_probs(jax.nn.softmax(seg_logits, axis=-1))
     s_next = samplers.seg_step(s.seg, carry.s_t, s0_hat)
@@ -273,7 +176,7 @@ def _prepare(
     z_start = samplers.initial_latent(z_lq, jax.random.normal(k_z, z_lq.shape), ac, plan.t_start)
     b, h, w, _ = z_lq.shape
     lq_labels = jnp.argmax(lq_logits, axis=-1).astype(jnp.int32)
-    if plan.seg_prior == "diffusion":
+    if plan.seg_prior.refined:
         s_start = jax.random.normal(k_s, (b, h, w, model.config.segdm.embed_dim))
         logits0 = jnp.zeros((b, h, w, model.config.segdm.num_classes), jnp.float32)
     else:  # the fixed segmenter's map, embedded like a clean SegDM map, for every step
@@ -340,7 +243,7 @@ def sample(
 
     Args:
       model: the SegSR model.
-      plan: static shapes (see :func:`make_plan`).
+      plan: static shapes (:func:`segsr_jax.diffusion.plans.make_plan`).
       lq: ``[B, H, W, 3]`` LQ images already upscaled to the output size, in ``[-1, 1]``.
       context, uncond_context: ``[B, L, D]`` prompt and negative-prompt contexts.
       guidance_scale: text CFG scale (scalar).

@@ -1,6 +1,7 @@
 """Noise schedules of the two diffusion processes and the inference timestep grids.
 
-Two forward processes run side by side (DESIGN §3):
+Two forward processes run side by side, sharing the step index (the seg process reads it as
+continuous time ``t / T``, so both models step together):
 
 - **SR** (the Stable Diffusion latent process): discrete steps ``t in {0 .. T-1}`` with
   ``x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) eps``, where ``a_t = alphas_cumprod[t]`` comes from the

@@ -1,6 +1,7 @@
-"""Latent tiling: static tile plans, Gaussian blending weights, and padding to a multiple.
+"""Latent tiling: static tile plans and Gaussian blending weights.
 
-Large images are denoised tile by tile (DESIGN §3): the latent is cut into overlapping windows of
+Large images are denoised tile by tile, so that memory stays bounded and the model sees
+windows of the size it was trained on: the latent is cut into overlapping windows of
 one fixed shape, each window runs through the model, and the outputs are blended back with
 Gaussian weights (MultiDiffusion / SeeSR / OSEDiff), so every pixel is a weighted mean of the
 tiles covering it and seams fade out::
@@ -153,29 +154,3 @@ def blend_tiles(tiles: jax.Array, plan: TilePlan, weights) -> jax.Array:
     init = (jnp.zeros((b, h, w, c), jnp.float32), jnp.zeros((h, w), jnp.float32))
     (acc, norm), _ = lax.scan(add, init, (tiles, jnp.asarray(plan.origins, jnp.int32)))
     return (acc / norm[:, :, None]).astype(tiles.dtype)
-
-
-def pad_to_multiple(img: jax.Array, multiple: int, mode: str = "reflect"):
-    """Pad ``img`` ``[B, H, W, C]`` at the bottom and right so H and W are multiples of
-    ``multiple`` (the VAE needs multiples of 8).
-
-    Returns:
-      ``(padded [B, H', W', C], (H, W))``; :func:`crop_to` with that size (times any upscale)
-      undoes it. ``reflect`` (default) avoids the flat borders ``edge`` would give.
-    """
-    if multiple < 1:
-        raise ValueError(f"multiple must be >= 1, got {multiple}")
-    h, w = img.shape[1], img.shape[2]
-    ph, pw = -h % multiple, -w % multiple
-    if ph or pw:
-        img = jnp.pad(img, ((0, 0), (0, ph), (0, pw), (0, 0)), mode=mode)
-    return img, (h, w)
-
-
-def crop_to(img: jax.Array, size: tuple[int, int]) -> jax.Array:
-    """The top-left ``size = (H, W)`` of ``img`` ``[B, H', W', C]``: undoes
-    :func:`pad_to_multiple`."""
-    h, w = size
-    if h > img.shape[1] or w > img.shape[2]:
-        raise ValueError(f"cannot crop {img.shape[1:3]} to the larger {size}")
-    return img[:, :h, :w]

@@ -1,4 +1,4 @@
-"""Training losses of every stage (DESIGN §4), as pure functions of a merged model and a batch.
+"""Training losses of every stage, as pure functions of a merged model and a batch.
 
 A batch (host-local numpy, made global by :func:`segsr_jax.data.pipeline.to_global_arrays`)::
 
@@ -37,7 +37,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from segsr_jax.diffusion.options import SegPrior
 from segsr_jax.diffusion.schedules import SEG_T_MAX, NoiseConfig, alphas_cumprod, seg_alpha_sigma
+from segsr_jax.images import to_unit_range
 from segsr_jax.models.seg_encoder import normalize_images
 from segsr_jax.models.segdm import IGNORE_INDEX
 from segsr_jax.models.segsr import SegSR
@@ -45,6 +47,10 @@ from segsr_jax.models.segsr import SegSR
 STAGES = ("vae", "sr", "seg", "joint", "prior", "segmenter")
 # (score the SR loss, score the seg loss) per diffusion stage.
 _TERMS = {"sr": (True, False), "seg": (False, True), "joint": (True, True), "prior": (True, False)}
+# How each stage couples SRDM and SegDM, as the sampler's SegPrior does: sr and seg train one
+# model with the other's condition zeroed (C_t = 0, I_t = 0); only joint training couples them
+# through the bridge; prior feeds the bridge the fixed segmenter's map instead of S_t.
+_PRIORS = {"sr": "none", "seg": "none", "joint": "diffusion", "prior": "fixed"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,11 +88,6 @@ class LossConfig:
             beta_end=self.beta_end,
             prediction_type=prediction_type,
         )
-
-
-def to_unit_range(pixels: jax.Array) -> jax.Array:
-    """uint8 ``[..., 3]`` -> float32 in ``[-1, 1]``."""
-    return pixels.astype(jnp.float32) / 127.5 - 1.0
 
 
 def upsample_lq(lq: jax.Array, hw: tuple[int, int]) -> jax.Array:
@@ -151,17 +152,12 @@ def diffusion_loss(
         k_s, s0.shape
     )
 
-    # Stages sr and seg train one model with the other's condition zeroed (C_t = 0, I_t = 0);
-    # only joint training couples them through the bridge. Stage prior feeds the bridge the
-    # fixed segmenter's map instead of S_t.
-    coupled = cfg.stage == "joint"
-    use_bridge = (coupled, coupled)
-    if cfg.stage == "prior":
+    prior = SegPrior(_PRIORS[cfg.stage])
+    if prior.name == "fixed":
         fixed = jnp.argmax(jax.lax.stop_gradient(lq_logits), axis=-1)
         s_t = model.segdm.embed_labels(fixed)
-        use_bridge = (True, False)
     model_out, seg_logits = model.denoise(
-        z_t, s_t, t, t_seg, z_lq, f_lq, context, use_bridge=use_bridge
+        z_t, s_t, t, t_seg, z_lq, f_lq, context, use_bridge=prior.use_bridge
     )
     metrics = {}
     loss = jnp.zeros((), jnp.float32)

@@ -9,7 +9,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec
 
 from segsr_jax import parallel
-from segsr_jax.diffusion import samplers, sampling
+from segsr_jax.diffusion import plans, samplers, sampling
 from tests.diffusion.test_sampling import _inputs, perturb
 from tests.tiny_segsr import tiny_model
 
@@ -40,7 +40,7 @@ def test_fsdp_sharded_params_sample_like_replicated_and_compile_once(coupled, fs
     specs = [x.sharding.spec for x in jax.tree.leaves(sharded)]
     assert sum(s != PartitionSpec() for s in specs) >= 20  # really sharded over 'fsdp'
     assert all("fsdp" in str(s) for s in specs if s != PartitionSpec())
-    plan = sampling.make_plan((16, 16), 2, tile=96)
+    plan = plans.make_plan((16, 16), 2, tile=96)
     sched = samplers.make_schedule("ddim", 2)
     b = mesh.shape["data"]
     fn = sampling.make_sample_fn(g, plan, mesh, state_shardings=sampling.shardings_of(sharded))

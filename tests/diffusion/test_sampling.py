@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 from segsr_jax import parallel
-from segsr_jax.diffusion import samplers, sampling
+from segsr_jax.diffusion import plans, samplers, sampling
 from segsr_jax.diffusion.schedules import NoiseConfig, alphas_cumprod
 from tests.tiny_segsr import tiny_model
 
@@ -42,7 +42,7 @@ def coupled():
 
 
 def test_scan_equals_python_loop(coupled):
-    plan = sampling.make_plan((32, 32), 2, tile=8, overlap=4, tiles_per_call=2)
+    plan = plans.make_plan((32, 32), 2, tile=8, overlap=4, tiles_per_call=2)
     assert len(plan.tiles) > 1
     sched = samplers.make_schedule("dpmpp_2m", 3)
     lq, ctx, uctx = _inputs(coupled)
@@ -58,7 +58,7 @@ def test_scan_equals_python_loop(coupled):
 def test_compiles_once_for_images_of_one_shape(coupled):
     """The production sampler (make_sample_fn, as Restorer and Validator build it) traces and
     compiles once for two batches of one shape."""
-    plan = sampling.make_plan((16, 16), 2, tile=96, guidance=False)
+    plan = plans.make_plan((16, 16), 2, tile=96, guidance=False)
     g, st = nnx.split(coupled)
     fn = sampling.make_sample_fn(g, plan)
     sched = samplers.make_schedule("ddpm", 2)
@@ -75,7 +75,7 @@ def test_zero_bridge_gives_exactly_the_srdm_only_result():
     perturb(model, seed=2, only="controlnet")
     perturb(model, seed=3, only="segdm")
     assert not jnp.any(model.bridge.c_out.kernel[...])  # the bridge is untrained
-    plan = sampling.make_plan((16, 16), 2, tile=96)
+    plan = plans.make_plan((16, 16), 2, tile=96)
     sched = samplers.make_schedule("ddpm", 3)
     lq, ctx, uctx = _inputs(model, hw=(16, 16))
     key = jax.random.key(5)
@@ -122,7 +122,7 @@ def test_zero_bridge_gives_exactly_the_srdm_only_result():
 def test_sharded_on_eight_devices_equals_single_device(coupled):
     mesh = parallel.make_mesh()
     assert mesh.shape["data"] == 8
-    plan = sampling.make_plan((16, 16), 2, tile=96)
+    plan = plans.make_plan((16, 16), 2, tile=96)
     sched = samplers.make_schedule("ddim", 2)
     lq, ctx, uctx = _inputs(coupled, b=8, hw=(16, 16))
     g, st = nnx.split(coupled)
@@ -155,8 +155,8 @@ def test_tiled_agrees_with_untiled_and_has_no_seams(coupled):
     sched = samplers.make_schedule("ddim", 3)
     key = jax.random.key(11)
     g, st = nnx.split(coupled)
-    whole = sampling.make_plan((48, 48), 2, tile=96)
-    tiled = sampling.make_plan((48, 48), 2, tile=12, overlap=6, tiles_per_call=3)
+    whole = plans.make_plan((48, 48), 2, tile=96)
+    tiled = plans.make_plan((48, 48), 2, tile=12, overlap=6, tiles_per_call=3)
     assert len(whole.tiles) == 1 and len(tiled.tiles) == 9
     a = sampling.make_sample_fn(g, whole)(st, lq, ctx, uctx, 2.0, sched, key)
     b = sampling.make_sample_fn(g, tiled)(st, lq, ctx, uctx, 2.0, sched, key)
@@ -184,7 +184,7 @@ def test_seg_prior_modes_and_label_trajectory(coupled):
 
     def run(state, prior):
         if prior not in fns:
-            plan = sampling.make_plan(
+            plan = plans.make_plan(
                 (16, 16), 2, tile=96, guidance=False, seg_prior=prior, record_labels=True
             )
             fns[prior] = sampling.make_sample_fn(g, plan)
@@ -193,7 +193,7 @@ def test_seg_prior_modes_and_label_trajectory(coupled):
     full = run(st, "diffusion")
     assert full.trajectory.shape == (1, 3, 8, 8) and full.trajectory.dtype == jnp.uint8
     np.testing.assert_array_equal(full.trajectory[:, -1], full.labels)
-    assert sampling.make_plan((16, 16), 2).record_labels is False
+    assert plans.make_plan((16, 16), 2).record_labels is False
 
     fixed = run(st, "fixed")
     np.testing.assert_array_equal(fixed.labels, fixed.lq_labels)
@@ -224,7 +224,7 @@ def test_seg_prior_modes_and_label_trajectory(coupled):
         np.asarray(run(scaled(("segdm",)), "fixed").latent), np.asarray(fixed.latent)
     )
     with pytest.raises(ValueError, match="seg_prior"):
-        sampling.make_plan((16, 16), 2, seg_prior="oracle")
+        plans.make_plan((16, 16), 2, seg_prior="oracle")
 
 
 def _scan_eqn(jaxpr):
@@ -252,7 +252,7 @@ def test_bf16_sampler_casts_weights_once_before_the_scan(monkeypatch):
         SegSR(tiny_config(), dtype=jnp.bfloat16, rngs=nnx.Rngs(jax.random.key(0, impl="rbg"))),
         seed=2,
     )
-    plan = sampling.make_plan((16, 16), 2, tile=96, guidance=False)
+    plan = plans.make_plan((16, 16), 2, tile=96, guidance=False)
     sched = samplers.make_schedule("ddim", 2)
     lq, ctx, _ = _inputs(model, hw=(16, 16))
     g, st = nnx.split(model)

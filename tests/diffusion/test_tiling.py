@@ -7,7 +7,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from segsr_jax.diffusion import tiling
 from segsr_jax.diffusion.tiling import blend_tiles, extract_tiles, gaussian_weights, plan_tiles
 
 PLANS = [
@@ -117,19 +116,6 @@ def test_gaussian_weights_are_seesrs():
     np.testing.assert_allclose(w[2] / w[2].max(), seesr / seesr.max(), rtol=1e-5)
     # A narrower sigma concentrates the weight towards the centre.
     assert gaussian_weights(10, 0.05)[0, 0] < gaussian_weights(10, 0.1)[0, 0]
-
-
-def test_pad_to_multiple_and_crop_back(np_rng):
-    x = jnp.asarray(np_rng.standard_normal((2, 13, 21, 3)).astype(np.float32))
-    padded, size = tiling.pad_to_multiple(x, 8)
-    assert padded.shape == (2, 16, 24, 3) and size == (13, 21)
-    np.testing.assert_array_equal(np.asarray(tiling.crop_to(padded, size)), np.asarray(x))
-    # Reflect padding: the row after the last mirrors the one before it.
-    np.testing.assert_array_equal(np.asarray(padded[:, 13, :21]), np.asarray(x[:, 11]))
-    same, size = tiling.pad_to_multiple(x[:, :8, :16], 8)
-    assert same.shape == (2, 8, 16, 3) and size == (8, 16)
-    with pytest.raises(ValueError, match="larger"):
-        tiling.crop_to(x, (14, 21))
 
 
 def test_tiling_errors():

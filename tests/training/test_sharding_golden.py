@@ -34,7 +34,8 @@ def _config():
 def _layout() -> dict:
     config = _config()
     model_cfg = SegSRConfig.from_dict(config.model.to_dict())
-    _, params, frozen = state_lib.abstract_split(model_cfg, jnp.bfloat16, "joint")
+    abstract = state_lib.abstract_model(model_cfg, jnp.bfloat16)
+    _, params, frozen = state_lib.split_model(abstract, "joint")
     optimizer = state_lib.make_optimizer(state_lib.OptimizerConfig(**config.optim))
     abs_state = jax.eval_shape(lambda p: state_lib.init_train_state(p, optimizer, 0), params)
     mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp)

@@ -1,0 +1,118 @@
+"""How to sample: the one options dataclass, the segmentation prior, and SeeSR's defaults.
+
+Plain Python (no JAX import), so that ``python -m segsr_jax.sample --help`` can show the
+defaults at once. Everything that samples (:class:`segsr_jax.inference.Restorer`, the
+training run's validation grid, the benchmarks) describes a run with one
+:class:`SampleOptions` and hands it to :class:`segsr_jax.diffusion.session.SamplingSession`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+# SeeSR's inference prompts: the positive suffix and the negative prompt (text-only CFG).
+SEESR_PROMPT = "clean, high-resolution, 8k"
+SEESR_NEGATIVE_PROMPT = "dotted, noise, blur, lowres, smooth"
+
+SEG_PRIORS = ("diffusion", "fixed", "none")
+
+
+@dataclasses.dataclass(frozen=True)
+class SegPrior:
+    """What conditions SRDM on segmentation; static, part of a compiled sampler's plan.
+
+    * ``diffusion``: full SegSR (the paper's method): SegDM refines ``S_t`` jointly with
+      ``Z_t`` and the bridge couples the two both ways.
+    * ``fixed``: ``S_t`` is the fixed segmenter's labels on the LQ image at every step
+      (embedded like SegDM's clean maps) and reaches SRDM through the bridge; SegDM's output
+      is unused (XLA drops it from the program). The "fixed segmentation prior" ablation.
+    * ``none``: SRDM alone (``C_t = 0``, as in training stage ``sr``); the bridge does not run.
+
+    With ``fixed`` and ``none`` the segmentation a run returns is the fixed segmenter's map.
+    """
+
+    name: str = "diffusion"
+
+    def __post_init__(self):
+        if self.name not in SEG_PRIORS:
+            raise ValueError(f"seg_prior {self.name!r} is not one of {SEG_PRIORS}")
+
+    @classmethod
+    def of(cls, prior: str | SegPrior) -> SegPrior:
+        """``prior`` as a :class:`SegPrior` (a name is checked)."""
+        return prior if isinstance(prior, SegPrior) else cls(prior)
+
+    @property
+    def refined(self) -> bool:
+        """Whether SegDM denoises ``S_t`` step by step (else ``S_t`` is the fixed map)."""
+        return self.name == "diffusion"
+
+    @property
+    def use_bridge(self) -> tuple[bool, bool]:
+        """``(use C_t, use I_t)`` for :meth:`segsr_jax.models.segsr.SegSR.denoise`."""
+        return (self.name != "none", self.name == "diffusion")
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleOptions:
+    """How to sample (see ``python -m segsr_jax.sample --help``); the defaults are SeeSR's.
+
+    Attributes:
+      sampler: ``ddpm`` | ``ddim`` | ``dpmpp_2m``.
+      steps: denoising steps.
+      guidance: text CFG scale (1.0: no guidance, half the cost).
+      prompt, negative_prompt: the prompts of every image.
+      tile, tile_overlap: the latent tile and the tiles' minimum overlap (latent pixels).
+      tiles_per_call: tiles denoised together in one model call (memory vs. speed).
+      color_fix: ``adain`` | ``wavelet`` | ``none``.
+      min_side: an LQ image with a shorter side is enlarged to it before sampling
+        (:func:`segsr_jax.diffusion.geometry.working_size`).
+      seg_prior: ``diffusion`` | ``fixed`` | ``none`` (:class:`SegPrior`).
+      seed: the sampler's noise.
+
+    Raises:
+      ValueError: a setting no sampler can run with (named in the message).
+    """
+
+    sampler: str = "ddpm"
+    steps: int = 50
+    guidance: float = 5.5
+    prompt: str = SEESR_PROMPT
+    negative_prompt: str = SEESR_NEGATIVE_PROMPT
+    tile: int = 96
+    tile_overlap: int = 32
+    tiles_per_call: int = 4  # Restorer.options: 1 on CPU (inference.default_tiles_per_call)
+    color_fix: str = "adain"
+    min_side: int = 128
+    seg_prior: str = "diffusion"
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.steps < 1:
+            raise ValueError(f"steps must be >= 1, not {self.steps}")
+        if not (math.isfinite(self.guidance) and self.guidance >= 0):
+            raise ValueError(f"guidance must be a number >= 0, not {self.guidance}")
+        if self.tile < 1 or self.tiles_per_call < 1:
+            raise ValueError(
+                f"tile ({self.tile}) and tiles per call ({self.tiles_per_call}) must be >= 1"
+            )
+        if not 0 <= self.tile_overlap < self.tile:
+            raise ValueError(f"tile overlap {self.tile_overlap} must be in [0, tile {self.tile})")
+        if self.min_side < 0:
+            raise ValueError(f"min_side must be >= 0, not {self.min_side}")
+        SegPrior.of(self.seg_prior)
+
+    @property
+    def prior(self) -> SegPrior:
+        """:attr:`seg_prior` as a :class:`SegPrior`."""
+        return SegPrior(self.seg_prior)
+
+    @classmethod
+    def from_dict(cls, values: dict, **overrides) -> SampleOptions:
+        """Options from ``values`` (e.g. a checkpoint's or a config's sampling section; keys
+        that are no option are ignored), then ``overrides`` (None: keep)."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        merged = {k: v for k, v in values.items() if k in known}
+        merged.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**merged)

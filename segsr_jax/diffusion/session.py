@@ -1,0 +1,262 @@
+"""One sampling session: from "this LQ batch, these options" to the compiled sampler's output.
+
+::
+
+    session = SamplingSession(graphdef, model_config, tokenizer, mesh=None)
+    out, compile_s = session.run(state, lq, options)   # lq: geometry.model_input(...)
+
+Everything that samples goes through here (:class:`segsr_jax.inference.Restorer`, the
+training run's validation grid, the benchmarks), so the set-up is written once: the static
+:class:`~segsr_jax.diffusion.plans.SamplingPlan` from the options (classifier-free
+guidance only when the scale asks for it), the schedule, where the batch goes (the session's
+mesh, all devices, or one), the prompts encoded by one jitted text encoder, and the sampler
+compiled ahead of time (``lower().compile()``) once per plan, batch, schedule and placement.
+
+The weights (``state``) are an argument of every call, not part of the session: a training
+run hands over new EMA params each time. A session made with ``fixed_weights=True`` (a
+loaded model) may therefore keep the prompts' contexts between calls.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from segsr_jax import parallel
+from segsr_jax.diffusion import plans, samplers, sampling
+from segsr_jax.diffusion.options import SampleOptions
+from segsr_jax.diffusion.schedules import NoiseConfig
+from segsr_jax.models import guidance
+from segsr_jax.models.segsr import SegSRConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class Call:
+    """One sampler call, not compiled yet: ``fn(*args)`` samples.
+
+    Attributes:
+      fn: the jitted sampler (:func:`sampling.make_sample_fn`) for this plan and placement.
+      args: ``(state, lq, context, uncond_context, guidance_scale, schedule, key)``.
+      plan: its static plan.
+      key: what the compiled program depends on (plan, batch, sampler, steps, placement).
+    """
+
+    fn: object
+    args: tuple
+    plan: plans.SamplingPlan
+    key: tuple
+
+
+@dataclasses.dataclass(frozen=True)
+class Prepared:
+    """A compiled sampler and the arguments of one call: ``program(*args)`` samples.
+
+    Attributes:
+      program: the compiled sampler (``jax.stages.Compiled``).
+      args: ``(state, lq, context, uncond_context, guidance_scale, schedule, key)``.
+      plan: its static plan.
+      compile_s: seconds spent compiling it now (0 when it was cached).
+    """
+
+    program: object
+    args: tuple
+    plan: plans.SamplingPlan
+    compile_s: float
+
+
+def _encode(graphdef, state, ids, n: int, sharding):
+    """The prompt's context ``[1, L, D]`` repeated for a batch of ``n`` (jitted; the same
+    prompt for every image, so it is encoded once), constrained to ``sharding``."""
+    ctx = jnp.tile(nnx.merge(graphdef, state).encode_prompts(ids), (n, 1, 1))
+    return ctx if sharding is None else jax.lax.with_sharding_constraint(ctx, sharding)
+
+
+class SamplingSession:
+    """Plans, compiles and runs the sampler of one model for any batch and options.
+
+    Args:
+      graphdef: the SegSR model's graphdef (``nnx.split``).
+      config: the model's config (latent factor, prediction type).
+      tokenizer: the prompts' tokenizer, or None when every call brings its own contexts.
+      mesh: the mesh the weights lie on (e.g. FSDP shards), which the sampler takes them in;
+        a batch is split over its ``'data'`` axis when it divides evenly, else every data
+        group samples the whole batch. None: the weights are on one device, and a batch that
+        divides over all devices is split over them (weights replicated).
+      fixed_weights: the ``state`` of every call is the same, so prompt contexts are kept.
+    """
+
+    def __init__(
+        self,
+        graphdef: nnx.GraphDef,
+        config: SegSRConfig,
+        tokenizer=None,
+        mesh: jax.sharding.Mesh | None = None,
+        *,
+        fixed_weights: bool = False,
+    ):
+        self.graphdef = graphdef
+        self.config = config
+        self.tokenizer = tokenizer
+        self.mesh = mesh
+        self.fixed_weights = fixed_weights
+        self._programs: dict = {}
+        self._contexts: dict = {}
+        self._schedules: dict = {}
+        self._replicas: dict = {}
+        self._encode = jax.jit(partial(_encode, graphdef), static_argnums=(2, 3))
+
+    def plan(
+        self,
+        image_hw: tuple[int, int],
+        options: SampleOptions,
+        record_labels: bool = False,
+        **vae_tiles,
+    ) -> plans.SamplingPlan:
+        """The static plan for a padded input of ``image_hw`` (``vae_tiles``: the VAE tile
+        sizes of :func:`plans.make_plan`, for experiments)."""
+        return plans.make_plan(
+            image_hw,
+            self.config.latent_factor,
+            tile=options.tile,
+            overlap=options.tile_overlap,
+            tiles_per_call=options.tiles_per_call,
+            guidance=guidance.uses_guidance(options.guidance),
+            color_fix=options.color_fix,
+            seg_prior=options.seg_prior,
+            record_labels=record_labels,
+            **vae_tiles,
+        )
+
+    def schedule(self, options: SampleOptions) -> samplers.Schedule:
+        """The options' sampler and step count for this model's forward process."""
+        key = (options.sampler, options.steps)
+        if key not in self._schedules:
+            noise = NoiseConfig(prediction_type=self.config.prediction_type)
+            self._schedules[key] = samplers.make_schedule(options.sampler, options.steps, noise)
+        return self._schedules[key]
+
+    def placement(self, n: int):
+        """``(mesh, batch sharding)`` for a (global) batch of ``n``, or ``(None, None)`` for
+        one device (see the class docstring)."""
+        if self.mesh is not None:
+            split = n % self.mesh.shape["data"] == 0
+            return self.mesh, (
+                parallel.batch_sharding(self.mesh) if split else parallel.replicated(self.mesh)
+            )
+        ndev = jax.device_count()
+        if ndev > 1 and n % ndev == 0:
+            mesh = parallel.make_mesh()
+            return mesh, parallel.batch_sharding(mesh)
+        return None, None
+
+    def _replicated(self, state, mesh):
+        """``state`` (on one device) copied to every device of ``mesh``, for a batch split
+        over all devices (a compiled program takes its arguments only where it was compiled
+        for them); kept for the next call when the weights are fixed."""
+        if mesh in self._replicas:
+            return self._replicas[mesh]
+        replica = jax.device_put(state, parallel.replicated(mesh))
+        if self.fixed_weights:
+            self._replicas = {mesh: replica}
+        return replica
+
+    def context(self, state, prompt: str, n: int, sharding=None) -> jax.Array:
+        """The text context ``[n, L, D]`` of ``prompt`` for a batch of ``n``, placed on
+        ``sharding`` (None: one device)."""
+        key = (prompt, n, sharding)
+        if key in self._contexts:
+            return self._contexts[key]
+        if self.tokenizer is None:
+            raise ValueError("this sampling session has no tokenizer: pass contexts")
+        ids = np.asarray(self.tokenizer([prompt]))
+        if self.mesh is not None:  # weights on the mesh: the ids go there too, and out sharded
+            ctx = self._encode(
+                state, parallel.global_array(ids, parallel.replicated(self.mesh)), n, sharding
+            )
+        else:
+            ctx = self._encode(state, jnp.asarray(ids), n, None)
+            if sharding is not None:
+                ctx = jax.device_put(ctx, sharding)
+        if self.fixed_weights:
+            self._contexts[key] = ctx
+        return ctx
+
+    def call(
+        self,
+        state,
+        lq: np.ndarray | jax.Array,
+        options: SampleOptions,
+        *,
+        record_labels: bool = False,
+        contexts: tuple[jax.Array, jax.Array | None] | None = None,
+        **vae_tiles,
+    ) -> Call:
+        """The sampler call for this batch and options (jitted, not compiled).
+
+        Args:
+          state: the model's weights (``nnx.State`` matching the graphdef), where they lie.
+          lq: this process's rows of the LQ batch, float32 ``[b, H, W, 3]`` in ``[-1, 1]``,
+            ``H`` and ``W`` multiples of the latent factor
+            (:func:`segsr_jax.diffusion.geometry.model_input`).
+          options: how to sample (its ``seed`` seeds the noise).
+          record_labels: also return the segmentation's argmax after every step.
+          contexts: ``(context, uncond_context)`` ``[B, L, D]`` instead of encoding the
+            options' prompts (``uncond_context`` is used only with guidance).
+          vae_tiles: VAE tile sizes (:meth:`plan`).
+        """
+        n = lq.shape[0] * jax.process_count()
+        plan = self.plan(tuple(lq.shape[1:3]), options, record_labels, **vae_tiles)
+        mesh, sharding = self.placement(n)
+        if mesh is not None and self.mesh is None:
+            state = self._replicated(state, mesh)
+        if contexts is None:
+            ctx = self.context(state, options.prompt, n, sharding)
+            uctx = (
+                self.context(state, options.negative_prompt, n, sharding) if plan.guidance else None
+            )
+        else:
+            ctx, uctx = contexts[0], contexts[1] if plan.guidance else None
+        lq = (
+            jnp.asarray(lq) if sharding is None else parallel.global_array(np.asarray(lq), sharding)
+        )
+        args = (
+            state,
+            lq,
+            ctx,
+            uctx,
+            jnp.float32(options.guidance),
+            self.schedule(options),
+            jax.random.key(options.seed),
+        )
+        # Weights on the session's mesh stay where they are; else they are replicated.
+        state_shardings = None if self.mesh is None else sampling.shardings_of(state)
+        fn = sampling.make_sample_fn(self.graphdef, plan, mesh, state_shardings, sharding)
+        key = (plan, n, options.sampler, options.steps, sharding)
+        return Call(fn=fn, args=args, plan=plan, key=key)
+
+    def prepare(self, state, lq, options: SampleOptions, **kwargs) -> Prepared:
+        """The compiled sampler (compiled now, ``lower().compile()``, unless cached) and its
+        arguments. Arguments as :meth:`call`."""
+        c = self.call(state, lq, options, **kwargs)
+        compile_s = 0.0
+        if c.key not in self._programs:
+            t0 = time.perf_counter()
+            self._programs[c.key] = c.fn.lower(*c.args).compile()
+            compile_s = time.perf_counter() - t0
+        return Prepared(
+            program=self._programs[c.key], args=c.args, plan=c.plan, compile_s=compile_s
+        )
+
+    def run(
+        self, state, lq, options: SampleOptions, **kwargs
+    ) -> tuple[sampling.SampleOutput, float]:
+        """Sample: ``(output, compile seconds)``; the output's device arrays are not waited
+        for. Arguments as :meth:`call`."""
+        p = self.prepare(state, lq, options, **kwargs)
+        return p.program(*p.args), p.compile_s

@@ -1,0 +1,72 @@
+"""The sampling session every sampler caller shares, its options and the segmentation prior."""
+
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+
+from segsr_jax import parallel
+from segsr_jax.diffusion.options import SampleOptions, SegPrior
+from segsr_jax.inference import Restorer
+from segsr_jax.training.validation import Validator
+from tests.diffusion.test_sampling import perturb
+from tests.tiny_segsr import save_checkpoint, tiny_model
+
+
+@pytest.fixture(scope="module")
+def restorer(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ck") / "tiny"
+    return Restorer.from_checkpoint(save_checkpoint(path, perturb(tiny_model(0), seed=1)))
+
+
+def test_seg_prior_decides_the_bridge_and_the_refinement():
+    assert SegPrior("diffusion").use_bridge == (True, True) and SegPrior().refined
+    assert SegPrior("fixed").use_bridge == (True, False) and not SegPrior("fixed").refined
+    assert SegPrior("none").use_bridge == (False, False) and not SegPrior("none").refined
+    assert SegPrior.of("fixed") == SegPrior("fixed") and SegPrior.of(SegPrior()) == SegPrior()
+    with pytest.raises(ValueError, match="seg_prior 'ddp'"):
+        SegPrior("ddp")
+
+
+def test_options_refuse_what_no_sampler_can_run():
+    with pytest.raises(ValueError, match=r"tile overlap 32 must be in \[0, tile 16\)"):
+        SampleOptions(tile=16)
+    for bad in (dict(steps=0), dict(guidance=float("nan")), dict(min_side=-1)):
+        with pytest.raises(ValueError):
+            SampleOptions(**bad)
+    with pytest.raises(ValueError, match="seg_prior"):
+        SampleOptions(seg_prior="segdm")
+    opts = SampleOptions.from_dict({"steps": 3, "every": 10, "tile": 40}, tile=None, seed=7)
+    assert (opts.steps, opts.tile, opts.seed) == (3, 40, 7)
+
+
+def test_session_compiles_once_per_shape(restorer):
+    opts = restorer.options(steps=1, guidance=1.0)
+    lq = np.zeros((8, 12, 3), np.uint8)
+    _, first = restorer.restore_batch([lq, lq], (16, 24), opts)
+    _, again = restorer.restore_batch([lq + 1, lq], (16, 24), opts)
+    _, reseeded = restorer.restore_batch([lq, lq], (16, 24), dataclasses.replace(opts, seed=3))
+    assert first > 0 and again == 0 and reseeded == 0  # the seed is an argument
+
+
+@pytest.mark.parametrize("guidance", [1.0, 3.0])
+def test_restorer_and_validator_sample_alike(restorer, guidance):
+    """The same model, options and LQ batch give the same SR images and labels through the
+    Restorer (inference) and the Validator (training's grid): one sampling session."""
+    n, hw = jax.device_count(), (16, 24)  # the validator splits its batch over every device
+    rng = np.random.default_rng(0)
+    lq = rng.integers(0, 256, (n, 4, 6, 3), dtype=np.uint8)
+    hr = rng.integers(0, 256, (n, *hw, 3), dtype=np.uint8)
+    opts = restorer.options(steps=2, sampler="ddim", guidance=guidance, prompt="a", seed=4)
+    latent = max(-(-s // restorer.config.latent_factor) for s in hw)
+    whole = dataclasses.replace(opts, tile=latent, tile_overlap=0, tiles_per_call=1)
+    results, _ = restorer.restore_batch(list(lq), hw, whole)
+
+    mesh = parallel.make_mesh()
+    batch = {"hr": hr, "lq": lq, "label": np.zeros((n, *hw), np.uint8)}
+    validator = Validator(restorer.graphdef, restorer.config, batch, restorer.tokenizer, opts, mesh)
+    grid = validator(jax.device_put(restorer.state, parallel.replicated(mesh)))
+    h, w = hw
+    for i, (sr, _labels) in enumerate(results):
+        np.testing.assert_array_equal(grid[i * h : (i + 1) * h, w : 2 * w], sr)
