@@ -1,4 +1,5 @@
-"""Real-ESRGAN second-order degradation (numpy + OpenCV), with SeeSR's parameters (DESIGN §4).
+"""Real-ESRGAN second-order degradation (numpy + OpenCV), with SeeSR's parameters (the ones
+SeeSR trains with, so that a converted SD-2 SRDM sees the degradations it is meant for).
 
 An HR crop (uint8 [H, W, 3], RGB) becomes an LQ image (uint8 [H/s, W/s, 3]) through two rounds of
 blur -> random resize -> Gaussian or Poisson noise -> JPEG, then a final resize to exactly HR/s

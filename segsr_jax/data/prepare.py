@@ -27,6 +27,7 @@ import sys
 
 from array_record.python.array_record_module import ArrayRecordWriter
 
+from segsr_jax import images as image_io
 from segsr_jax.data.sources import (
     SHARD_SUFFIX,
     CorruptRecordError,
@@ -44,9 +45,7 @@ def shard_name(shard: int, num_shards: int) -> str:
 
 
 def _write_json(path: pathlib.Path, payload: dict) -> None:
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(payload, indent=1))
-    os.replace(tmp, path)
+    image_io.write_atomic(path, json.dumps(payload, indent=1).encode())
 
 
 def _write_shard(files: list[tuple[str, str, str | None]], output: str, name: str) -> dict:

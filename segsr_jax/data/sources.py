@@ -25,7 +25,9 @@ import grain
 import numpy as np
 from PIL import Image, ImageOps
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+from segsr_jax import images as image_io
+from segsr_jax.images import IMAGE_SUFFIXES
+
 SHARD_SUFFIX = ".array_record"
 _HEADER_LEN = struct.Struct("<I")
 
@@ -132,19 +134,17 @@ class _CorruptCounter:
 
 
 def list_images(directory: str | os.PathLike) -> dict[str, pathlib.Path]:
-    """Image files under `directory` (recursively), keyed by relative path without suffix."""
+    """Image files under `directory` (recursively: :func:`segsr_jax.images.list_images`),
+    keyed by relative path without suffix, the key a label PNG and a record are found by."""
     root = pathlib.Path(directory)
     if not root.is_dir():
         raise FileNotFoundError(f"image folder {root} does not exist")
     found: dict[str, pathlib.Path] = {}
-    for path in sorted(root.rglob("*")):
-        if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file():
-            stem = path.relative_to(root).with_suffix("").as_posix()
-            if stem in found:
-                raise ValueError(
-                    f"two images share the stem {stem!r}: {found[stem].name}, {path.name}"
-                )
-            found[stem] = path
+    for path in image_io.list_images(root, recursive=True):
+        stem = path.relative_to(root).with_suffix("").as_posix()
+        if stem in found:
+            raise ValueError(f"two images share the stem {stem!r}: {found[stem].name}, {path.name}")
+        found[stem] = path
     return found
 
 
@@ -159,7 +159,7 @@ class ImageFolderSource(_CorruptCounter):
     def __init__(self, images: str | os.PathLike, labels: str | os.PathLike | None = None):
         found = list_images(images)
         if not found:
-            raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {images}")
+            raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {images}")
         self.stems = tuple(found)
         self.image_paths = tuple(found.values())
         self.label_paths = None
