@@ -4,8 +4,8 @@ resumed), then sampled.
 
 ::
 
-    python scripts/sd2_smoke.py --workdir /tmp/sd2_smoke          # about an hour on 2 cores
-    python scripts/sd2_smoke.py --workdir /tmp/sd2_smoke --devices 8 --fsdp 8
+    python scripts/sd2_smoke.py --workdir /tmp/sd2_smoke --devices 1 --fsdp 1  # 24 GiB, 2 cores
+    python scripts/sd2_smoke.py --workdir /tmp/sd2_smoke --devices 8 --fsdp 8  # ~64 GiB host
 
 Phases (each a real command, as a user types it; wall time and peak RSS of its process tree
 are printed and written to ``WORKDIR/smoke.json``):
@@ -26,12 +26,12 @@ are printed and written to ``WORKDIR/smoke.json``):
 Memory: the simulated devices share this machine's RAM, so every leaf that FSDP leaves
 replicated (the VAE, SegFormer, SegDM, norms, biases) is held once per device, every FSDP
 shard once per ``data`` group, and every device's temporaries too. On a 24 GiB machine
-(2026-12-02, benchmarks/results/sd2_smoke_cpu_2026-12-02.log) ``folders`` and ``convert``
-finish; in ``train_sr`` the SD-2 train step and the validation sampler compile (4 devices,
-fsdp 4: 245 s and 70 s; 1 device: 78 s and 39 s), then the first step is killed for memory
-(4 x 7.0 GiB of temporaries; on 1 device 10.1 GiB of arguments + 8.0 GiB of temporaries,
-peak RSS 22.1 GiB). By the same figures a run needs about 32 GiB of RAM on 1 device and
-64 GiB on 4 (not tried). Not part of the CI suite (too slow).
+(2026-12-02, benchmarks/results/sd2_smoke_cpu_2026-12-02.log, RESULTS.md) every phase runs
+with ``--devices 1 --fsdp 1`` (frozen weights in bf16, the SD-2 configs' default, and glibc
+told to return freed memory, set below): peak RSS 19.3 GiB in ``train_sr``, 21.9 GiB in
+``train_joint``, about 20 minutes in all. Two devices need about 2 x 11.4 GiB for arguments
+and temporaries alone, eight about 64 GiB: use ``--devices N --fsdp N`` on a larger host.
+Not part of the CI suite (too slow).
 """
 
 from __future__ import annotations
@@ -210,19 +210,24 @@ class Phase:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--workdir", type=Path, required=True)
-    p.add_argument("--devices", type=int, default=4, help="simulated CPU devices")
-    p.add_argument("--fsdp", type=int, default=4)
+    p.add_argument("--devices", type=int, default=1, help="simulated CPU devices")
+    p.add_argument("--fsdp", type=int, default=1)
     p.add_argument("--crop", type=int, default=64, help="training crop (HR pixels)")
     p.add_argument("--sample-steps", type=int, default=2, help="validation / sampling steps")
     args = p.parse_args(argv)
     w = args.workdir.resolve()
     w.mkdir(parents=True, exist_ok=True)
-    env = dict(
-        os.environ,
-        JAX_PLATFORMS="cpu",
-        PYTHONPATH=str(ROOT),
-        XLA_FLAGS=f"--xla_force_host_platform_device_count={args.devices}",
-    )
+    # glibc keeps the several GB that compiling the SD-2 step takes in its arenas unless told
+    # to return freed memory; with these the 1-device run peaks at 18.4 GiB instead of being
+    # killed at 21.5 GiB (2026-12-02). A user's own settings win.
+    malloc = {"MALLOC_ARENA_MAX": "2", "MALLOC_TRIM_THRESHOLD_": "0"}
+    env = {
+        **malloc,
+        **os.environ,
+        "JAX_PLATFORMS": "cpu",
+        "PYTHONPATH": str(ROOT),
+        "XLA_FLAGS": f"--xla_force_host_platform_device_count={args.devices}",
+    }
     py = sys.executable
     rows = []
     t0 = time.time()
