@@ -1,0 +1,85 @@
+"""How long the photo architecture (configs/photo.py) takes to restore a 128x96 photo on CPU.
+
+    python benchmarks/photo_speed.py [--steps 20] [--config tiny]
+
+Builds the model with random weights (speed does not depend on the values), saves it as a
+sampleable checkpoint with the bundled model's character tokenizer and the config's sampling
+defaults, and runs ``python -m segsr_jax.sample`` twice on one 128x96 image: the CLI prints
+the sampling time and, separately, the compile time. ``--config tiny`` measures the bundled
+tiny architecture the same way, for comparison.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor()
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--config", default="photo", choices=["photo", "tiny"])
+    p.add_argument("--steps", type=int, default=20)
+    args = p.parse_args(argv)
+
+    import jax
+    from flax import nnx
+
+    from segsr_jax import checkpoint
+    from segsr_jax.images import write_png
+    from segsr_jax.models.segsr import SegSR
+
+    cfg_module = importlib.import_module(f"configs.{args.config}")
+    model = SegSR(cfg_module.model_config(), rngs=nnx.Rngs(jax.random.key(0, impl="rbg")))
+    params = sum(int(x.size) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    work = Path(tempfile.mkdtemp(prefix="photo_speed_"))
+    sampling = dict(
+        sampler="ddim", steps=args.steps, guidance=1.0, prompt="", **cfg_module.INFERENCE
+    )
+    ckpt = work / "ckpt"
+    checkpoint.save_model(ckpt, model, {"model": model.config.to_dict(), "sampling": sampling})
+    shutil.copytree(ROOT / "segsr_jax/assets/tiny_checkpoint/tokenizer", ckpt / "tokenizer")
+    rng = np.random.default_rng(0)
+    write_png(work / "in" / "photo.png", rng.integers(0, 256, (96, 128, 3), dtype=np.uint8))
+    print(f"{args.config}: {params:,} params; {cpu_model()}; jax {jax.__version__}")
+    for run in (1, 2):
+        out = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "segsr_jax.sample",
+                "--checkpoint",
+                str(ckpt),
+                "--input",
+                str(work / "in"),
+                "--output",
+                str(work / f"out{run}"),
+            ],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+        )
+        lines = [ln for ln in (out.stdout + out.stderr).splitlines() if "photo.png" in ln]
+        print(f"run {run}: " + (" | ".join(lines) or out.stderr[-2000:]))
+    shutil.rmtree(work)
+
+
+if __name__ == "__main__":
+    main()
