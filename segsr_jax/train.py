@@ -46,14 +46,15 @@ from segsr_jax.data.pipeline import PipelineConfig, make_dataset, to_global_arra
 from segsr_jax.data.sources import ArrayRecordSource, ImageFolderSource
 from segsr_jax.data.synthetic import SceneConfig, SyntheticSource
 from segsr_jax.data.transforms import CropConfig
+from segsr_jax.diffusion.options import SampleOptions
 from segsr_jax.models import remat
 from segsr_jax.models.segsr import SegSRConfig
-from segsr_jax.training import metrics_log, prompts
+from segsr_jax.training import checkpointer, metrics_log, prompts
 from segsr_jax.training import state as state_lib
 from segsr_jax.training import step as step_lib
 from segsr_jax.training import workdir as workdir_lib
 from segsr_jax.training.losses import LossConfig
-from segsr_jax.training.validation import ValidationConfig, Validator
+from segsr_jax.training.validation import Validator
 
 PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM: "stopped by the scheduler, resume me"
 INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT: Ctrl-C
@@ -90,13 +91,6 @@ def missing_init_message(init_from: str, reason: str, config_file: str | None) -
         f"this run starts from the checkpoint in {init_from}, which is missing ({reason}); "
         f"{made_by}, or pass --config.init_from=DIR to start from a checkpoint elsewhere"
     )
-
-
-def validation_config(options: ConfigDict) -> ValidationConfig:
-    """The validation grid's sampler settings out of ``config.sample.options`` (which also
-    holds inference-only defaults, e.g. ``min_side`` and tiling, for the checkpoint)."""
-    known = {f.name for f in dataclasses.fields(ValidationConfig)}
-    return ValidationConfig(**{k: v for k, v in options.items() if k in known})
 
 
 @contextlib.contextmanager
@@ -201,9 +195,9 @@ def setup_tokenizer(config: ConfigDict, ckpt_dir: epath.Path, max_length: int):
                 config.init_from if config.tokenizer == "from_init" else config.tokenizer
             )
             src = src / "tokenizer" if (src / "tokenizer").is_dir() else src
-            workdir_lib.copy_tree(src, dest)
+            checkpoint.copy_tree(src, dest)
     multihost_utils.sync_global_devices("tokenizer written")
-    return workdir_lib.load_tokenizer(dest)
+    return checkpoint.load_tokenizer(dest)
 
 
 def train_and_evaluate(config: ConfigDict, workdir: str) -> int:
@@ -292,7 +286,9 @@ def _train(
 
     # Data: this process's share of every global batch, and prompts for it.
     ckpt_dir = workdir / "checkpoints"
-    ckpt = checkpoint.TrainCheckpointer(ckpt_dir, checkpoint.CheckpointOptions(**config.checkpoint))
+    ckpt = checkpointer.TrainCheckpointer(
+        ckpt_dir, checkpointer.CheckpointOptions(**config.checkpoint)
+    )
     tokenizer = setup_tokenizer(config, ckpt_dir, model_cfg.text.max_position_embeddings)
     source = make_source(config.data, model_cfg.segdm.num_classes)
     data_iter = iter(make_dataset(source, pipeline_config(config.data, stage)))
@@ -373,7 +369,7 @@ def _train(
             model_cfg,
             val_batch,
             tokenizer,
-            validation_config(config.sample.options),
+            SampleOptions.from_dict(config.sample.options),
             mesh,
         )
         seconds = validator.compile(state_lib.merge_trees(train_state.ema_params, frozen))
@@ -458,8 +454,7 @@ def main(argv) -> None:
     if FLAGS.cache_dir:
         # Compiled programs persist across restarts (a resumed job skips most compiling);
         # threshold 0 because a from-scratch init is hundreds of sub-second programs.
-        jax.config.update("jax_compilation_cache_dir", FLAGS.cache_dir)
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+        parallel.enable_compilation_cache(FLAGS.cache_dir, min_compile_secs=0)
     if FLAGS.coordinator_address or FLAGS.distributed:
         # CPU hosts need a collectives backend for cross-process arrays (no effect on GPU/TPU).
         jax.config.update("jax_cpu_collectives_implementation", "gloo")

@@ -11,7 +11,7 @@ Both are pure nested dicts (``nnx.to_pure_dict`` layout, float32), so they shard
 save with Orbax as they are; ``nnx.merge(graphdef, params, frozen)`` rebuilds the model
 inside the jitted step.
 
-Stages (DESIGN §4): ``vae`` the autoencoder (from-scratch configs); ``sr`` the ControlNet (its
+Stages: ``vae`` the autoencoder (from-scratch configs); ``sr`` the ControlNet (its
 conditioning embedding is inside it); ``seg`` SegDM; ``joint`` ControlNet + SegDM + bridge.
 ``also_train`` adds whole modules (a from-scratch config trains the UNet in ``sr``).
 """
@@ -41,8 +41,8 @@ SCHEDULES = ("constant", "cosine")
 
 @dataclasses.dataclass(frozen=True)
 class OptimizerConfig:
-    """AdamW with linear warm-up, gradient clipping and an EMA (SeeSR's values by default,
-    DESIGN §7).
+    """AdamW with linear warm-up, gradient clipping and an EMA (by default SeeSR's training
+    values: lr 5e-5 after 500 warm-up steps, betas (0.9, 0.999), weight decay 1e-2, clip 1.0).
 
     Attributes:
       learning_rate: peak learning rate.
@@ -257,11 +257,6 @@ def abstract_model(model_config: SegSRConfig, dtype) -> SegSR:
     return nnx.eval_shape(lambda: SegSR(model_config, dtype=dtype, rngs=ShapeOnlyRngs()))
 
 
-def abstract_split(model_config: SegSRConfig, dtype, stage: str, also_train: tuple[str, ...] = ()):
-    """:func:`split_model` of :func:`abstract_model`."""
-    return split_model(abstract_model(model_config, dtype), stage, also_train)
-
-
 def initial_params(
     model_config: SegSRConfig,
     dtype,
@@ -298,8 +293,9 @@ def initial_params(
 
 
 def checkpoint_items(state: TrainState, frozen: dict) -> dict:
-    """What a training checkpoint stores (see :class:`segsr_jax.checkpoint.TrainCheckpointer`):
-    the full model (trainable + frozen), the EMA, the optimizer state, step and RNG."""
+    """What a training checkpoint stores (see
+    :class:`segsr_jax.training.checkpointer.TrainCheckpointer`): the full model (trainable +
+    frozen), the EMA, the optimizer state, step and RNG."""
     return {
         "params": merge_trees(state.params, frozen),
         "ema_params": state.ema_params,

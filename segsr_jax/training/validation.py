@@ -26,10 +26,6 @@ from segsr_jax.models.segsr import SegSRConfig
 from segsr_jax.training.metrics_log import sample_grid
 
 
-# train.py's name for the options until it builds SampleOptions itself (removed then).
-ValidationConfig = SampleOptions
-
-
 class Validator:
     """Samples the fixed batch with given params and returns the grid (process 0: all rows).
 

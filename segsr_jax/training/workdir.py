@@ -20,9 +20,8 @@ import tempfile
 
 from etils import epath
 
-# train.py still reaches load_tokenizer through this module. is_remote and copy_tree serve
-# checkpoints and workdirs alike, so they live with the checkpoints.
-from segsr_jax.checkpoint import copy_tree, is_remote, load_tokenizer  # noqa: F401
+# is_remote and copy_tree serve checkpoints and workdirs alike: they live with the checkpoints.
+from segsr_jax.checkpoint import is_remote
 
 REMOTE_SCHEMES = ("gs",)  # the object stores checkpoint.py hands to Orbax as they are
 

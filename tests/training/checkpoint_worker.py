@@ -28,7 +28,7 @@ import numpy as np  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
-from segsr_jax import checkpoint  # noqa: E402
+from segsr_jax.training import checkpointer  # noqa: E402
 
 REPLICATED = NamedSharding(jax.sharding.Mesh(np.array(jax.devices()), ("d",)), P())
 
@@ -49,8 +49,8 @@ def data():
     return iter(grain.MapDataset.range(100).to_iter_dataset())
 
 
-ckpt = checkpoint.TrainCheckpointer(
-    folder, checkpoint.CheckpointOptions(async_save=False), read_attempts=2, retry_delay_s=0
+ckpt = checkpointer.TrainCheckpointer(
+    folder, checkpointer.CheckpointOptions(async_save=False), read_attempts=2, retry_delay_s=0
 )
 if mode == "save":
     it = data()

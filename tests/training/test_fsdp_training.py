@@ -12,7 +12,8 @@ import orbax.checkpoint as ocp
 import pytest
 from PIL import Image
 
-from segsr_jax import checkpoint, train
+from segsr_jax import train
+from segsr_jax.training import checkpointer
 from tests.training.tiny_train_config import get_config
 
 
@@ -56,8 +57,8 @@ def test_fsdp_training_validates_every_step_and_resumes(tmp_path, init_checkpoin
         assert grid.shape == (8 * 32, 4 * 32, 3)
         sr = grid[:, 32:64].astype(np.float32)
         assert np.isfinite(sr).all() and sr.std() > 1.0  # an image, not a blank
-    steps = checkpoint.TrainCheckpointer(
-        tmp_path / "checkpoints", checkpoint.CheckpointOptions()
+    steps = checkpointer.TrainCheckpointer(
+        tmp_path / "checkpoints", checkpointer.CheckpointOptions()
     ).all_steps()
     assert max(steps) == 2
     # bfloat16 storage: frozen matrices bf16, frozen vectors and all trainable params float32.

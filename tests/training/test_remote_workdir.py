@@ -18,6 +18,7 @@ from fsspec.implementations.dirfs import DirFileSystem
 from fsspec.implementations.local import LocalFileSystem
 
 from segsr_jax import checkpoint, train
+from segsr_jax.training import checkpointer
 from segsr_jax.training import workdir as workdir_lib
 from segsr_jax.training.metrics_log import MetricsLog
 from tests.training.test_metrics_log import read_event_file
@@ -161,13 +162,13 @@ def test_tokenizer_written_copied_and_loaded_remotely(bucket):
 def test_training_into_gs_workdir_and_resuming(bucket, tmp_path, monkeypatch, init_checkpoint):
     """Two real runs (4 steps, then resumed to 6) into ``gs://b/run``; Orbax's part goes to a
     local folder (see the module docstring)."""
-    real_checkpointer, asked = checkpoint.TrainCheckpointer, []
+    real_checkpointer, asked = checkpointer.TrainCheckpointer, []
 
     def local_checkpointer(directory, options):
         asked.append(str(directory))
         return real_checkpointer(tmp_path / "orbax", options)
 
-    monkeypatch.setattr(checkpoint, "TrainCheckpointer", local_checkpointer)
+    monkeypatch.setattr(checkpointer, "TrainCheckpointer", local_checkpointer)
     c = get_config("seg")
     c.init_from = str(init_checkpoint)
     c.num_steps = 4
@@ -194,7 +195,7 @@ def test_load_tokenizer_from_a_gs_checkpoint_folder(bucket):
     from segsr_jax.training import prompts
 
     prompts.write_char_tokenizer(epath.Path("gs://b/ck/tokenizer"), 16)
-    tok = workdir_lib.load_tokenizer("gs://b/ck/tokenizer")
+    tok = checkpoint.load_tokenizer("gs://b/ck/tokenizer")
     assert tok.source == "gs://b/ck/tokenizer"
-    local = workdir_lib.load_tokenizer(bucket / "b/ck/tokenizer")
+    local = checkpoint.load_tokenizer(bucket / "b/ck/tokenizer")
     np.testing.assert_array_equal(tok(["grass, sky"]), local(["grass, sky"]))

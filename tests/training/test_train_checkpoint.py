@@ -14,6 +14,7 @@ from flax import nnx
 
 from segsr_jax import checkpoint
 from segsr_jax.models.segdm import SegDM, SegDMConfig
+from segsr_jax.training import checkpointer
 from segsr_jax.training import state as state_lib
 
 
@@ -56,7 +57,7 @@ def _assert_equal(a, b):
 
 
 def test_round_trip_with_data_position(tmp_path):
-    ckpt = checkpoint.TrainCheckpointer(tmp_path, checkpoint.CheckpointOptions(every=1))
+    ckpt = checkpointer.TrainCheckpointer(tmp_path, checkpointer.CheckpointOptions(every=1))
     it = _data()
     for step in (1, 2):
         next(it), next(it)
@@ -74,9 +75,9 @@ def test_round_trip_with_data_position(tmp_path):
     )  # exists: skipped
     ckpt.close()
     fresh = _data()
-    step, items = checkpoint.TrainCheckpointer(tmp_path, checkpoint.CheckpointOptions()).restore(
-        _abstract(_trees(0)), fresh
-    )
+    step, items = checkpointer.TrainCheckpointer(
+        tmp_path, checkpointer.CheckpointOptions()
+    ).restore(_abstract(_trees(0)), fresh)
     assert step == 2
     _assert_equal(items, _trees(2))
     assert jax.tree.structure(items["opt_state"]) == jax.tree.structure(_trees(2)["opt_state"])
@@ -85,8 +86,9 @@ def test_round_trip_with_data_position(tmp_path):
 
 
 def test_keep_last_and_keep_every(tmp_path):
-    ckpt = checkpoint.TrainCheckpointer(
-        tmp_path, checkpoint.CheckpointOptions(every=1, keep_last=2, keep_every=4, async_save=False)
+    ckpt = checkpointer.TrainCheckpointer(
+        tmp_path,
+        checkpointer.CheckpointOptions(every=1, keep_last=2, keep_every=4, async_save=False),
     )
     it = _data()
     for step in range(1, 10):
@@ -96,8 +98,8 @@ def test_keep_last_and_keep_every(tmp_path):
 
 
 def _checkpointer(path, **kwargs):
-    return checkpoint.TrainCheckpointer(
-        path, checkpoint.CheckpointOptions(), retry_delay_s=0, **kwargs
+    return checkpointer.TrainCheckpointer(
+        path, checkpointer.CheckpointOptions(), retry_delay_s=0, **kwargs
     )
 
 
@@ -162,7 +164,7 @@ def test_transient_read_error_is_retried_and_nothing_changes(tmp_path, monkeypat
     _two_steps(tmp_path)
     before = _files(tmp_path)
     failed = []
-    read = checkpoint._read_bytes
+    read = checkpointer._read_bytes
 
     def flaky(path):
         if str(path).endswith("6/params/_METADATA") and not failed:
@@ -170,7 +172,7 @@ def test_transient_read_error_is_retried_and_nothing_changes(tmp_path, monkeypat
             raise ConnectionResetError("connection reset by peer")
         return read(path)
 
-    monkeypatch.setattr(checkpoint, "_read_bytes", flaky)
+    monkeypatch.setattr(checkpointer, "_read_bytes", flaky)
     reports = []
     step, items = _checkpointer(tmp_path).restore(
         _abstract(_trees(0)), _data(), report=reports.append
@@ -206,7 +208,7 @@ def test_transient_error_of_the_array_reads_is_retried(tmp_path):
 def test_persistent_read_error_raises_and_changes_nothing(tmp_path, monkeypatch):
     _two_steps(tmp_path)
     before = _files(tmp_path)
-    read, attempts = checkpoint._read_bytes, []
+    read, attempts = checkpointer._read_bytes, []
 
     def failing(path):
         if "/6/" in str(path):
@@ -214,11 +216,11 @@ def test_persistent_read_error_raises_and_changes_nothing(tmp_path, monkeypatch)
             raise PermissionError(f"403 Forbidden: {path}")
         return read(path)
 
-    monkeypatch.setattr(checkpoint, "_read_bytes", failing)
+    monkeypatch.setattr(checkpointer, "_read_bytes", failing)
     reports = []
     ckpt = _checkpointer(tmp_path, read_attempts=3)
     with pytest.raises(
-        checkpoint.CheckpointReadError,
+        checkpointer.CheckpointReadError,
         match=rf"could not read checkpoint {tmp_path}/6 \(3 attempts; nothing "
         r"was changed\): PermissionError: 403 Forbidden",
     ):
@@ -239,7 +241,7 @@ def test_persistent_error_of_the_array_reads_raises(tmp_path):
     before = _files(tmp_path)
     reports = []
     with pytest.raises(
-        checkpoint.CheckpointReadError,
+        checkpointer.CheckpointReadError,
         match=rf"could not read checkpoint {tmp_path}/6 \(2 attempts",
     ):
         _checkpointer(tmp_path, read_attempts=2).restore(
@@ -259,7 +261,7 @@ def test_failed_move_aside_raises(tmp_path, monkeypatch):
 
     monkeypatch.setattr(type(ckpt._path), "rename", refuse)
     with pytest.raises(
-        checkpoint.CheckpointReadError,
+        checkpointer.CheckpointReadError,
         match=rf"could not rename {tmp_path}/6 to {tmp_path}/6.broken-\S+ "
         r"\(2 attempts\): PermissionError",
     ):
@@ -300,8 +302,8 @@ def test_other_processes_restore_the_step_process_0_chose(tmp_path, monkeypatch)
     here step 3 although step 6 is intact; it raises when process 0 could not choose, and
     when some process failed its part of the restore."""
     _two_steps(tmp_path)
-    monkeypatch.setattr(checkpoint, "_process_index", lambda: 1)
-    monkeypatch.setattr(checkpoint, "_process_count", lambda: 2)
+    monkeypatch.setattr(checkpointer, "_process_index", lambda: 1)
+    monkeypatch.setattr(checkpointer, "_process_count", lambda: 2)
     sent, agreed = [], []
 
     def from_process_0(choice):
@@ -314,21 +316,21 @@ def test_other_processes_restore_the_step_process_0_chose(tmp_path, monkeypatch)
     def never(path):
         raise AssertionError(f"process 1 read {path}")
 
-    monkeypatch.setattr(checkpoint, "_read_bytes", never)
-    monkeypatch.setattr(checkpoint, "_broadcast_from_0", from_process_0([3, 0]))
-    monkeypatch.setattr(checkpoint, "_all_processes_ok", lambda ok: agreed.append(ok) or ok)
+    monkeypatch.setattr(checkpointer, "_read_bytes", never)
+    monkeypatch.setattr(checkpointer, "_broadcast_from_0", from_process_0([3, 0]))
+    monkeypatch.setattr(checkpointer, "_all_processes_ok", lambda ok: agreed.append(ok) or ok)
     step, items = _checkpointer(tmp_path).restore(_abstract(_trees(0)), _data())
     assert step == 3 and agreed == [True]
     _assert_equal(items, _trees(3))
 
-    monkeypatch.setattr(checkpoint, "_broadcast_from_0", from_process_0([-2, 0]))
-    with pytest.raises(checkpoint.CheckpointReadError, match="process 0 could not choose"):
+    monkeypatch.setattr(checkpointer, "_broadcast_from_0", from_process_0([-2, 0]))
+    with pytest.raises(checkpointer.CheckpointReadError, match="process 0 could not choose"):
         _checkpointer(tmp_path).restore(_abstract(_trees(0)), _data())
 
-    monkeypatch.setattr(checkpoint, "_broadcast_from_0", from_process_0([6, 0]))
-    monkeypatch.setattr(checkpoint, "_all_processes_ok", lambda ok: False)
+    monkeypatch.setattr(checkpointer, "_broadcast_from_0", from_process_0([6, 0]))
+    monkeypatch.setattr(checkpointer, "_all_processes_ok", lambda ok: False)
     with pytest.raises(
-        checkpoint.CheckpointReadError,
+        checkpointer.CheckpointReadError,
         match=f"another process could not read checkpoint {tmp_path}/6",
     ):
         _checkpointer(tmp_path).restore(_abstract(_trees(0)), _data())
@@ -340,28 +342,28 @@ def test_process_0_broadcasts_its_choice(tmp_path, monkeypatch):
     (tmp_path / "6" / "train" / "_METADATA").write_text("[]")
     sent = []
     monkeypatch.setattr(
-        checkpoint, "_broadcast_from_0", lambda values: sent.append(values.tolist()) or values
+        checkpointer, "_broadcast_from_0", lambda values: sent.append(values.tolist()) or values
     )
     step, _ = _checkpointer(tmp_path).restore(_abstract(_trees(0)), _data(), report=lambda _: None)
     assert step == 3 and sent == [[3, 1]]  # step 3; one broken step moved aside
 
 
 def test_shape_mismatch_is_an_error_not_damage(tmp_path):
-    ckpt = checkpoint.TrainCheckpointer(tmp_path, checkpoint.CheckpointOptions())
+    ckpt = checkpointer.TrainCheckpointer(tmp_path, checkpointer.CheckpointOptions())
     _save(ckpt, 1, _trees(1), _data())
     ckpt.close()
     target = _abstract(_trees(0))
     target["params"]["a"]["kernel"] = jax.ShapeDtypeStruct((4, 5), jnp.float32)
     before = _files(tmp_path)
     with pytest.raises(checkpoint.CheckpointMismatchError, match=r"a/kernel: saved \(4, 3\)"):
-        checkpoint.TrainCheckpointer(tmp_path, checkpoint.CheckpointOptions()).restore(
+        checkpointer.TrainCheckpointer(tmp_path, checkpointer.CheckpointOptions()).restore(
             target, _data()
         )
     assert _files(tmp_path) == before
 
 
 def test_empty_folder_restores_nothing(tmp_path):
-    ckpt = checkpoint.TrainCheckpointer(tmp_path / "ck", checkpoint.CheckpointOptions())
+    ckpt = checkpointer.TrainCheckpointer(tmp_path / "ck", checkpointer.CheckpointOptions())
     assert ckpt.restore(_abstract(_trees(0)), _data()) is None
 
 
@@ -385,7 +387,7 @@ def test_restore_model_puts_trainable_ema_over_params(tmp_path):
     full = nnx.to_pure_dict(nnx.state(model))
     trainable = {"conv_out": full["conv_out"], "blocks": {0: full["blocks"][0]}}
     ema = jax.tree.map(lambda x: x + 1.0, trainable)
-    ckpt = checkpoint.TrainCheckpointer(tmp_path, checkpoint.CheckpointOptions())
+    ckpt = checkpointer.TrainCheckpointer(tmp_path, checkpointer.CheckpointOptions())
     ckpt.save(
         5,
         params=full,

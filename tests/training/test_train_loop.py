@@ -12,6 +12,7 @@ from PIL import Image
 
 from segsr_jax import checkpoint, train
 from segsr_jax.inference import Restorer
+from segsr_jax.training import checkpointer
 from segsr_jax.training import step as step_lib
 from tests.training.tiny_train_config import get_config, random_params
 
@@ -92,8 +93,8 @@ def test_nan_guard_stops_without_saving_a_bad_state(tmp_path, init_checkpoint):
     with pytest.raises(step_lib.NonFiniteError, match="at step 2"):
         train.train_and_evaluate(c, str(tmp_path))
     assert (
-        checkpoint.TrainCheckpointer(
-            tmp_path / "checkpoints", checkpoint.CheckpointOptions()
+        checkpointer.TrainCheckpointer(
+            tmp_path / "checkpoints", checkpointer.CheckpointOptions()
         ).all_steps()
         == []
     )
