@@ -29,7 +29,7 @@ import dataclasses
 from ml_collections import ConfigDict
 
 from configs import tiny
-from segsr_jax.models.controlnet import ControlNetConfig
+from segsr_jax.models.controlnet import controlnet_config_from_unet
 from segsr_jax.models.segsr import SegSRConfig
 
 # Names of the k-means pseudo-classes, in class order, given by looking at their contact sheets
@@ -70,10 +70,9 @@ def model_config() -> SegSRConfig:
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
     )
-    shared = {f.name for f in dataclasses.fields(ControlNetConfig)}
-    controlnet = dataclasses.replace(
-        base.controlnet, **{k: v for k, v in dataclasses.asdict(unet).items() if k in shared}
-    )
+    # The ControlNet encoder follows the UNet's; tiny's conditioning settings are kept.
+    keep = ("conditioning", "conditioning_channels", "conditioning_embedding_out_channels")
+    controlnet = controlnet_config_from_unet(unet, {k: getattr(base.controlnet, k) for k in keep})
     segformer = dataclasses.replace(base.segformer, num_labels=NUM_CLASSES, id2label=CLASS_NAMES)
     segdm = dataclasses.replace(base.segdm, num_classes=NUM_CLASSES, attention_blocks=())
     return SegSRConfig(

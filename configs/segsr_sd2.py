@@ -23,6 +23,7 @@ is split over every device.
 from ml_collections import ConfigDict
 
 from segsr_jax import parallel
+from segsr_jax.diffusion.options import SEESR_NEGATIVE_PROMPT, SEESR_PROMPT
 from segsr_jax.models.bridge import BridgeConfig
 from segsr_jax.models.seg_encoder import SegFormerConfig
 from segsr_jax.models.segdm import SegDMConfig
@@ -163,8 +164,8 @@ def get_config(stage: str = "sr") -> ConfigDict:
                 sampler="ddpm",
                 steps=50,
                 guidance=5.5,
-                prompt="clean, high-resolution, 8k",
-                negative_prompt="dotted, noise, blur, lowres, smooth",
+                prompt=SEESR_PROMPT,
+                negative_prompt=SEESR_NEGATIVE_PROMPT,
                 color_fix="adain",
                 seed=0,
             ),

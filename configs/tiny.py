@@ -26,13 +26,11 @@ a two-level UNet 32/64 wide, a two-stage SegFormer, 8 classes, and a character-l
 tokenizer written into the checkpoint. Times are in the README's experiment table.
 """
 
-import dataclasses
-
 from ml_collections import ConfigDict
 
 from segsr_jax.data.synthetic import class_names
 from segsr_jax.models.bridge import BridgeConfig
-from segsr_jax.models.controlnet import ControlNetConfig
+from segsr_jax.models.controlnet import controlnet_config_from_unet
 from segsr_jax.models.seg_encoder import SegFormerConfig
 from segsr_jax.models.segdm import SegDMConfig
 from segsr_jax.models.segsr import SegSRConfig
@@ -111,12 +109,13 @@ def model_config() -> SegSRConfig:
         i_channels=8,
         norm_groups=8,
     )
-    shared = {f.name for f in dataclasses.fields(ControlNetConfig)}
-    controlnet = ControlNetConfig(
-        **{k: v for k, v in dataclasses.asdict(unet).items() if k in shared},
-        conditioning="latent",
-        conditioning_channels=4 + 4,
-        conditioning_embedding_out_channels=(16, 32),
+    controlnet = controlnet_config_from_unet(
+        unet,
+        dict(
+            conditioning="latent",
+            conditioning_channels=4 + 4,
+            conditioning_embedding_out_channels=(16, 32),
+        ),
     )
     segformer = SegFormerConfig(
         num_encoder_blocks=2,

@@ -24,7 +24,6 @@ import dataclasses
 import functools
 import json
 import logging
-import os
 import pathlib
 import sys
 
@@ -35,6 +34,7 @@ from flax import nnx
 from PIL import Image
 
 from segsr_jax.data.sources import CorruptRecordError, decode_image, list_images
+from segsr_jax.images import write_png
 from segsr_jax.models.seg_encoder import normalize_images, resize_bilinear
 
 log = logging.getLogger(__name__)
@@ -87,13 +87,6 @@ def make_segment_fn(graphdef):
     return jax.jit(segment_fn)
 
 
-def _write_png(path: pathlib.Path, label: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    Image.fromarray(label).save(tmp, format="PNG")
-    os.replace(tmp, path)
-
-
 class _Labeller:
     """Queues tiles across images and runs them in batches of a fixed size."""
 
@@ -131,7 +124,7 @@ class _Labeller:
             job.label[y0:y1, x0:x1] = tile_label[y0 - y : y1 - y, x0 - x : x1 - x]
             job.remaining -= 1
             if job.remaining == 0:
-                _write_png(job.out_path, job.label)
+                write_png(job.out_path, job.label)  # atomic: a killed run leaves no half PNG
         self.tiles, self.places = [], []
 
 

@@ -41,11 +41,7 @@ from jax.experimental import multihost_utils
 from ml_collections import ConfigDict, config_flags
 
 from segsr_jax import checkpoint, parallel
-from segsr_jax.data.degradations import DegradationConfig
-from segsr_jax.data.pipeline import PipelineConfig, make_dataset, to_global_arrays
-from segsr_jax.data.sources import ArrayRecordSource, ImageFolderSource
-from segsr_jax.data.synthetic import SceneConfig, SyntheticSource
-from segsr_jax.data.transforms import CropConfig
+from segsr_jax.data.pipeline import make_dataset, to_global_arrays
 from segsr_jax.diffusion.options import SampleOptions
 from segsr_jax.models import remat
 from segsr_jax.models.segsr import SegSRConfig
@@ -54,150 +50,22 @@ from segsr_jax.training import state as state_lib
 from segsr_jax.training import step as step_lib
 from segsr_jax.training import workdir as workdir_lib
 from segsr_jax.training.losses import LossConfig
+from segsr_jax.training.run_setup import (  # re-exported: the entry point's own helpers
+    BAD_INPUT_EXIT_CODE,
+    INTERRUPTED_EXIT_CODE,
+    PREEMPTED_EXIT_CODE,
+    MissingInitCheckpointError,
+    abstract_batch,
+    make_source,
+    missing_init_message,
+    pipeline_config,
+    setup_tokenizer,
+    sharding_rules,
+    stop_signals,
+)
 from segsr_jax.training.validation import Validator
 
-PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM: "stopped by the scheduler, resume me"
-INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT: Ctrl-C
-BAD_INPUT_EXIT_CODE = 2
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-
-
-class MissingInitCheckpointError(FileNotFoundError):
-    """``config.init_from`` holds no checkpoint (e.g. the previous stage has not run yet)."""
-
-    def __init__(self, init_from: str, reason: str):
-        super().__init__(reason)
-        self.init_from, self.reason = init_from, reason
-
-
-def missing_init_message(init_from: str, reason: str, config_file: str | None) -> str:
-    """The one-line error for a missing ``init_from`` checkpoint: what is missing, which run
-    writes it and how to point elsewhere. The repository's configs start a run from
-    ``runs/NAME/RUN/checkpoints``, the checkpoints of run ``RUN`` trained into
-    ``runs/NAME/RUN``; where ``init_from`` has that shape the command is spelled out."""
-    path = epath.Path(init_from)
-    if path.name == "checkpoints" and config_file:
-        workdir = path.parent
-        made_by = (
-            f"it is written by run {workdir.name!r}: train that first (python -m "
-            f"segsr_jax.train --config {config_file}:{workdir.name} --workdir {workdir})"
-        )
-    else:
-        made_by = (
-            "it must be a converted checkpoint (python -m segsr_jax.convert) or a "
-            "previous run's WORKDIR/checkpoints"
-        )
-    return (
-        f"this run starts from the checkpoint in {init_from}, which is missing ({reason}); "
-        f"{made_by}, or pass --config.init_from=DIR to start from a checkpoint elsewhere"
-    )
-
-
-@contextlib.contextmanager
-def stop_signals(enabled: bool):
-    """Within the block, SIGTERM and SIGINT (Ctrl-C) are recorded instead of stopping the
-    process: yields the list of received signal numbers, which the loop checks after every
-    step. A second Ctrl-C stops at once, without saving. The previous handlers come back on
-    exit (``enabled=False``: nothing is installed)."""
-    received: list[int] = []
-    if not enabled:
-        yield received
-        return
-
-    def handle(signum, frame):
-        del frame
-        if received and signum == signal.SIGINT:
-            print(
-                "second Ctrl-C: stopped at once; nothing saved since the last checkpoint",
-                file=sys.stderr,
-                flush=True,
-            )
-            os._exit(INTERRUPTED_EXIT_CODE)  # now: no waiting for the step or any thread
-        if signum == signal.SIGINT:
-            print(
-                "Ctrl-C: saving a checkpoint after this step (Ctrl-C again to stop at once, "
-                "without saving)",
-                file=sys.stderr,
-                flush=True,
-            )
-        received.append(signum)
-
-    previous = {s: signal.signal(s, handle) for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        yield received
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-
-
-def make_source(cfg: ConfigDict, num_classes: int):
-    """The config's example source: ``synthetic``, ``folder`` or ``array_record``."""
-    if cfg.source == "synthetic":
-        scene = SceneConfig(cfg.scene_size, cfg.scene_size, num_classes=num_classes)
-        return SyntheticSource(cfg.num_examples, scene, seed=cfg.source_seed)
-    if cfg.source == "folder":
-        return ImageFolderSource(cfg.path, cfg.labels or None)
-    if cfg.source == "array_record":
-        return ArrayRecordSource(cfg.path)
-    raise ValueError(f"data.source {cfg.source!r}: choose synthetic, folder or array_record")
-
-
-def pipeline_config(cfg: ConfigDict, stage: str, **overrides) -> PipelineConfig:
-    """The grain pipeline settings of ``cfg.data`` (stage ``vae`` needs no degradation)."""
-    crop = CropConfig(size=cfg.crop_size, scale=cfg.scale, hflip=cfg.hflip)
-    deg = None if stage == "vae" else DegradationConfig(scale=cfg.scale)
-    fields = dict(
-        global_batch_size=cfg.global_batch_size,
-        seed=cfg.seed,
-        crop=crop,
-        degradation=deg,
-        num_workers=cfg.num_workers,
-        prefetch_batches=cfg.prefetch_batches,
-    )
-    return PipelineConfig(**{**fields, **overrides})
-
-
-def sharding_rules(cfg: ConfigDict) -> parallel.ShardingRules:
-    """``config.sharding`` as :class:`parallel.ShardingRules` (lists become tuples)."""
-    return parallel.ShardingRules(
-        param_axes=tuple((p, tuple(n)) for p, n in cfg.param_axes),
-        logical_rules=tuple(
-            (n, tuple(a) if isinstance(a, list) else a) for n, a in cfg.logical_rules
-        ),
-        min_size=cfg.min_size,
-    )
-
-
-def abstract_batch(cfg: ConfigDict, stage: str, max_length: int, sharding) -> dict:
-    """The global batch the step compiles for (ShapeDtypeStructs; pixels stay uint8)."""
-    b, size, lq = cfg.global_batch_size, cfg.crop_size, cfg.crop_size // cfg.scale
-    shapes = {"hr": ((b, size, size, 3), jnp.uint8)}
-    if stage != "vae":
-        shapes.update(
-            lq=((b, lq, lq, 3), jnp.uint8),
-            label=((b, size, size), jnp.uint8),
-            input_ids=((b, max_length), jnp.int32),
-        )
-    return {k: jax.ShapeDtypeStruct(s, d, sharding=sharding) for k, (s, d) in shapes.items()}
-
-
-def setup_tokenizer(config: ConfigDict, ckpt_dir: epath.Path, max_length: int):
-    """Put the run's tokenizer in ``ckpt_dir/tokenizer`` (the sampler reads it there) and
-    load it. Either folder may be local or ``gs://``; transformers reads only local files,
-    so a remote tokenizer is loaded from a temporary local copy."""
-
-    dest = ckpt_dir / "tokenizer"
-    if jax.process_index() == 0 and not dest.exists():
-        if config.tokenizer == "char":
-            prompts.write_char_tokenizer(dest, max_length)
-        else:
-            src = epath.Path(
-                config.init_from if config.tokenizer == "from_init" else config.tokenizer
-            )
-            src = src / "tokenizer" if (src / "tokenizer").is_dir() else src
-            checkpoint.copy_tree(src, dest)
-    multihost_utils.sync_global_devices("tokenizer written")
-    return checkpoint.load_tokenizer(dest)
 
 
 def train_and_evaluate(config: ConfigDict, workdir: str) -> int:
