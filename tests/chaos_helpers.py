@@ -15,6 +15,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from tests.conftest import FAST_COMPILE
+
 ROOT = Path(__file__).parents[1]
 TRAIN_CONFIG = "tests/training/tiny_train_config.py:seg"
 PYTREE_ITEMS = ("params", "ema_params", "opt_state", "train")
@@ -26,7 +28,7 @@ def env(devices: int = 8) -> dict:
         JAX_PLATFORMS="cpu",
         PYTHONPATH=str(ROOT),
         PYTHONUNBUFFERED="1",
-        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+        XLA_FLAGS=f"{FAST_COMPILE} --xla_force_host_platform_device_count={devices}",
     )
 
 
