@@ -4,9 +4,9 @@
         [--window 512] [--overlap 128] [--batch-size 8] [--dtype float32|bfloat16]
 
 Real SR datasets (LSDIR, DIV2K, ...) have no masks; SegSR trains on SegFormer's labels of the HR
-images. Every image is cut into `window`-sized tiles overlapping by `overlap` (images smaller
-than a window are edge-padded to one), tiles from consecutive images are batched into one jitted
-program of static shape, and each output pixel is taken from the tile in which it lies most
+images. Every image is cut into `window`-sized tiles overlapping by at least `overlap` (images
+smaller than a window are edge-padded to one), tiles from consecutive images are batched into one
+jitted program of static shape, and each output pixel is taken from the tile in which it lies most
 centrally, so every pixel is labelled with at least `overlap / 2` pixels of context on each side
 that has image. Labels are the argmax of the logits upsampled bilinearly to the tile size (as
 transformers' `post_process_semantic_segmentation`).
@@ -36,24 +36,9 @@ from PIL import Image
 from segsr_jax.data.sources import CorruptRecordError, decode_image, list_images
 from segsr_jax.images import write_png
 from segsr_jax.models.seg_encoder import normalize_images, resize_bilinear
+from segsr_jax.tiles import owned_ranges, tile_starts
 
 log = logging.getLogger(__name__)
-
-
-def window_starts(length: int, window: int, overlap: int) -> list[int]:
-    """Tile offsets along one axis: stride `window - overlap`, the last tile flush with the end."""
-    if length <= window:
-        return [0]
-    stride = window - overlap
-    starts = list(range(0, length - window, stride))
-    return starts + [length - window]
-
-
-def owned_ranges(starts: list[int], length: int, window: int) -> list[tuple[int, int]]:
-    """The [lo, hi) each tile writes: boundaries at the middle of consecutive tiles' overlap,
-    so each pixel comes from exactly one tile, the one where it is farthest from the edge."""
-    cuts = [0] + [(a + window + b) // 2 for a, b in zip(starts, starts[1:], strict=False)]
-    return list(zip(cuts, cuts[1:] + [length], strict=True))
 
 
 @dataclasses.dataclass
@@ -102,8 +87,8 @@ class _Labeller:
         padded = np.pad(
             image, ((0, max(self.window - h, 0)), (0, max(self.window - w, 0)), (0, 0)), mode="edge"
         )
-        ys = window_starts(h, self.window, self.overlap)
-        xs = window_starts(w, self.window, self.overlap)
+        ys = tile_starts(h, self.window, self.overlap)
+        xs = tile_starts(w, self.window, self.overlap)
         job = _Job(out_path, np.zeros((h, w), np.uint8), len(ys) * len(xs))
         for y, (y0, y1) in zip(ys, owned_ranges(ys, h, self.window), strict=True):
             for x, (x0, x1) in zip(xs, owned_ranges(xs, w, self.window), strict=True):

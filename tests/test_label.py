@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 
 from segsr_jax import label as L
+from segsr_jax.tiles import owned_ranges, tile_starts
 from tests.torch_reference import nhwc_to_nchw, perturb_, torch
 
 tf = pytest.importorskip("transformers")
@@ -17,8 +18,8 @@ WINDOW, OVERLAP = 64, 16
 
 @pytest.mark.parametrize("length", [10, 64, 65, 100, 150, 176, 333])
 def test_tiles_cover_every_pixel_exactly_once_inside_their_window(length):
-    starts = L.window_starts(length, WINDOW, OVERLAP)
-    ranges = L.owned_ranges(starts, length, WINDOW)
+    starts = tile_starts(length, WINDOW, OVERLAP)
+    ranges = owned_ranges(starts, length, WINDOW)
     assert ranges[0][0] == 0 and ranges[-1][1] == length
     for (lo, hi), (lo2, _) in zip(ranges, ranges[1:], strict=False):
         assert hi == lo2 and lo < hi
@@ -79,9 +80,9 @@ def test_label_folder_matches_reference_stitches_and_resumes(checkpoint, tmp_pat
     assert agree > 0.995
     # A big image: each owned region equals the reference labels of its own tile.
     big = arrays["sub/big"]
-    ys, xs = L.window_starts(150, WINDOW, OVERLAP), L.window_starts(100, WINDOW, OVERLAP)
-    for y, (y0, y1) in zip(ys, L.owned_ranges(ys, 150, WINDOW), strict=True):
-        for x, (x0, x1) in zip(xs, L.owned_ranges(xs, 100, WINDOW), strict=True):
+    ys, xs = tile_starts(150, WINDOW, OVERLAP), tile_starts(100, WINDOW, OVERLAP)
+    for y, (y0, y1) in zip(ys, owned_ranges(ys, 150, WINDOW), strict=True):
+        for x, (x0, x1) in zip(xs, owned_ranges(xs, 100, WINDOW), strict=True):
             ref = _reference_labels(model, big[y : y + WINDOW, x : x + WINDOW])
             got = labels["sub/big"][y0:y1, x0:x1]
             assert (got == ref[y0 - y : y1 - y, x0 - x : x1 - x]).mean() > 0.995

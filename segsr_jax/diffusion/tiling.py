@@ -22,12 +22,13 @@ result of an image that fits in one tile).
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+
+from segsr_jax.tiles import tile_starts
 
 # SeeSR's Gaussian: variance 0.01 of the (unit) tile width, i.e. sigma = 0.1 tile.
 DEFAULT_SIGMA = 0.1
@@ -52,16 +53,6 @@ class TilePlan:
         return len(self.origins)
 
 
-def _axis_origins(size: int, tile: int, overlap: int) -> tuple[int, ...]:
-    """Window starts along one axis: as few windows as keep neighbours overlapping by at least
-    ``overlap``, spread evenly from 0 to ``size - tile`` (so overlaps are equal, not one sliver
-    at the end)."""
-    if size <= tile:
-        return (0,)
-    count = math.ceil((size - tile) / (tile - overlap)) + 1
-    return tuple(int(v) for v in np.round(np.linspace(0, size - tile, count)))
-
-
 def plan_tiles(h: int, w: int, tile: int | tuple[int, int], overlap: int) -> TilePlan:
     """Plan windows of shape ``tile`` over an ``[h, w]`` array, neighbours overlapping by at
     least ``overlap`` pixels.
@@ -79,8 +70,8 @@ def plan_tiles(h: int, w: int, tile: int | tuple[int, int], overlap: int) -> Til
             f"need tile >= 1 and 0 <= overlap < tile, got tile={tile}, overlap={overlap}"
         )
     th, tw = min(th, h), min(tw, w)
-    ys = _axis_origins(h, th, overlap)
-    xs = _axis_origins(w, tw, overlap)
+    ys = tile_starts(h, th, overlap)
+    xs = tile_starts(w, tw, overlap)
     return TilePlan(shape=(h, w), tile=(th, tw), origins=tuple((y, x) for y in ys for x in xs))
 
 

@@ -4,13 +4,12 @@ The input is cut into overlapping tiles of one fixed shape, the VAE runs on the 
 after another (``lax.map``, so peak memory is that of ``tiles_per_step`` tiles), and the outputs
 are blended with ramps across the overlaps (weights normalised to sum to one everywhere).
 
-Tile placement: along each axis the first tile starts at 0, the last ends flush with the
-image end, and the rest are spread evenly between them, with every overlap at least the
-requested one. Unlike padding the image up to a whole number of strides, no tile ever sees
-invented pixels; every tile still has the same static shape, and the layout is fixed by the
-input shape, so a jitted caller compiles once per input shape. An axis no longer than a tile
-is one tile spanning the axis, so an image that fits in a tile gives exactly the untiled
-result.
+Tile placement (:func:`segsr_jax.tiles.tile_starts`): along each axis the first tile starts at 0,
+the last ends flush with the image end, and the rest are spread evenly between them, with every
+overlap at least the requested one. Unlike padding the image up to a whole number of strides, no
+tile ever sees invented pixels; every tile still has the same static shape, and the layout is fixed
+by the input shape, so a jitted caller compiles once per input shape. An axis no longer than a tile
+is one tile spanning the axis, so an image that fits in a tile gives exactly the untiled result.
 
 Accuracy: tiled results differ from untiled ones near the seams *and* inside the tiles. Each
 tile runs the whole VAE on its own, so GroupNorm statistics and the mid-block self-attention
@@ -30,7 +29,6 @@ unscaled latents in and out.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import jax
@@ -38,25 +36,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from segsr_jax.models.vae import AutoencoderKL
+from segsr_jax.tiles import tile_starts
 
 _RAMPS = ("linear", "cosine")
-
-
-def tile_starts(size: int, tile: int, overlap: int, align: int = 1) -> list[int]:
-    """Start offsets of tiles of length ``tile`` covering ``[0, size)`` along one axis.
-
-    The first tile starts at 0 and the last ends at ``size``; starts are multiples of
-    ``align`` and consecutive tiles overlap by at least ``overlap``. ``size <= tile`` gives
-    ``[0]`` (the caller then uses ``size`` as the tile length).
-    """
-    if size <= tile:
-        return [0]
-    if (size - tile) % align:
-        raise ValueError(f"size - tile = {size - tile} is not a multiple of align={align}")
-    n = math.ceil((size - overlap) / (tile - overlap))
-    span = (size - tile) // align
-    # floor(v + 0.5), not round(): banker's rounding could make one step exceed the stride.
-    return [align * math.floor(i * span / (n - 1) + 0.5) for i in range(n)]
 
 
 def _ramp_weights(length: int, width: int, index: int, count: int, ramp: str) -> np.ndarray:

@@ -13,7 +13,8 @@ from safetensors.numpy import save_file
 
 from segsr_jax import weights
 from segsr_jax.models.vae import AutoencoderKL, VAEConfig
-from segsr_jax.models.vae_tiling import tile_starts, tiled_apply, tiled_decode, tiled_encode
+from segsr_jax.models.vae_tiling import tiled_apply, tiled_decode, tiled_encode
+from segsr_jax.tiles import tile_starts
 from segsr_jax.weights.checkpoint_files import CheckpointError
 from tests.torch_reference import assert_close_rel, nchw_to_nhwc, nhwc_to_nchw, perturb_, torch
 
