@@ -83,6 +83,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
+        "--strength",
+        type=float,
+        default=None,
+        help="in (0, 1]: start from the LQ noised part of the way and run only the last "
+        "strength x steps (keeps more of the input, costs fewer steps; default: the "
+        "checkpoint's, else 1 as SeeSR)",
+    )
+    p.add_argument(
         "--tile",
         type=int,
         default=None,
@@ -325,12 +333,14 @@ def run(args: argparse.Namespace, progress: Progress) -> int:
             min_side=args.min_side,
             seg_prior=args.seg_prior,
             seed=args.seed,
+            strength=args.strength,
         )
     except ValueError as e:  # e.g. --tile against the checkpoint's overlap
         print(f"error: {e} (the flags over the checkpoint's defaults)", file=sys.stderr)
         return 2
     print(
-        f"model: {args.checkpoint} | sampler {options.sampler}, {options.steps} steps, "
+        f"model: {args.checkpoint} | sampler {options.sampler}, {options.denoising_steps} "
+        f"steps{'' if options.strength == 1 else f' (strength {options.strength})'}, "
         f"guidance {options.guidance}, seg prior {options.seg_prior}, {args.dtype}"
     )
 
@@ -357,7 +367,7 @@ def run(args: argparse.Namespace, progress: Progress) -> int:
     max_batch = args.batch_size  # lowered to 1 after an out-of-memory (see shrink_after_oom)
     pending = collections.deque(batches)
     with tqdm(
-        total=len(jobs) * options.steps,
+        total=len(jobs) * options.denoising_steps,
         unit="step",
         desc="sampling",
         disable=None,
@@ -378,7 +388,7 @@ def run(args: argparse.Namespace, progress: Progress) -> int:
             except (ValueError, MemoryError) as e:
                 print(f"error: {', '.join(str(j.path) for j in batch)}: {e}", file=sys.stderr)
                 failed += len(batch)
-                bar.update(len(batch) * options.steps)
+                bar.update(len(batch) * options.denoising_steps)
                 continue
             except RuntimeError as e:
                 if not is_out_of_memory(e):
@@ -393,7 +403,7 @@ def run(args: argparse.Namespace, progress: Progress) -> int:
                         file=sys.stderr,
                     )
                     failed += len(batch)
-                    bar.update(len(batch) * options.steps)
+                    bar.update(len(batch) * options.denoising_steps)
                     continue
                 options, n, change = smaller
                 max_batch = min(max_batch, n)
@@ -410,7 +420,7 @@ def run(args: argparse.Namespace, progress: Progress) -> int:
                     restorer.num_classes,
                 )
                 progress.written += 1
-            bar.update(len(batch) * options.steps)
+            bar.update(len(batch) * options.denoising_steps)
             msg = f"{', '.join(j.path.name for j in batch)}: {run_s:.2f} s"
             if compile_s:
                 msg += f" (+ {compile_s:.1f} s compile)"

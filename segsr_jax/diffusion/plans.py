@@ -28,7 +28,9 @@ class SamplingPlan:
       vae_tile: VAE encoder tile in pixels and decoder tile in latent pixels, or None to run
         the VAE on the whole image.
       vae_overlap: their overlaps (pixels, latent pixels).
-      t_start: the SR timestep the LQ latent is noised to (SeeSR: 999).
+      t_start: the SR timestep the LQ latent is noised to (SeeSR: 999; with a strength
+        below 1 the first kept timestep, :func:`segsr_jax.diffusion.samplers.start_timestep`,
+        and the segmentation starts from the LQ segmenter's map noised to the same time).
       seg_prior: what conditions SRDM on segmentation (:class:`SegPrior`).
       record_labels: also return the segmentation's argmax after every step
         (:attr:`SampleOutput.trajectory`).
@@ -59,6 +61,7 @@ def make_plan(
     vae_decode_tile: int = 224,
     seg_prior: str | SegPrior = "diffusion",
     record_labels: bool = False,
+    t_start: int = 999,
 ) -> SamplingPlan:
     """A :class:`SamplingPlan` for an LQ input of ``image_hw`` (already upscaled and padded).
 
@@ -84,4 +87,5 @@ def make_plan(
         vae_overlap=(enc_overlap, max(1, vae_decode_tile // 16)),
         seg_prior=SegPrior.of(seg_prior),
         record_labels=record_labels,
+        t_start=t_start,
     )

@@ -41,6 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from segsr_jax.diffusion.options import strength_steps
 from segsr_jax.diffusion.schedules import (
     NoiseConfig,
     alphas_cumprod,
@@ -186,6 +187,12 @@ def seg_step(c: SegCoeffs, s_t: jax.Array, s0_hat: jax.Array) -> jax.Array:
     return (c.alpha_next * s0 + c.sigma_next * eps).astype(s_t.dtype)
 
 
+def start_timestep(schedule: Schedule, num_train_timesteps: int, strength: float) -> int:
+    """The SR timestep the LQ latent is noised to before ``schedule``'s first step: SeeSR's
+    ``T - 1`` for the whole schedule (``strength`` 1), else the first kept timestep."""
+    return num_train_timesteps - 1 if strength >= 1.0 else int(schedule.timestep[0])
+
+
 def initial_latent(
     z_lq: jax.Array, noise: jax.Array, alphas_cumprod: np.ndarray, t_start: int = 999
 ) -> jax.Array:
@@ -321,6 +328,7 @@ def make_schedule(
     steps_offset: int = 1,
     eta: float = 0.0,
     set_alpha_to_one: bool = False,
+    strength: float = 1.0,
 ) -> Schedule:
     """Everything one sampling run needs, as host numpy arrays with leading axis ``num_steps``.
 
@@ -334,9 +342,16 @@ def make_schedule(
       steps_offset: added to ``leading`` timesteps (SD: 1, so 50 steps run 981 .. 1).
       eta: DDIM noise scale (0 = deterministic); must be 0 for the other samplers.
       set_alpha_to_one: DDIM's alpha after the last step (SD: False, ``a_0``).
+      strength: how far the start lies from the LQ (diffusers' img2img ``strength``): the
+        last :func:`strength_steps` of the N timesteps are kept, and the run starts from the
+        LQ latent noised to the first kept one (:func:`start_timestep`). 1: the whole
+        schedule (SeeSR). The coefficients are those of the kept timesteps (a multistep
+        sampler starts with its first-order step), and the segmentation diffusion, which
+        starts from the LQ segmentation noised to the same time, follows the kept steps.
 
     Returns:
-      A :class:`Schedule` (``timestep`` int32 ``[N]``, ``sr``/``seg`` float32 ``[N]`` arrays).
+      A :class:`Schedule` (``timestep`` int32 ``[n]``, ``sr``/``seg`` float32 ``[n]`` arrays,
+      ``n = strength_steps(N, strength)``).
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {SAMPLERS}")
@@ -357,6 +372,7 @@ def make_schedule(
             f"timesteps {ts.min()}..{ts.max()} fall outside [0, {big_t}): "
             f"steps_offset={steps_offset} is too large for {num_steps} steps"
         )
+    keep = strength_steps(num_steps, strength)
     ac = alphas_cumprod(noise)
     if sampler == "ddpm":
         sr = ddpm_coeffs(ts, ac, noise.prediction_type)
@@ -369,8 +385,11 @@ def make_schedule(
             eta=eta,
             set_alpha_to_one=set_alpha_to_one,
         )
-    else:
-        sr = dpmpp_2m_coeffs(ts, ac, noise.prediction_type)
+    else:  # multistep: a truncated run starts with its first-order step
+        sr = dpmpp_2m_coeffs(ts[num_steps - keep :], ac, noise.prediction_type)
+    ts = ts[num_steps - keep :]
+    # DDPM and DDIM steps depend on the whole grid (DDIM's stride T // N): cut after computing.
+    sr = jax.tree.map(lambda a: a[len(a) - keep :], sr)
     return Schedule(
         timestep=ts.astype(np.int32),
         sr=sr,

@@ -7,7 +7,8 @@
 
 Inside one call: the LQ conditions (VAE encode of the LQ, SegFormer features; both window by
 window on images larger than the VAE encoder tile), the start states (SeeSR's noised LR
-latent for ``Z``, Gaussian noise for ``S``), the scan over the schedule's per-step
+latent for ``Z``, Gaussian noise for ``S``; with a strength below 1, the LQ latent and the
+LQ segmenter's map noised to the first kept step), the scan over the schedule's per-step
 coefficient arrays, the VAE decode and the colour fix. Each step runs
 :meth:`SegSR.denoise` over the latent tiles of a static :class:`SamplingPlan` (one tile when
 the image fits), blends the tiles' outputs with Gaussian weights, and applies both samplers'
@@ -32,7 +33,7 @@ from segsr_jax import parallel
 from segsr_jax.diffusion import samplers, tiling
 from segsr_jax.diffusion.color_fix import color_fix
 from segsr_jax.diffusion.plans import SamplingPlan
-from segsr_jax.diffusion.schedules import NoiseConfig, alphas_cumprod
+from segsr_jax.diffusion.schedules import NoiseConfig, alphas_cumprod, seg_alpha_sigma, seg_time
 from segsr_jax.models import layers, vae_tiling
 from segsr_jax.models.segsr import SegSR
 
@@ -172,12 +173,16 @@ def _prepare(
         guidance_scale=jnp.asarray(guidance_scale, jnp.float32),
     )
     k_z, k_s, k_loop = jax.random.split(key, 3)
-    ac = alphas_cumprod(NoiseConfig(prediction_type=model.config.prediction_type))
+    noise = NoiseConfig(prediction_type=model.config.prediction_type)
+    ac = alphas_cumprod(noise)
     z_start = samplers.initial_latent(z_lq, jax.random.normal(k_z, z_lq.shape), ac, plan.t_start)
     b, h, w, _ = z_lq.shape
     lq_labels = jnp.argmax(lq_logits, axis=-1).astype(jnp.int32)
     if plan.seg_prior.refined:
         s_start = jax.random.normal(k_s, (b, h, w, model.config.segdm.embed_dim))
+        if plan.t_start < noise.num_train_timesteps - 1:  # strength < 1: from the LQ's map too
+            alpha, sigma = seg_alpha_sigma(seg_time(plan.t_start, noise.num_train_timesteps))
+            s_start = float(alpha) * model.segdm.embed_labels(lq_labels) + float(sigma) * s_start
         logits0 = jnp.zeros((b, h, w, model.config.segdm.num_classes), jnp.float32)
     else:  # the fixed segmenter's map, embedded like a clean SegDM map, for every step
         s_start = model.segdm.embed_labels(lq_labels)

@@ -110,6 +110,7 @@ class SamplingSession:
         self._schedules: dict = {}
         self._replicas: dict = {}
         self._encode = jax.jit(partial(_encode, graphdef), static_argnums=(2, 3))
+        self._noise = NoiseConfig(prediction_type=config.prediction_type)
 
     def plan(
         self,
@@ -130,15 +131,19 @@ class SamplingSession:
             color_fix=options.color_fix,
             seg_prior=options.seg_prior,
             record_labels=record_labels,
+            t_start=samplers.start_timestep(
+                self.schedule(options), self._noise.num_train_timesteps, options.strength
+            ),
             **vae_tiles,
         )
 
     def schedule(self, options: SampleOptions) -> samplers.Schedule:
-        """The options' sampler and step count for this model's forward process."""
-        key = (options.sampler, options.steps)
+        """The options' sampler, step count and strength for this model's forward process."""
+        key = (options.sampler, options.steps, options.strength)
         if key not in self._schedules:
-            noise = NoiseConfig(prediction_type=self.config.prediction_type)
-            self._schedules[key] = samplers.make_schedule(options.sampler, options.steps, noise)
+            self._schedules[key] = samplers.make_schedule(
+                options.sampler, options.steps, self._noise, strength=options.strength
+            )
         return self._schedules[key]
 
     def placement(self, n: int):
@@ -237,7 +242,7 @@ class SamplingSession:
         # Weights on the session's mesh stay where they are; else they are replicated.
         state_shardings = None if self.mesh is None else sampling.shardings_of(state)
         fn = sampling.make_sample_fn(self.graphdef, plan, mesh, state_shardings, sharding)
-        key = (plan, n, options.sampler, options.steps, sharding)
+        key = (plan, n, options.sampler, options.steps, options.strength, sharding)
         return Call(fn=fn, args=args, plan=plan, key=key)
 
     def prepare(self, state, lq, options: SampleOptions, **kwargs) -> Prepared:

@@ -239,3 +239,25 @@ def test_guidance_helpers(np_rng):
     )
     with pytest.raises(ValueError, match="even"):
         guidance.split_batch(x[:1])
+
+
+@pytest.mark.parametrize("sampler", samplers.SAMPLERS)
+def test_strength_keeps_the_last_steps_and_restarts_multistep_samplers(sampler):
+    full = make_schedule(sampler, 20)
+    part = make_schedule(sampler, 20, strength=0.3)
+    assert samplers.strength_steps(20, 0.3) == 6 == len(part.timestep)
+    np.testing.assert_array_equal(part.timestep, full.timestep[-6:])
+    # Steps that need no history have the whole schedule's coefficients; a multistep sampler
+    # takes a first-order step first, since there is no earlier x0 at the start.
+    first = 1 if sampler == "dpmpp_2m" else 0
+    for name in ("x0_from_x", "x0_from_out", "x", "x0", "prev_x0", "noise"):
+        got, want = getattr(part.sr, name), getattr(full.sr, name)[-6:]
+        np.testing.assert_allclose(got[first:], want[first:], rtol=1e-6, atol=1e-9, err_msg=name)
+    assert part.sr.prev_x0[0] == 0  # nothing to look back at in the first step
+    np.testing.assert_allclose(part.seg.alpha, full.seg.alpha[-6:], rtol=1e-6)
+    assert samplers.start_timestep(part, 1000, 0.3) == int(full.timestep[-6])
+    assert samplers.start_timestep(full, 1000, 1.0) == 999  # SeeSR's start
+    assert len(make_schedule(sampler, 20, strength=0.01).timestep) == 1
+    for bad in (0.0, 1.5, -0.1):
+        with pytest.raises(ValueError, match="strength"):
+            make_schedule(sampler, 20, strength=bad)

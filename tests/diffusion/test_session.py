@@ -5,6 +5,7 @@ import dataclasses
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 
 from segsr_jax import parallel
 from segsr_jax.diffusion.options import SampleOptions, SegPrior
@@ -70,3 +71,35 @@ def test_restorer_and_validator_sample_alike(restorer, guidance):
     h, w = hw
     for i, (sr, _labels) in enumerate(results):
         np.testing.assert_array_equal(grid[i * h : (i + 1) * h, w : 2 * w], sr)
+
+
+def test_strength_runs_the_last_steps_from_the_noised_lq(restorer):
+    """A strength below 1 runs only the last steps of the schedule, starting from the LQ
+    latent, and the LQ segmenter's map, noised to the first of them; strength 1 starts from
+    SeeSR's t = 999."""
+    from segsr_jax.diffusion import geometry, sampling
+    from segsr_jax.diffusion.schedules import NoiseConfig, alphas_cumprod, seg_alpha_sigma, seg_time
+
+    rng = np.random.default_rng(0)
+    lq = rng.integers(0, 256, (1, 16, 24, 3), dtype=np.uint8)
+    batch = jax.numpy.asarray(geometry.model_input(list(lq), (32, 48), 4))
+    opts = restorer.options(steps=20, sampler="ddim", guidance=1.0, seed=1)
+    model = nnx.merge(restorer.graphdef, restorer.state)
+    ctx = jax.numpy.zeros((1, 77, model.config.text.hidden_size))
+    for strength, steps in ((1.0, 20), (0.5, 10), (0.1, 2)):
+        o = dataclasses.replace(opts, strength=strength)
+        out, _ = restorer.session.run(restorer.state, batch, o, record_labels=True)
+        assert out.trajectory.shape[1] == steps
+        schedule, plan = restorer.session.schedule(o), restorer.session.plan((32, 48), o)
+        assert plan.t_start == (999 if strength == 1 else int(schedule.timestep[0]))
+        cond, carry, lq_labels = sampling._prepare(
+            model, plan, batch, ctx, None, 1.0, jax.random.key(0)
+        )
+        a = float(alphas_cumprod(NoiseConfig())[plan.t_start])
+        z_noise = np.asarray(carry.sr.x - a**0.5 * cond.z_lq)
+        assert abs(z_noise.std() / (1 - a) ** 0.5 - 1) < 0.15, (strength, z_noise.std())
+        alpha, sigma = seg_alpha_sigma(seg_time(plan.t_start))
+        s_noise = np.asarray(
+            carry.s_t - (strength < 1) * alpha * model.segdm.embed_labels(lq_labels)
+        )
+        assert abs(s_noise.std() / (sigma if strength < 1 else 1.0) - 1) < 0.15, strength
