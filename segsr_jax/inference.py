@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from segsr_jax import checkpoint, images, parallel
+from segsr_jax import checkpoint, images, parallel, upscalers
 from segsr_jax.diffusion import geometry, tiling
 from segsr_jax.diffusion.options import SampleOptions
 from segsr_jax.diffusion.session import SamplingSession
@@ -76,6 +76,7 @@ class Restorer:
         self.mesh = mesh
         self.tokenizer = tokenizer
         self.defaults = dict(defaults or {})
+        self._cleaners: dict = {}
         self.session = SamplingSession(
             self.graphdef, self.config, tokenizer, mesh, fixed_weights=True
         )
@@ -132,6 +133,16 @@ class Restorer:
         tokenizer = checkpoint.load_tokenizer(folder)
         return cls(model, tokenizer, defaults=cfg.get("sampling", {}), mesh=mesh)
 
+    def cleaner(self, name: str) -> upscalers.Upscaler:
+        """The first-stage upscaler ``name`` (loaded once).
+
+        Raises:
+          upscalers.WeightsNotFoundError: its weights are not fetched (the message says how).
+        """
+        if name not in self._cleaners:
+            self._cleaners[name] = upscalers.make_upscaler(name)
+        return self._cleaners[name]
+
     @property
     def num_classes(self) -> int:
         """K, the segmentation classes."""
@@ -168,7 +179,8 @@ class Restorer:
 
         Args:
           lqs: uint8 ``[h, w, 3]`` LQ images.
-          work_hw: the output size the model works at (each LQ is bicubically resized to it).
+          work_hw: the output size the model works at (each LQ is resized to it: bicubic, or
+            the options' cleaner).
           options: sampling options.
           seed: PRNG seed (each batch position gets its own noise); None: ``options.seed``.
           record_labels: also return the segmentation's argmax after every step.
@@ -182,6 +194,9 @@ class Restorer:
         if seed is not None:
             options = dataclasses.replace(options, seed=seed)
         f = self.config.latent_factor
+        if options.cleaner != "none":  # the first stage upscales to the working size itself
+            clean = self.cleaner(options.cleaner)
+            lqs = [clean(lq, work_hw) for lq in lqs]
         batch = geometry.model_input(lqs, work_hw, f)
         out, compile_s = self.session.run(self.state, batch, options, record_labels=record_labels)
         out = jax.device_get(wait_ready(out))

@@ -83,6 +83,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
+        "--cleaner",
+        default=None,
+        choices=("none", "realesrgan"),
+        help="first stage: realesrgan upscales the LQ with Real-ESRGAN x4plus before the "
+        "diffusion model refines it (fetch its weights once: python -m "
+        "segsr_jax.weights.fetch realesrgan); none: bicubic (default: the checkpoint's, "
+        "else none)",
+    )
+    p.add_argument(
         "--strength",
         type=float,
         default=None,
@@ -334,14 +343,22 @@ def run(args: argparse.Namespace, progress: Progress) -> int:
             seg_prior=args.seg_prior,
             seed=args.seed,
             strength=args.strength,
+            cleaner=args.cleaner,
         )
     except ValueError as e:  # e.g. --tile against the checkpoint's overlap
         print(f"error: {e} (the flags over the checkpoint's defaults)", file=sys.stderr)
         return 2
+    if options.cleaner != "none":
+        try:
+            restorer.cleaner(options.cleaner)
+        except (OSError, ValueError) as e:  # weights not fetched, or not loadable
+            print(f"error: cleaner {options.cleaner}: {e}", file=sys.stderr)
+            return 2
     print(
         f"model: {args.checkpoint} | sampler {options.sampler}, {options.denoising_steps} "
         f"steps{'' if options.strength == 1 else f' (strength {options.strength})'}, "
         f"guidance {options.guidance}, seg prior {options.seg_prior}, {args.dtype}"
+        + ("" if options.cleaner == "none" else f", cleaner {options.cleaner}")
     )
 
     from tqdm import tqdm

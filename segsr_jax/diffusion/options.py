@@ -18,6 +18,9 @@ SEESR_NEGATIVE_PROMPT = "dotted, noise, blur, lowres, smooth"
 SEG_PRIORS = ("diffusion", "fixed", "none")
 
 
+CLEANERS = ("none", "realesrgan")
+
+
 def strength_steps(num_steps: int, strength: float) -> int:
     """How many of ``num_steps`` timesteps a run of ``strength`` in ``(0, 1]`` takes: the last
     ``round(strength * num_steps)``, at least one (diffusers' img2img truncates instead)."""
@@ -81,6 +84,9 @@ class SampleOptions:
       strength: in ``(0, 1]``: start from the LQ noised part of the way and run only the last
         ``round(strength * steps)`` steps (img2img; 1: SeeSR's whole reverse process). Small
         values keep the input's structure and cost fewer steps.
+      cleaner: ``none`` | ``realesrgan``: what upscales the LQ before the diffusion model
+        sees it (``none``: bicubic; ``realesrgan``: Real-ESRGAN x4plus removes the
+        degradation first, DiffBIR's first stage; :mod:`segsr_jax.upscalers`).
 
     Raises:
       ValueError: a setting no sampler can run with (named in the message).
@@ -99,6 +105,7 @@ class SampleOptions:
     seg_prior: str = "diffusion"
     seed: int = 0
     strength: float = 1.0
+    cleaner: str = "none"
 
     def __post_init__(self):
         if self.steps < 1:
@@ -116,6 +123,8 @@ class SampleOptions:
         SegPrior.of(self.seg_prior)
         if not (math.isfinite(self.strength) and 0.0 < self.strength <= 1.0):
             raise ValueError(f"strength must be in (0, 1], not {self.strength}")
+        if self.cleaner not in CLEANERS:
+            raise ValueError(f"cleaner {self.cleaner!r}: choose one of {', '.join(CLEANERS)}")
 
     @property
     def denoising_steps(self) -> int:
