@@ -21,7 +21,7 @@ overlap shrinking with it), then one image at a time; one line says each change,
 setting is kept for the following images, and an image that fails even so is reported as
 failed (exit status 1) while the others go on.
 
-(A little past 400 lines: a third is the flags and their help, and the resumable, OOM-tolerant
+(Past 400 lines: over a third is the 25 flags and their help, and the resumable, OOM-tolerant
 loop reads best whole; what a library user needs lives in segsr_jax.inference.)
 """
 
