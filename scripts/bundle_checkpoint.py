@@ -1,7 +1,8 @@
 """Copy a trained checkpoint into the package as the bundled default model.
 
-    python scripts/bundle_checkpoint.py --source runs/tiny/joint/checkpoints \\
-        --output segsr_jax/assets/tiny_checkpoint --steps 20 --sampler ddim --guidance 1.0
+    python scripts/bundle_checkpoint.py --source runs/photo/joint/checkpoints \\
+        --output segsr_jax/assets/photo_checkpoint --steps 20 --sampler ddim --guidance 1.0 \\
+        --cleaner realesrgan --strength 0.3 --tile 32 --tile-overlap 8
 
 Keeps only what sampling needs (the EMA parameters when present, the config with the given
 sampling defaults, and the tokenizer), so the package stays small.
@@ -16,6 +17,7 @@ from pathlib import Path
 from flax import nnx
 
 from segsr_jax import checkpoint
+from segsr_jax.diffusion.options import SampleOptions
 from segsr_jax.models.segsr import SegSR, SegSRConfig
 
 
@@ -29,6 +31,11 @@ def main(argv=None) -> None:
     p.add_argument("--guidance", type=float, default=1.0)
     p.add_argument("--min-side", type=int, default=32)
     p.add_argument("--prompt", default="")
+    p.add_argument("--tile", type=int, default=None, help="latent tile (default: the sampler's)")
+    p.add_argument("--tile-overlap", type=int, default=None)
+    p.add_argument("--color-fix", default=None, choices=("adain", "wavelet", "none"))
+    p.add_argument("--cleaner", default=None, choices=("none", "realesrgan"))
+    p.add_argument("--strength", type=float, default=None)
     args = p.parse_args(argv)
 
     def build(cfg):
@@ -43,6 +50,9 @@ def main(argv=None) -> None:
         "prompt": args.prompt,
         "negative_prompt": "",
     }
+    optional = ("tile", "tile_overlap", "color_fix", "cleaner", "strength")
+    sampling.update({k: getattr(args, k) for k in optional if getattr(args, k) is not None})
+    SampleOptions.from_dict(sampling)  # refuse settings no sampler can run, before writing
     out = Path(args.output)
     if out.exists():
         shutil.rmtree(out)

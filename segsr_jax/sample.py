@@ -317,6 +317,12 @@ def run(args: argparse.Namespace, progress: Progress) -> int:
         for f in files
         if args.overwrite or not all(p.exists() for p in outputs_of(out_dir, names[f]))
     ]
+    # A killed run leaves the temporary files of the writes it was in (images.write_atomic);
+    # the images they belong to are redone now, so they go.
+    stale = tuple(f".{p.name}." for f in todo for p in outputs_of(out_dir, names[f]))
+    for leftover in out_dir.iterdir():
+        if leftover.name.endswith(".tmp") and leftover.name.startswith(stale):
+            leftover.unlink(missing_ok=True)
     skipped = len(files) - len(todo)
     if skipped:
         print(f"skipping {skipped} image(s) already done in {out_dir} (--overwrite to redo)")

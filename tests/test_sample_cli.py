@@ -454,3 +454,14 @@ def test_cleaner_hands_the_sampler_real_esrgans_output(ckpt, monkeypatch):
     np.testing.assert_allclose(seen[0][0, :48, :64], images.to_unit_range(cleaned), atol=1e-6)
     assert not np.allclose(cleaned, upscalers.bicubic(lq, (48, 64)), atol=8)
     assert sr.shape == (48, 64, 3)
+
+
+def test_a_rerun_removes_the_temporary_files_a_killed_run_left(ckpt, inputs, tmp_path):
+    out = tmp_path / "o"
+    out.mkdir()
+    stale = out / ".rgb_sr.png.k3j2x1.tmp"  # what images.write_atomic leaves when killed
+    other = out / ".someone_elses.png.abc.tmp"
+    stale.write_bytes(b"half a png")
+    other.write_bytes(b"not ours")
+    assert sample.main(_args(ckpt, inputs / "rgb.png", out, tmp_path)) == 0
+    assert not stale.exists() and other.exists() and (out / "rgb_sr.png").is_file()
