@@ -1,12 +1,14 @@
 """How long the photo architecture (configs/photo.py) takes to restore a 128x96 photo on CPU.
 
     python benchmarks/photo_speed.py [--steps 20] [--config tiny]
+    python benchmarks/photo_speed.py --checkpoint segsr_jax/assets/photo_checkpoint
 
 Builds the model with random weights (speed does not depend on the values), saves it as a
 sampleable checkpoint with the bundled model's character tokenizer and the config's sampling
 defaults, and runs ``python -m segsr_jax.sample`` twice on one 128x96 image: the CLI prints
 the sampling time and, separately, the compile time. ``--config tiny`` measures the bundled
-tiny architecture the same way, for comparison.
+tiny architecture the same way, for comparison. ``--checkpoint`` times a trained checkpoint
+with its own sampling defaults instead (e.g. the bundled one, first stage included).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--config", default="photo", choices=["photo", "tiny"])
     p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--checkpoint", default=None, help="time this checkpoint as it is")
     args = p.parse_args(argv)
 
     import jax
@@ -54,11 +57,15 @@ def main(argv=None) -> None:
         sampler="ddim", steps=args.steps, guidance=1.0, prompt="", **cfg_module.INFERENCE
     )
     ckpt = work / "ckpt"
-    checkpoint.save_model(ckpt, model, {"model": model.config.to_dict(), "sampling": sampling})
-    shutil.copytree(ROOT / "segsr_jax/assets/tiny_checkpoint/tokenizer", ckpt / "tokenizer")
+    if args.checkpoint:
+        ckpt = Path(args.checkpoint).resolve()
+    else:
+        checkpoint.save_model(ckpt, model, {"model": model.config.to_dict(), "sampling": sampling})
+        shutil.copytree(ROOT / "segsr_jax/assets/tiny_checkpoint/tokenizer", ckpt / "tokenizer")
     rng = np.random.default_rng(0)
     write_png(work / "in" / "photo.png", rng.integers(0, 256, (96, 128, 3), dtype=np.uint8))
-    print(f"{args.config}: {params:,} params; {cpu_model()}; jax {jax.__version__}")
+    name = args.checkpoint or args.config
+    print(f"{name}: {params:,} params; {cpu_model()}; jax {jax.__version__}")
     for run in (1, 2):
         out = subprocess.run(
             [
