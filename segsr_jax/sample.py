@@ -1,6 +1,6 @@
 """``python -m segsr_jax.sample``: super-resolve images with a SegSR checkpoint.
 
-With no flags it runs the bundled tiny model on the bundled demo images. Per input image
+With no flags it runs the bundled real-photo model on the two bundled demo photos. Per input image
 ``NAME`` it writes, into ``--output``:
 
 * ``NAME_sr.png``: the super-resolved image (``upscale`` x the input size),
@@ -47,7 +47,15 @@ from segsr_jax.images import output_names, outputs_of, write_outputs
 
 
 def bundled_paths() -> tuple[Path, Path]:
-    """``(checkpoint, demo images)`` shipped inside the package."""
+    """``(checkpoint, demo images)`` of the default: the real-photo model and two held-out,
+    public-domain photos degraded x4 (``segsr_jax/assets/photo_checkpoint``, ``photos/``)."""
+    root = Path(__file__).parent / "assets"
+    return root / "photo_checkpoint", root / "photos"
+
+
+def tiny_paths() -> tuple[Path, Path]:
+    """``(checkpoint, demo scenes)`` of the miniature experiment's tiny model (synthetic
+    texture scenes; ``segsr_jax/assets/tiny_checkpoint``, ``demo/``, ``demo_gt/``)."""
     root = Path(__file__).parent / "assets"
     return root / "tiny_checkpoint", root / "demo"
 
@@ -64,7 +72,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--checkpoint",
         default=str(ckpt),
         help="SegSR checkpoint folder (from segsr_jax.convert or training); "
-        "default: the bundled tiny model",
+        "default: the bundled real-photo model",
     )
     p.add_argument("--input", default=str(demo), help="an image file or a folder of images")
     p.add_argument("--output", default="outputs/sample", help="output folder")

@@ -563,9 +563,9 @@ def test_semantic_miou_is_one_against_own_labels_and_drops_when_perturbed(segfor
 
 def test_segmenter_from_a_segsr_checkpoint(tmp_path):
     """The bundled tiny checkpoint (an Orbax folder): its SegFormer scores the demo images."""
-    from segsr_jax.sample import bundled_paths
+    from segsr_jax.sample import tiny_paths
 
-    ckpt, _ = bundled_paths()
+    ckpt, _ = tiny_paths()
     gt = ckpt.parent / "demo_gt"
     (tmp_path / "pred").mkdir()
     for path in gt.glob("*_hr.png"):

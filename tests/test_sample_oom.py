@@ -4,7 +4,7 @@ image that fails even so while the others go on.
 
 The out-of-memory is forced: ``Restorer.restore_batch`` raises a real
 ``jax.errors.JaxRuntimeError`` (what XLA raises, at compile or at run time) for settings above
-a limit, and runs the bundled model otherwise.
+a limit, and runs the bundled tiny model otherwise.
 """
 
 import ast
@@ -25,7 +25,7 @@ OOM = "RESOURCE_EXHAUSTED: Out of memory while trying to allocate 123456789 byte
 
 
 def _inputs(folder: Path) -> Path:
-    """a, b, c: 32x32 (latent 32 at x4, the bundled model's factor 4); big: 40x32, which
+    """a, b, c: 32x32 (latent 32 at x4, the tiny model's factor 4); big: 40x32, which
     samples alone (another size)."""
     folder.mkdir()
     rng = np.random.default_rng(0)
@@ -36,6 +36,8 @@ def _inputs(folder: Path) -> Path:
 
 def _args(inputs, out, tmp_path, *extra):
     return [
+        "--checkpoint",
+        str(sample.tiny_paths()[0]),
         "--input",
         str(inputs),
         "--output",
