@@ -45,3 +45,19 @@ def test_kmeans_and_pixel_assignment_separate_two_clear_clusters():
     left = labels[:, :4]
     assert (left == left[0, 0]).all() and (labels[:, 12:] != left[0, 0]).all()
     assert margin.shape == (16, 16) and (margin >= 0).all()
+
+
+def test_bundled_default_is_the_photo_architecture_with_its_chosen_sampling():
+    """The bundled checkpoint is this config's model, with the sampling defaults chosen on
+    the training-photo validation set (docs/realphoto/model.md) and its class names."""
+    import json
+
+    from segsr_jax.diffusion.options import SampleOptions
+    from segsr_jax.sample import bundled_paths
+
+    ckpt, demo = bundled_paths()
+    cfg = json.loads((ckpt / "0" / "config" / "metadata").read_text())
+    assert SegSRConfig.from_dict(cfg["model"]) == photo.model_config()
+    options = SampleOptions.from_dict(cfg["sampling"])
+    assert (options.cleaner, options.strength, options.denoising_steps) == ("realesrgan", 0.05, 1)
+    assert sorted(p.name for p in demo.glob("*.png")) == ["astronaut.png", "rocket.png"]
