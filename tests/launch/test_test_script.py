@@ -40,7 +40,7 @@ def test_pytest_runs_with_the_venv_bin_first_on_path(tmp_path):
     write_executable(bin_dir / "python3", FAKE_PYTHON3)
     venv_python = write_executable(tmp_path / "venv_python", FAKE_VENV_PYTHON)
     record = tmp_path / "record.json"
-    env = {k: v for k, v in os.environ.items() if k != "VIRTUAL_ENV"}
+    env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "SEGSR_TEST_WORKERS")}
     env.update(
         PATH=f"{bin_dir}{os.pathsep}/usr/bin{os.pathsep}/bin",
         RECORD=str(record),
@@ -56,7 +56,18 @@ def test_pytest_runs_with_the_venv_bin_first_on_path(tmp_path):
     )
     seen = json.loads(record.read_text())
     # Exactly one -q: CI reads pytest's one-line "N passed" summary.
-    assert seen["argv"] == ["-m", "pytest", "-q", "tests/x.py", "-k", "y"]
+    assert seen["argv"] == [
+        "-m",
+        "pytest",
+        "-q",
+        "-n",
+        "2",
+        "--dist",
+        "loadfile",
+        "tests/x.py",
+        "-k",
+        "y",
+    ]
     path = seen["path"].split(os.pathsep)
     assert path[0] == str(repo / ".venv" / "bin")
     assert path[1:] == env["PATH"].split(os.pathsep)
