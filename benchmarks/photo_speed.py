@@ -47,24 +47,28 @@ def main(argv=None) -> None:
 
     from segsr_jax import checkpoint
     from segsr_jax.images import write_png
-    from segsr_jax.models.segsr import SegSR
+    from segsr_jax.models.segsr import SegSR, SegSRConfig
 
-    cfg_module = importlib.import_module(f"configs.{args.config}")
-    model = SegSR(cfg_module.model_config(), rngs=nnx.Rngs(jax.random.key(0, impl="rbg")))
-    params = sum(int(x.size) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
     work = Path(tempfile.mkdtemp(prefix="photo_speed_"))
-    sampling = dict(
-        sampler="ddim", steps=args.steps, guidance=1.0, prompt="", **cfg_module.INFERENCE
-    )
-    ckpt = work / "ckpt"
-    if args.checkpoint:
+    if args.checkpoint:  # as trained, with its own sampling defaults
         ckpt = Path(args.checkpoint).resolve()
+        model, _ = checkpoint.restore_model(
+            ckpt, lambda c: SegSR(SegSRConfig.from_dict(c["model"]), rngs=nnx.Rngs(0))
+        )
+        name = str(args.checkpoint)
     else:
+        cfg_module = importlib.import_module(f"configs.{args.config}")
+        model = SegSR(cfg_module.model_config(), rngs=nnx.Rngs(jax.random.key(0, impl="rbg")))
+        sampling = dict(
+            sampler="ddim", steps=args.steps, guidance=1.0, prompt="", **cfg_module.INFERENCE
+        )
+        ckpt = work / "ckpt"
         checkpoint.save_model(ckpt, model, {"model": model.config.to_dict(), "sampling": sampling})
         shutil.copytree(ROOT / "segsr_jax/assets/tiny_checkpoint/tokenizer", ckpt / "tokenizer")
+        name = args.config
+    params = sum(int(x.size) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
     rng = np.random.default_rng(0)
     write_png(work / "in" / "photo.png", rng.integers(0, 256, (96, 128, 3), dtype=np.uint8))
-    name = args.checkpoint or args.config
     print(f"{name}: {params:,} params; {cpu_model()}; jax {jax.__version__}")
     for run in (1, 2):
         out = subprocess.run(

@@ -2,7 +2,7 @@
 
     python scripts/bundle_checkpoint.py --source runs/photo/joint/checkpoints \\
         --output segsr_jax/assets/photo_checkpoint --steps 20 --sampler ddim --guidance 1.0 \\
-        --cleaner realesrgan --strength 0.3 --tile 32 --tile-overlap 8
+        --min-side 32 --cleaner realesrgan --strength 0.05 --tile 32 --tile-overlap 8
 
 Keeps only what sampling needs (the EMA parameters when present, the config with the given
 sampling defaults, and the tokenizer), so the package stays small.
@@ -17,7 +17,7 @@ from pathlib import Path
 from flax import nnx
 
 from segsr_jax import checkpoint
-from segsr_jax.diffusion.options import SampleOptions
+from segsr_jax.diffusion.options import CLEANERS, SampleOptions
 from segsr_jax.models.segsr import SegSR, SegSRConfig
 
 
@@ -34,7 +34,7 @@ def main(argv=None) -> None:
     p.add_argument("--tile", type=int, default=None, help="latent tile (default: the sampler's)")
     p.add_argument("--tile-overlap", type=int, default=None)
     p.add_argument("--color-fix", default=None, choices=("adain", "wavelet", "none"))
-    p.add_argument("--cleaner", default=None, choices=("none", "realesrgan"))
+    p.add_argument("--cleaner", default=None, choices=CLEANERS)
     p.add_argument("--strength", type=float, default=None)
     args = p.parse_args(argv)
 

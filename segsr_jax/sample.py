@@ -42,7 +42,7 @@ from pathlib import Path
 import numpy as np
 
 # JAX-free, so --help stays instant: JAX is imported only after the arguments are parsed.
-from segsr_jax.diffusion.options import SampleOptions
+from segsr_jax.diffusion.options import CLEANERS, SampleOptions
 from segsr_jax.images import output_names, outputs_of, write_outputs
 
 
@@ -93,7 +93,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--cleaner",
         default=None,
-        choices=("none", "realesrgan"),
+        choices=CLEANERS,
         help="first stage: realesrgan upscales the LQ with Real-ESRGAN x4plus before the "
         "diffusion model refines it (fetch its weights once: python -m "
         "segsr_jax.weights.fetch realesrgan); none: bicubic (default: the checkpoint's, "

@@ -121,8 +121,7 @@ class SampleOptions:
         if self.min_side < 0:
             raise ValueError(f"min_side must be >= 0, not {self.min_side}")
         SegPrior.of(self.seg_prior)
-        if not (math.isfinite(self.strength) and 0.0 < self.strength <= 1.0):
-            raise ValueError(f"strength must be in (0, 1], not {self.strength}")
+        strength_steps(self.steps, self.strength)  # refuses a strength outside (0, 1]
         if self.cleaner not in CLEANERS:
             raise ValueError(f"cleaner {self.cleaner!r}: choose one of {', '.join(CLEANERS)}")
 

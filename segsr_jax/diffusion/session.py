@@ -242,7 +242,7 @@ class SamplingSession:
         # Weights on the session's mesh stay where they are; else they are replicated.
         state_shardings = None if self.mesh is None else sampling.shardings_of(state)
         fn = sampling.make_sample_fn(self.graphdef, plan, mesh, state_shardings, sharding)
-        key = (plan, n, options.sampler, options.steps, options.strength, sharding)
+        key = (plan, n, options.sampler, options.denoising_steps, sharding)
         return Call(fn=fn, args=args, plan=plan, key=key)
 
     def prepare(self, state, lq, options: SampleOptions, **kwargs) -> Prepared:

@@ -33,7 +33,9 @@ def test_seg_prior_decides_the_bridge_and_the_refinement():
 def test_options_refuse_what_no_sampler_can_run():
     with pytest.raises(ValueError, match=r"tile overlap 32 must be in \[0, tile 16\)"):
         SampleOptions(tile=16)
-    for bad in (dict(steps=0), dict(guidance=float("nan")), dict(min_side=-1)):
+    bad_ones = (dict(steps=0), dict(guidance=float("nan")), dict(min_side=-1))
+    bad_ones += (dict(strength=0.0), dict(strength=float("nan")), dict(cleaner="esrgan"))
+    for bad in bad_ones:
         with pytest.raises(ValueError):
             SampleOptions(**bad)
     with pytest.raises(ValueError, match="seg_prior"):
