@@ -185,8 +185,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
 
     from segsr_jax.weights import load_segformer
+    from segsr_jax.weights.checkpoint_files import CheckpointError
 
-    seg = load_segformer(args.checkpoint, dtype=jnp.dtype(args.dtype))
+    try:
+        seg = load_segformer(args.checkpoint, dtype=jnp.dtype(args.dtype))
+    except (CheckpointError, OSError) as e:
+        print(f"error: cannot load a SegFormer from {args.checkpoint}: {e}", file=sys.stderr)
+        return 2
     histogram = label_folder(
         seg,
         args.images,

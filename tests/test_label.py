@@ -100,3 +100,11 @@ def test_label_folder_matches_reference_stitches_and_resumes(checkpoint, tmp_pat
     assert (out / "exact.png").stat().st_mtime_ns == stamps["exact"]
     assert (out / "sub/big.png").stat().st_mtime_ns == stamps["sub/big"]
     np.testing.assert_array_equal(np.asarray(Image.open(out / "small.png")), labels["small"])
+
+
+def test_a_folder_that_is_no_segformer_is_one_line_and_exit_2(tmp_path, capsys):
+    (tmp_path / "images").mkdir()
+    argv = ["--checkpoint", str(tmp_path), "--images", str(tmp_path / "images")]
+    assert L.main([*argv, "--output", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot load a SegFormer") and len(err.strip().splitlines()) == 1
