@@ -12,6 +12,12 @@ Stages, each from the previous one's checkpoint (resumable: rerun the same comma
     python -m segsr_jax.train --config configs/photo.py:sr    --workdir runs/photo/sr
     python -m segsr_jax.train --config configs/photo.py:seg   --workdir runs/photo/seg
     python -m segsr_jax.train --config configs/photo.py:joint --workdir runs/photo/joint
+    python -m segsr_jax.weights.fetch lpips   # the decoder's perceptual loss
+    python -m segsr_jax.train --config configs/photo.py:decoder --workdir runs/photo/decoder
+
+``decoder`` fine-tunes only the VAE's decoder of the joint model with L1 + LPIPS (the encoder
+and so the latent space the diffusion stages learned stay): the L1-only autoencoder of ``vae``
+is blurry, and its round trip bounds what the sampler's output can be.
 
 The classes are pseudo-classes: k-means clusters of ImageNet-VGG16 features of the training
 photos (``scripts/prepare_photos.py``), named after what their contact sheets show
@@ -48,13 +54,14 @@ CLASS_NAMES = (
 )
 NUM_CLASSES = len(CLASS_NAMES)
 DATA = "data/photo"
-PREVIOUS = {"sr": "vae", "seg": "sr", "joint": "seg"}
+PREVIOUS = {"sr": "vae", "seg": "sr", "joint": "seg", "decoder": "joint"}
 # name: (training stage, steps, learning rate, modules trained besides the stage's own)
 STAGES = {
     "vae": ("vae", 1500, 1e-3, ()),
     "sr": ("sr", 3000, 5e-4, ("unet",)),
     "seg": ("seg", 1000, 5e-4, ("segformer",)),
     "joint": ("joint", 1500, 2e-4, ("unet",)),
+    "decoder": ("decoder", 1500, 2e-4, ()),
 }
 INFERENCE = dict(min_side=32, tile=32, tile_overlap=8)
 
@@ -88,11 +95,11 @@ def model_config() -> SegSRConfig:
 
 
 def get_config(name: str = "vae") -> ConfigDict:
-    """The photo run ``name`` (``vae``, ``sr``, ``seg`` or ``joint``)."""
+    """The photo run ``name`` (``vae``, ``sr``, ``seg``, ``joint`` or ``decoder``)."""
     if name not in STAGES:
         raise ValueError(f"unknown photo run {name!r}; choose one of {sorted(STAGES)}")
     stage, steps, lr, also_train = STAGES[name]
-    c = tiny.get_config("joint" if name == "joint" else name)
+    c = tiny.get_config("vae" if name == "decoder" else name)
     c.num_steps = steps
     c.model = model_config().to_dict()
     c.init_from = f"runs/photo/{PREVIOUS[name]}/checkpoints" if name in PREVIOUS else ""
@@ -103,6 +110,6 @@ def get_config(name: str = "vae") -> ConfigDict:
     c.data.path = f"{DATA}/images"
     c.data.labels = f"{DATA}/labels"
     c.data.crop_size = 64
-    c.sample.every = 0 if stage == "vae" else steps
+    c.sample.every = 0 if stage in ("vae", "decoder") else steps
     c.sample.options.update(INFERENCE)
     return c

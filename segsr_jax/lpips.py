@@ -95,6 +95,18 @@ class LPIPS(nnx.Module):
         return jnp.sum(self.layer_distances(x, y), axis=-1)
 
 
+def lpips_params(metric: LPIPS) -> dict:
+    """``metric``'s weights as a pure dict (what a training step takes as ``loss_params``)."""
+    return nnx.to_pure_dict(nnx.state(metric, nnx.Param))
+
+
+def lpips_from_params(params: dict, dtype=jnp.float32) -> LPIPS:
+    """The LPIPS module holding ``params`` (inverse of :func:`lpips_params`; traceable)."""
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: LPIPS(dtype=dtype, rngs=nnx.Rngs(0))))
+    nnx.replace_by_pure_dict(state, params)
+    return nnx.merge(graphdef, state)
+
+
 def load_lpips(path: str | os.PathLike | None = None, dtype=jnp.float32) -> LPIPS:
     """LPIPS with the weights converted by ``python -m segsr_jax.weights.fetch lpips``.
 

@@ -45,11 +45,10 @@ from segsr_jax.data.pipeline import make_dataset, to_global_arrays
 from segsr_jax.diffusion.options import SampleOptions
 from segsr_jax.models import remat
 from segsr_jax.models.segsr import SegSRConfig
-from segsr_jax.training import checkpointer, metrics_log, prompts
+from segsr_jax.training import checkpointer, losses, metrics_log, prompts
 from segsr_jax.training import state as state_lib
 from segsr_jax.training import step as step_lib
 from segsr_jax.training import workdir as workdir_lib
-from segsr_jax.training.losses import LossConfig
 from segsr_jax.training.run_setup import (  # re-exported: the entry point's own helpers
     BAD_INPUT_EXIT_CODE,
     INTERRUPTED_EXIT_CODE,
@@ -64,6 +63,7 @@ from segsr_jax.training.run_setup import (  # re-exported: the entry point's own
     stop_signals,
 )
 from segsr_jax.training.validation import Validator
+from segsr_jax.weights.checkpoint_files import CheckpointError
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -73,8 +73,9 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> int:
 
     Returns the exit status: 0 when ``config.num_steps`` are done, ``PREEMPTED_EXIT_CODE``
     after a SIGTERM-triggered save, ``INTERRUPTED_EXIT_CODE`` after a Ctrl-C-triggered one.
-    Raises :class:`step_lib.NonFiniteError` on NaN/Inf and
-    :class:`MissingInitCheckpointError` when ``config.init_from`` holds no checkpoint.
+    Raises :class:`step_lib.NonFiniteError` on NaN/Inf,
+    :class:`MissingInitCheckpointError` when ``config.init_from`` holds no checkpoint and
+    :class:`CheckpointError` when stage ``decoder`` finds no LPIPS weights.
     ``workdir`` is a local folder or a ``gs://`` URI (every file goes through epath).
     """
     if config.tokenizer == "from_init" and not config.init_from:
@@ -88,6 +89,11 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> int:
             init_config = checkpoint.read_checkpoint_config(config.init_from)
         except FileNotFoundError as e:
             raise MissingInitCheckpointError(config.init_from, str(e)) from e
+    loss_params = None
+    if config.train.stage == "decoder":  # its perceptual loss: fail before touching workdir
+        from segsr_jax.lpips import load_lpips, lpips_params
+
+        loss_params = lpips_params(load_lpips())
     workdir = workdir_lib.open_workdir(workdir)  # fails fast on gs:// without gcsfs
     # Closed (a remote workdir: uploaded) also when training raises, e.g. on NaN/Inf; the
     # stack restores the signal handlers that the loop installs.
@@ -97,7 +103,7 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> int:
         ) as log,
         contextlib.ExitStack() as stack,
     ):
-        return _train(config, workdir, log, init_config, stack)
+        return _train(config, workdir, log, init_config, stack, loss_params)
 
 
 def _train(
@@ -106,9 +112,11 @@ def _train(
     log: metrics_log.MetricsLog,
     init_config: dict | None,
     stack: contextlib.ExitStack,
+    loss_params: dict | None,
 ) -> int:
     """The body of :func:`train_and_evaluate`, writing to an open ``log``; ``init_config``
-    is the config of ``config.init_from``'s checkpoint (None: no init_from)."""
+    is the config of ``config.init_from``'s checkpoint (None: no init_from); ``loss_params``
+    a loss network's weights (stage decoder: LPIPS's)."""
     model_cfg = SegSRConfig.from_dict(config.model.to_dict())
     if init_config is not None:
         # A converted checkpoint knows its segmenter's class names (the prompts' tags).
@@ -117,7 +125,7 @@ def _train(
             model_cfg = dataclasses.replace(model_cfg, class_names=tuple(names))
     stage, also_train = config.train.stage, tuple(config.train.also_train)
     step_cfg = step_lib.StepConfig(
-        loss=LossConfig(stage=stage, **config.loss),
+        loss=losses.LossConfig(stage=stage, **config.loss),
         optimizer=state_lib.OptimizerConfig(**config.optim),
         accum_steps=config.train.accum_steps,
     )
@@ -203,8 +211,10 @@ def _train(
         config.data, stage, tokenizer.max_length, jax.sharding.NamedSharding(mesh, batch_spec)
     )
     shardings = dataclasses.replace(shardings, batch=jax.tree.map(lambda x: x.sharding, abs_batch))
-    step_fn = step_lib.make_train_step(graphdef, step_cfg, shardings)
-    compiled, report = step_lib.compile_step(step_fn, train_state, frozen, abs_batch)
+    # A loss network's weights (stage decoder: LPIPS), replicated beside the state.
+    loss_args = () if loss_params is None else (jax.device_put(loss_params, shardings.replicated),)
+    step_fn = step_lib.make_train_step(graphdef, step_cfg, shardings, bool(loss_args))
+    compiled, report = step_lib.compile_step(step_fn, train_state, frozen, abs_batch, *loss_args)
     log.event(
         "compile",
         start,
@@ -259,12 +269,12 @@ def _train(
     while step < config.num_steps and not stopped:
         batch = next(data_iter)
         data_index = batch.pop("index")
-        if stage == "vae":
+        if stage in losses.AUTOENCODER_STAGES:
             batch = {"hr": batch["hr"]}
         else:
             batch["input_ids"] = prompt_maker(batch["label"], step)
         train_state, metrics = compiled(
-            train_state, frozen, to_global_arrays(batch, mesh, batch_spec)
+            train_state, frozen, to_global_arrays(batch, mesh, batch_spec), *loss_args
         )
         step += 1
         pending.add(step, metrics)
@@ -340,6 +350,9 @@ def main(argv) -> None:
         # The flag's file name still carries ":RUN" (the argument of get_config).
         config_file = config_flags.get_config_filename(FLAGS["config"]).split(":", 1)[0]
         print("error: " + missing_init_message(e.init_from, e.reason, config_file), file=sys.stderr)
+        sys.exit(BAD_INPUT_EXIT_CODE)
+    except CheckpointError as e:  # weights a loss needs (LPIPS) are missing or unreadable
+        print(f"error: {e}", file=sys.stderr)
         sys.exit(BAD_INPUT_EXIT_CODE)
     except KeyboardInterrupt:  # Ctrl-C before the training loop (which handles it itself)
         print("interrupted (Ctrl-C) before training started; nothing saved", file=sys.stderr)

@@ -381,6 +381,19 @@ def test_missing_init_checkpoint_is_a_one_line_error(tmp_path, cache_dir):
     assert "--config.init_from=DIR" in line
 
 
+def test_decoder_stage_without_lpips_weights_is_a_one_line_error(tmp_path, cache_dir, monkeypatch):
+    """Stage decoder's perceptual loss needs the fetched LPIPS weights: without them, exit 2
+    with the fetch command, before the workdir exists."""
+    monkeypatch.setenv("SEGSR_JAX_CACHE_DIR", str(tmp_path / "empty_cache"))
+    workdir = tmp_path / "decoder"
+    rc, _, err = _finish(_start(workdir, cache_dir, "--config.train.stage=decoder"))
+    assert rc == 2, err[-3000:]
+    assert "Traceback" not in err
+    (line,) = [x for x in err.splitlines() if x.startswith("error:")]
+    assert "python -m segsr_jax.weights.fetch lpips" in line
+    assert not workdir.exists()
+
+
 def test_help_lists_the_runs_and_exits_0():
     proc = subprocess.run(
         [sys.executable, "-m", "segsr_jax.train", "--help"],

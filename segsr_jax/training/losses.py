@@ -10,6 +10,10 @@ A batch (host-local numpy, made global by :func:`segsr_jax.data.pipeline.to_glob
 Pixels travel as uint8 (a quarter of the float32 bytes) and become ``[-1, 1]`` here.
 
 Stage ``vae`` trains the autoencoder from scratch: L1 reconstruction + ``kl_weight`` x KL.
+Stage ``decoder`` fine-tunes only the VAE's decoder (the encoder, hence the latent space every
+diffusion stage learned, stays as it is): L1 + ``perceptual_weight`` x LPIPS(VGG16) of the
+reconstruction of a posterior sample, as SD's autoencoder adds a perceptual term to L1 (an
+L1-only decoder is blurry). LPIPS's weights enter the step as ``loss_params``.
 The diffusion stages draw one SR step ``t`` per example, noise ``Z_0 = VAE.enc(hr)`` with the SD
 schedule and ``S_0 = embed(y)`` with the seg schedule at ``t / T``, run
 :meth:`SegSR.denoise` once and score::
@@ -44,7 +48,9 @@ from segsr_jax.models.seg_encoder import normalize_images
 from segsr_jax.models.segdm import IGNORE_INDEX
 from segsr_jax.models.segsr import SegSR
 
-STAGES = ("vae", "sr", "seg", "joint", "prior", "segmenter")
+STAGES = ("vae", "decoder", "sr", "seg", "joint", "prior", "segmenter")
+# Stages that see only HR crops (no LQ, labels or prompts).
+AUTOENCODER_STAGES = ("vae", "decoder")
 # (score the SR loss, score the seg loss) per diffusion stage.
 _TERMS = {"sr": (True, False), "seg": (False, True), "joint": (True, True), "prior": (True, False)}
 # How each stage couples SRDM and SegDM, as the sampler's SegPrior does: sr and seg train one
@@ -58,11 +64,12 @@ class LossConfig:
     """What a training step optimises.
 
     Attributes:
-      stage: ``vae`` | ``sr`` | ``seg`` | ``joint`` | ``prior`` | ``segmenter``.
+      stage: ``vae`` | ``decoder`` | ``sr`` | ``seg`` | ``joint`` | ``prior`` | ``segmenter``.
       lambda_seg: weight of SegDM's cross-entropy.
       lambda_lq_seg: weight of a cross-entropy on SegFormer's own logits (the fixed-segmenter
         baseline); only useful when the segmentation encoder is trained (from scratch).
       kl_weight: KL weight of stage ``vae``.
+      perceptual_weight: LPIPS weight of stage ``decoder`` (its L1 weight is 1).
       num_train_timesteps, beta_*: the SR forward process (SD's by default).
     """
 
@@ -70,6 +77,7 @@ class LossConfig:
     lambda_seg: float = 1.0
     lambda_lq_seg: float = 0.0
     kl_weight: float = 1e-6
+    perceptual_weight: float = 1.0
     num_train_timesteps: int = 1000
     beta_schedule: str = "scaled_linear"
     beta_start: float = 0.00085
@@ -122,6 +130,21 @@ def vae_loss(model: SegSR, batch: dict, key: jax.Array, cfg: LossConfig) -> tupl
     kl = 0.5 * jnp.sum(mean**2 + jnp.exp(logvar) - 1.0 - logvar) / x.shape[0]
     loss = recon + cfg.kl_weight * kl
     return loss, {"loss": loss, "loss_recon": recon, "kl": kl}
+
+
+def decoder_loss(
+    model: SegSR, batch: dict, key: jax.Array, cfg: LossConfig, lpips_params: dict
+) -> tuple[jax.Array, dict]:
+    """Stage ``decoder``: L1 + ``perceptual_weight`` x LPIPS of the decoded posterior sample of
+    the (frozen) encoder; ``lpips_params`` are :class:`segsr_jax.lpips.LPIPS`'s weights."""
+    from segsr_jax.lpips import lpips_from_params
+
+    x = to_unit_range(batch["hr"])
+    recon = model.vae.decode_latent(jax.lax.stop_gradient(model.vae.encode_latent(x, key)))
+    l1 = jnp.mean(jnp.abs(recon - x))
+    perceptual = jnp.mean(lpips_from_params(lpips_params)(recon, x))
+    loss = l1 + cfg.perceptual_weight * perceptual
+    return loss, {"loss": loss, "loss_recon": l1, "lpips": perceptual}
 
 
 def diffusion_loss(
@@ -196,9 +219,14 @@ def segmenter_loss(
 
 
 def compute_loss(
-    model: SegSR, batch: dict, key: jax.Array, cfg: LossConfig
+    model: SegSR, batch: dict, key: jax.Array, cfg: LossConfig, loss_params: dict | None = None
 ) -> tuple[jax.Array, dict]:
-    """The stage's scalar loss and its named terms (float32 scalars)."""
+    """The stage's scalar loss and its named terms (float32 scalars). ``loss_params``: the
+    weights of a loss network (stage ``decoder``: LPIPS's), not part of the model."""
+    if cfg.stage == "decoder":
+        if not loss_params:
+            raise ValueError("stage 'decoder' needs LPIPS's weights as loss_params")
+        return decoder_loss(model, batch, key, cfg, loss_params)
     if cfg.stage == "vae":
         return vae_loss(model, batch, key, cfg)
     if cfg.stage == "segmenter":

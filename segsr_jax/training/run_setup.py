@@ -24,7 +24,7 @@ from segsr_jax.data.pipeline import PipelineConfig
 from segsr_jax.data.sources import ArrayRecordSource, ImageFolderSource
 from segsr_jax.data.synthetic import SceneConfig, SyntheticSource
 from segsr_jax.data.transforms import CropConfig
-from segsr_jax.training import prompts
+from segsr_jax.training import losses, prompts
 
 PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM: "stopped by the scheduler, resume me"
 INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT: Ctrl-C
@@ -114,7 +114,7 @@ def make_source(cfg: ConfigDict, num_classes: int):
 def pipeline_config(cfg: ConfigDict, stage: str, **overrides) -> PipelineConfig:
     """The grain pipeline settings of ``cfg.data`` (stage ``vae`` needs no degradation)."""
     crop = CropConfig(size=cfg.crop_size, scale=cfg.scale, hflip=cfg.hflip)
-    deg = None if stage == "vae" else DegradationConfig(scale=cfg.scale)
+    deg = None if stage in losses.AUTOENCODER_STAGES else DegradationConfig(scale=cfg.scale)
     fields = dict(
         global_batch_size=cfg.global_batch_size,
         seed=cfg.seed,
@@ -141,7 +141,7 @@ def abstract_batch(cfg: ConfigDict, stage: str, max_length: int, sharding) -> di
     """The global batch the step compiles for (ShapeDtypeStructs; pixels stay uint8)."""
     b, size, lq = cfg.global_batch_size, cfg.crop_size, cfg.crop_size // cfg.scale
     shapes = {"hr": ((b, size, size, 3), jnp.uint8)}
-    if stage != "vae":
+    if stage not in losses.AUTOENCODER_STAGES:
         shapes.update(
             lq=((b, lq, lq, 3), jnp.uint8),
             label=((b, size, size), jnp.uint8),

@@ -11,7 +11,8 @@ Both are pure nested dicts (``nnx.to_pure_dict`` layout, float32), so they shard
 save with Orbax as they are; ``nnx.merge(graphdef, params, frozen)`` rebuilds the model
 inside the jitted step.
 
-Stages: ``vae`` the autoencoder (from-scratch configs); ``sr`` the ControlNet (its
+Stages: ``vae`` the autoencoder (from-scratch configs); ``decoder`` only its decoder (the
+latent space stays); ``sr`` the ControlNet (its
 conditioning embedding is inside it); ``seg`` SegDM; ``joint`` ControlNet + SegDM + bridge.
 ``also_train`` adds whole modules (a from-scratch config trains the UNet in ``sr``).
 """
@@ -27,8 +28,10 @@ from flax import nnx
 
 from segsr_jax.models.segsr import SegSR, SegSRConfig, ShapeOnlyRngs
 
+# What each stage trains: SegSR attributes, or dotted paths below one (``vae.decoder``).
 STAGE_MODULES = {
     "vae": ("vae",),
+    "decoder": ("vae.decoder", "vae.post_quant_conv"),
     "sr": ("controlnet",),
     "seg": ("segdm",),
     "joint": ("controlnet", "segdm", "bridge"),
@@ -136,9 +139,11 @@ def trainable_filter(stage: str, also_train: tuple[str, ...] = ()):
     unknown = sorted(set(also_train) - set(MODULES))
     if unknown:
         raise ValueError(f"also_train names unknown module(s) {unknown}; choose from {MODULES}")
-    names = tuple(dict.fromkeys(STAGE_MODULES[stage] + tuple(also_train)))
-    # The first path element is the SegSR attribute (vae, unet, ...): match only there.
-    return nnx.All(nnx.Param, lambda path, _: path[0] in names)
+    prefixes = [
+        tuple(n.split(".")) for n in dict.fromkeys(STAGE_MODULES[stage] + tuple(also_train))
+    ]
+    # Paths start at the SegSR attribute (vae, unet, ...): match whole leading elements only.
+    return nnx.All(nnx.Param, lambda path, _: any(tuple(path[: len(p)]) == p for p in prefixes))
 
 
 def split_model(model: SegSR, stage: str, also_train: tuple[str, ...] = ()):

@@ -6,6 +6,11 @@
     compiled, report = compile_step(step_fn, state, frozen, batch) # lower().compile() once
     state, metrics = compiled(state, frozen, batch)
 
+A stage whose loss needs a fixed network of its own (``decoder``: LPIPS) gets its weights as a
+fourth argument, ``loss_params`` (replicated, never differentiated, never saved):
+``make_train_step(..., with_loss_params=True)`` then ``compiled(state, frozen, batch,
+loss_params)``.
+
 Inside: ``accum_steps`` micro-batches run under one ``lax.scan`` (gradients summed, nothing
 kept between steps), then global-norm clipping and AdamW (:mod:`.state`), the EMA, and the
 NaN/Inf guard: a step whose loss or gradient norm is not finite applies nothing (params, EMA
@@ -96,6 +101,7 @@ def train_step(
     state: TrainState,
     frozen: dict,
     batch: dict,
+    loss_params: dict | None = None,
 ) -> tuple[TrainState, dict]:
     """One optimizer update (traceable; :func:`make_train_step` jits it).
 
@@ -110,7 +116,7 @@ def train_step(
         # Block activations stay split over the batch devices (FSDP: kernels are gathered
         # per layer, activations are never split over channels; see models.remat).
         with remat.activation_sharding(batch_sharding):
-            return losses.compute_loss(model, micro, k, cfg.loss)
+            return losses.compute_loss(model, micro, k, cfg.loss, loss_params)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     if cfg.accum_steps == 1:
@@ -155,20 +161,27 @@ def train_step(
 
 
 def make_train_step(
-    graphdef: nnx.GraphDef, cfg: StepConfig, shardings: StepShardings | None = None
+    graphdef: nnx.GraphDef,
+    cfg: StepConfig,
+    shardings: StepShardings | None = None,
+    with_loss_params: bool = False,
 ):
     """``fn(state, frozen, batch) -> (state, metrics)`` jitted; the state is donated.
+    ``with_loss_params``: ``fn(state, frozen, batch, loss_params)`` (replicated).
 
     With ``shardings``, inputs and outputs get exactly those shardings (the state keeps its
     sharding across steps, metrics are replicated).
     """
     fn = partial(train_step, graphdef, cfg, None if shardings is None else shardings.batch_sharding)
+    if not with_loss_params:
+        fn = partial(fn, loss_params=None)
     if shardings is None:
         return jax.jit(fn, donate_argnums=0)
     rep = shardings.replicated
+    extra = (rep,) if with_loss_params else ()
     return jax.jit(
         fn,
-        in_shardings=(shardings.state, shardings.frozen, shardings.batch),
+        in_shardings=(shardings.state, shardings.frozen, shardings.batch, *extra),
         out_shardings=(shardings.state, rep),
         donate_argnums=0,
     )

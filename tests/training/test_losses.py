@@ -4,8 +4,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 from flax import nnx
 
+from segsr_jax.lpips import LPIPS, lpips_params
 from segsr_jax.training import losses
 from tests.training.test_step import _batch
 from tests.training.tiny_train_config import model_config, random_params
@@ -90,3 +92,33 @@ def test_stage_segmenter_scores_segformer_on_hr():
         float(losses.compute_loss(nnx.merge(graphdef, params), ignored, jax.random.key(0), cfg)[0])
         == 0.0
     )
+
+
+def test_stage_decoder_adds_lpips_of_the_reconstruction_to_l1():
+    """Stage decoder: loss = L1 + w * LPIPS(decode(encode(hr)), hr); the encoder gets no
+    gradient, the LPIPS term is LPIPS's own distance and changes the decoder's gradient."""
+    graphdef, params = random_params()
+    batch = {"hr": _batch()["hr"][:2]}
+    metric = LPIPS(rngs=nnx.Rngs(3))
+    lp = lpips_params(metric)
+
+    def loss(p, w):
+        cfg = losses.LossConfig(stage="decoder", perceptual_weight=w)
+        return losses.compute_loss(nnx.merge(graphdef, p), batch, jax.random.key(0), cfg, lp)
+
+    (total, m), grads = jax.jit(jax.value_and_grad(lambda p: loss(p, 1.0), has_aux=True))(params)
+    model = nnx.merge(graphdef, params)
+    x = losses.to_unit_range(batch["hr"])
+    recon = model.vae.decode_latent(model.vae.encode_latent(x, jax.random.key(0)))
+    np.testing.assert_allclose(m["lpips"], jnp.mean(metric(recon, x)), rtol=1e-5)
+    np.testing.assert_allclose(m["loss_recon"], jnp.mean(jnp.abs(recon - x)), rtol=1e-5)
+    np.testing.assert_allclose(total, m["loss_recon"] + m["lpips"], rtol=1e-6)
+    assert float(m["lpips"]) > 1e-3
+    assert float(optax.tree.norm(grads["vae"]["encoder"])) == 0.0
+    l1_only = jax.jit(jax.grad(lambda p: loss(p, 0.0)[0]))(params)
+    diff = jax.tree.map(jnp.subtract, grads["vae"]["decoder"], l1_only["vae"]["decoder"])
+    assert float(optax.tree.norm(diff)) > 1e-3 * float(optax.tree.norm(l1_only["vae"]["decoder"]))
+    with pytest.raises(ValueError, match="LPIPS"):
+        losses.compute_loss(
+            model, batch, jax.random.key(0), losses.LossConfig(stage="decoder"), None
+        )

@@ -22,6 +22,7 @@ def abstract():
     "stage,also,want",
     [
         ("vae", (), {"vae"}),
+        ("decoder", (), {"vae"}),
         ("sr", (), {"controlnet"}),
         ("seg", (), {"segdm"}),
         ("joint", (), {"controlnet", "segdm", "bridge"}),
@@ -37,6 +38,13 @@ def test_stage_selects_trainable_modules(abstract, stage, also, want):
         frozen
     ) == state_lib.count_params(nnx.state(abstract))
     assert state_lib.take_like(everything, params).keys() == params.keys()
+
+
+def test_stage_decoder_trains_the_decoder_side_of_the_vae_only(abstract):
+    _, params, frozen = state_lib.split_model(abstract, "decoder")
+    assert set(params["vae"]) == {"decoder", "post_quant_conv"}
+    assert {"encoder", "quant_conv"} <= set(frozen["vae"])
+    assert "decoder" not in frozen["vae"]
 
 
 def test_batch_statistics_are_never_trained(abstract):

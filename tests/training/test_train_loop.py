@@ -131,6 +131,39 @@ def test_experiment_stages_train_only_their_modules(stage, tmp_path, init_checkp
     assert changed == {"prior": {"controlnet", "bridge"}, "segmenter": {"segformer"}}[stage]
 
 
+def test_decoder_stage_fine_tunes_only_the_decoder_with_lpips(
+    tmp_path, init_checkpoint, monkeypatch
+):
+    """Stage decoder runs through the CLI's training loop with LPIPS's weights read from the
+    fetch cache (random ones here), logs the LPIPS term, and changes only the VAE's decoder
+    side: the encoder, hence the latent space the diffusion stages learned, is bitwise kept."""
+    from safetensors.numpy import save_file
+
+    from segsr_jax.lpips import LPIPS
+    from segsr_jax.weights import fetch
+    from segsr_jax.weights.torch_mapping import state_dict_from_module
+
+    (tmp_path / "cache" / "lpips").mkdir(parents=True)
+    tensors = state_dict_from_module(LPIPS(rngs=nnx.Rngs(0)))
+    tensors = {k: np.abs(v) if k.startswith("lins") else v for k, v in tensors.items()}  # >= 0
+    save_file(tensors, str(tmp_path / "cache" / "lpips" / "model.safetensors"))
+    monkeypatch.setenv(fetch.CACHE_ENV, str(tmp_path / "cache"))
+    c = get_config("decoder")
+    c.init_from = str(init_checkpoint)
+    c.num_steps = 3
+    c.checkpoint.every = 3
+    assert train.train_and_evaluate(c, str(tmp_path / "run")) == 0
+    metrics = _records(tmp_path / "run")[-1]
+    assert np.isfinite(metrics["lpips"]) and metrics["lpips"] > 0
+    np.testing.assert_allclose(metrics["loss"], metrics["loss_recon"] + metrics["lpips"], rtol=1e-5)
+    _, before = random_params()
+    after = nnx.to_pure_dict(Restorer.from_checkpoint(tmp_path / "run" / "checkpoints").state)
+    flat = lambda t: dict(jax.tree_util.tree_leaves_with_path(t))  # noqa: E731
+    b, a = flat(before), flat(after)
+    changed = {jax.tree_util.keystr(k[:2]) for k in b if not np.array_equal(b[k], a[k])}
+    assert changed == {"['vae']['decoder']", "['vae']['post_quant_conv']"}
+
+
 def test_checkpoint_carries_the_configs_sampling_defaults(tmp_path, init_checkpoint):
     """sample.options, inference-only defaults (min_side, tiling) included, become the
     checkpoint's sampling defaults; the validation grid samples with the options it knows."""
