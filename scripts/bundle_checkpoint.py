@@ -36,6 +36,13 @@ def main(argv=None) -> None:
     p.add_argument("--color-fix", default=None, choices=("adain", "wavelet", "none"))
     p.add_argument("--cleaner", default=None, choices=CLEANERS)
     p.add_argument("--strength", type=float, default=None)
+    p.add_argument(
+        "--prompt-mode",
+        default=None,
+        choices=("fixed", "tags"),
+        help="default: the source's sampling default, else tags for a model trained with "
+        "seg-tag prompts",
+    )
     args = p.parse_args(argv)
 
     def build(cfg):
@@ -50,8 +57,17 @@ def main(argv=None) -> None:
         "prompt": args.prompt,
         "negative_prompt": "",
     }
-    optional = ("tile", "tile_overlap", "color_fix", "cleaner", "strength")
+    optional = ("tile", "tile_overlap", "color_fix", "cleaner", "strength", "prompt_mode")
     sampling.update({k: getattr(args, k) for k in optional if getattr(args, k) is not None})
+    # A model trained with seg-tag prompts samples with them (training's max_tags).
+    trained = cfg.get("train", {}).get("train", {}).get("prompt", {})
+    source = cfg.get("sampling", {})
+    if "prompt_mode" not in sampling:
+        mode = source.get("prompt_mode", "tags" if trained.get("mode") == "tags" else None)
+        if mode is not None:
+            sampling["prompt_mode"] = mode
+    if sampling.get("prompt_mode") == "tags":
+        sampling["max_tags"] = source.get("max_tags", trained.get("max_tags", 3))
     SampleOptions.from_dict(sampling)  # refuse settings no sampler can run, before writing
     out = Path(args.output)
     if out.exists():

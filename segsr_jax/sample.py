@@ -42,7 +42,7 @@ from pathlib import Path
 import numpy as np
 
 # JAX-free, so --help stays instant: JAX is imported only after the arguments are parsed.
-from segsr_jax.diffusion.options import CLEANERS, SampleOptions
+from segsr_jax.diffusion.options import CLEANERS, PROMPT_MODES, SampleOptions, parse_class_scale
 from segsr_jax.images import output_names, outputs_of, write_outputs
 
 
@@ -150,6 +150,22 @@ def parse_args(argv=None) -> argparse.Namespace:
         help=f"default: the checkpoint's, else {SampleOptions.negative_prompt!r} (SeeSR)",
     )
     p.add_argument(
+        "--prompt-mode",
+        default=None,
+        choices=PROMPT_MODES,
+        help="tags: each image's prompt is the classes the LQ segmenter finds in it (what a "
+        "model trained with seg-tag prompts saw), then --prompt; fixed: --prompt alone "
+        "(default: the checkpoint's, else fixed)",
+    )
+    p.add_argument(
+        "--class-scale",
+        default=None,
+        metavar="CLASS=SCALE,...",
+        help="per-class generative strength, e.g. 'blue sky=0.3,dark foliage=1.5': where the "
+        "segmentation sees the class, the generated change from the LQ is scaled (0 keeps "
+        "the LQ, 1 as usual, >1 more detail); other classes keep 1",
+    )
+    p.add_argument(
         "--guidance",
         type=float,
         default=None,
@@ -207,6 +223,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         value = getattr(args, flag)
         if value is not None and value < 1:
             p.error(f"--{flag.replace('_', '-')} must be >= 1, not {value}")
+    if args.class_scale is not None:
+        try:
+            args.class_scale = parse_class_scale(args.class_scale)
+        except ValueError as e:
+            p.error(f"--class-scale: {e}")
     if args.min_side is not None and args.min_side < 0:
         p.error(f"--min-side must be >= 0, not {args.min_side}")
     if args.tile_overlap is not None and args.tile_overlap < 0:
@@ -358,7 +379,10 @@ def run(args: argparse.Namespace, progress: Progress) -> int:
             seed=args.seed,
             strength=args.strength,
             cleaner=args.cleaner,
+            prompt_mode=args.prompt_mode,
+            class_scale=args.class_scale,
         )
+        restorer.session.class_scale(options)  # names the model's classes when one is unknown
     except ValueError as e:  # e.g. --tile against the checkpoint's overlap
         print(f"error: {e} (the flags over the checkpoint's defaults)", file=sys.stderr)
         return 2

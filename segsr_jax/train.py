@@ -58,6 +58,7 @@ from segsr_jax.training.run_setup import (  # re-exported: the entry point's own
     make_source,
     missing_init_message,
     pipeline_config,
+    sampling_defaults,
     setup_tokenizer,
     sharding_rules,
     stop_signals,
@@ -247,7 +248,7 @@ def _train(
             model_cfg,
             val_batch,
             tokenizer,
-            SampleOptions.from_dict(config.sample.options),
+            SampleOptions.from_dict(sampling_defaults(config)),
             mesh,
         )
         seconds = validator.compile(state_lib.merge_trees(train_state.ema_params, frozen))
@@ -298,7 +299,7 @@ def _train(
                 config={
                     "model": model_cfg.to_dict(),
                     "train": config.to_dict(),
-                    "sampling": config.sample.options.to_dict(),
+                    "sampling": sampling_defaults(config),
                 },
             )
             log.event("checkpoint", step, path=str(ckpt_dir / str(step)))

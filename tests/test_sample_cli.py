@@ -367,6 +367,9 @@ def test_output_that_is_a_file_fails_before_loading_the_model(
         ["--batch-size", "0"],
         ["--min-side", "-1"],
         ["--tile", "16", "--tile-overlap", "16"],
+        ["--class-scale", "sky"],
+        ["--class-scale", "sky=-2"],
+        ["--prompt-mode", "caption"],
     ],
 )
 def test_bad_numbers_are_refused_by_argparse(flags, capsys):
@@ -438,6 +441,18 @@ def test_cleaner_without_its_weights_is_one_line_and_exit_2(
     err = capsys.readouterr().err
     assert rc == 2 and "python -m segsr_jax.weights.fetch realesrgan" in err
     assert len(err.strip().splitlines()) == 1 and not any(out.glob("*"))
+
+
+def test_class_scale_of_an_unknown_class_is_one_line_naming_the_classes(
+    ckpt, inputs, tmp_path, capsys
+):
+    out = tmp_path / "o"
+    rc = sample.main(_args(ckpt, inputs / "rgb.png", out, tmp_path, "--class-scale", "snow=2"))
+    err = capsys.readouterr().err
+    assert rc == 2 and "no class 'snow' in this model" in err
+    assert len(err.strip().splitlines()) == 1 and not any(out.glob("*"))
+    args = sample.parse_args(["--class-scale", "a b=0.5,c=2", "--prompt-mode", "tags"])
+    assert args.class_scale == (("a b", 0.5), ("c", 2.0)) and args.prompt_mode == "tags"
 
 
 def test_cleaner_hands_the_sampler_real_esrgans_output(ckpt, monkeypatch):

@@ -19,6 +19,33 @@ SEG_PRIORS = ("diffusion", "fixed", "none")
 
 
 CLEANERS = ("none", "realesrgan")
+PROMPT_MODES = ("fixed", "tags")
+
+
+def parse_class_scale(text: str) -> tuple[tuple[str, float], ...]:
+    """``"sky=0.3,blue grass=1.5"`` -> ``(("sky", 0.3), ("blue grass", 1.5))`` (names may hold
+    spaces; the last ``=`` of each item splits name and scale).
+
+    Raises:
+      ValueError: an item without ``=``, an empty name, a scale that is not a finite number
+        >= 0, or a name given twice.
+    """
+    out: dict[str, float] = {}
+    for item in filter(None, (x.strip() for x in text.split(","))):
+        name, sep, value = item.rpartition("=")
+        name = name.strip()
+        if not sep or not name:
+            raise ValueError(f"class scale {item!r}: write CLASS=SCALE, e.g. sky=0.5")
+        try:
+            scale = float(value)
+        except ValueError:
+            raise ValueError(f"class scale {item!r}: {value!r} is not a number") from None
+        if not (math.isfinite(scale) and scale >= 0):
+            raise ValueError(f"class scale {item!r}: the scale must be a number >= 0")
+        if name in out:
+            raise ValueError(f"class scale: {name!r} is given twice")
+        out[name] = scale
+    return tuple(out.items())
 
 
 def strength_steps(num_steps: int, strength: float) -> int:
@@ -87,6 +114,16 @@ class SampleOptions:
       cleaner: ``none`` | ``realesrgan``: what upscales the LQ before the diffusion model
         sees it (``none``: bicubic; ``realesrgan``: Real-ESRGAN x4plus removes the
         degradation first, DiffBIR's first stage; :mod:`segsr_jax.upscalers`).
+      prompt_mode: ``fixed`` (``prompt`` for every image) or ``tags``: each image's prompt is
+        the names of the classes the LQ segmenter finds in it, largest area first (at most
+        ``max_tags``), then ``prompt`` -- the prompts a model trained with seg-tag prompts
+        saw (SeeSR's tag prompts, with our segmenter as the tagger).
+      max_tags: at most this many class names in a ``tags`` prompt.
+      class_scale: per-class generative strength, ``((class name, scale), ...)``: at every
+        step the model's clean-latent estimate is moved from the LQ latent by ``scale`` times
+        its own offset, pixel by pixel weighted by the segmentation's current soft map
+        (0: keep the LQ there, 1: unchanged, above 1: more generated detail); classes not
+        named keep 1. Also given as ``"sky=0.3,grass=1.5"`` (:func:`parse_class_scale`).
 
     Raises:
       ValueError: a setting no sampler can run with (named in the message).
@@ -106,8 +143,25 @@ class SampleOptions:
     seed: int = 0
     strength: float = 1.0
     cleaner: str = "none"
+    prompt_mode: str = "fixed"
+    max_tags: int = 3
+    class_scale: tuple[tuple[str, float], ...] = ()
 
     def __post_init__(self):
+        scales = self.class_scale
+        if isinstance(scales, str):
+            scales = parse_class_scale(scales)
+        elif isinstance(scales, dict):
+            scales = scales.items()
+        # Hashable and canonical, also when read back from a checkpoint's JSON lists.
+        object.__setattr__(self, "class_scale", tuple((str(n), float(v)) for n, v in scales))
+        parse_class_scale(",".join(f"{n}={v}" for n, v in self.class_scale))  # same checks
+        if self.prompt_mode not in PROMPT_MODES:
+            raise ValueError(
+                f"prompt mode {self.prompt_mode!r}: choose one of {', '.join(PROMPT_MODES)}"
+            )
+        if self.max_tags < 1:
+            raise ValueError(f"max_tags must be >= 1, not {self.max_tags}")
         if self.steps < 1:
             raise ValueError(f"steps must be >= 1, not {self.steps}")
         if not (math.isfinite(self.guidance) and self.guidance >= 0):

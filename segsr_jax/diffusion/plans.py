@@ -34,6 +34,9 @@ class SamplingPlan:
       seg_prior: what conditions SRDM on segmentation (:class:`SegPrior`).
       record_labels: also return the segmentation's argmax after every step
         (:attr:`SampleOutput.trajectory`).
+      class_scale: whether the sampler takes a per-class scale of the generated offset
+        (:attr:`segsr_jax.diffusion.options.SampleOptions.class_scale`); without it the
+        program is the same as before the option existed.
     """
 
     image_shape: tuple[int, int]
@@ -46,6 +49,7 @@ class SamplingPlan:
     t_start: int = 999
     seg_prior: SegPrior = SegPrior()
     record_labels: bool = False
+    class_scale: bool = False
 
 
 def make_plan(
@@ -62,6 +66,7 @@ def make_plan(
     seg_prior: str | SegPrior = "diffusion",
     record_labels: bool = False,
     t_start: int = 999,
+    class_scale: bool = False,
 ) -> SamplingPlan:
     """A :class:`SamplingPlan` for an LQ input of ``image_hw`` (already upscaled and padded).
 
@@ -88,4 +93,5 @@ def make_plan(
         seg_prior=SegPrior.of(seg_prior),
         record_labels=record_labels,
         t_start=t_start,
+        class_scale=class_scale,
     )

@@ -4,6 +4,7 @@
 
     fn = make_sample_fn(graphdef, plan)            # jit with explicit shardings, compile once
     out = fn(state, lq, context, uncond_context, guidance_scale, schedule, key)
+    out = fn(..., key, class_scale)                # plan.class_scale: a [K] scale per class
 
 Inside one call: the LQ conditions (VAE encode of the LQ, SegFormer features; both window by
 window on images larger than the VAE encoder tile), the start states (SeeSR's noised LR
@@ -48,6 +49,7 @@ class Conditions:
     context: jax.Array
     uncond_context: jax.Array | None
     guidance_scale: jax.Array
+    class_scale: jax.Array | None = None  # [K], with plan.class_scale
 
 
 @jax.tree_util.register_dataclass
@@ -134,6 +136,21 @@ def _denoise_tiles(model: SegSR, plan: SamplingPlan, z_t, s_t, t, t_seg, cond: C
     return unchunk(out), unchunk(logits)
 
 
+def scale_by_class(
+    model_out: jax.Array, x_t: jax.Array, seg_logits: jax.Array, cond: Conditions, c
+) -> jax.Array:
+    """The model output whose clean-latent estimate is ``z_lq + m (x0_hat - z_lq)``, with
+    ``m = softmax(seg_logits) . class_scale`` per latent pixel (``c``: this step's
+    :class:`samplers.SRCoeffs`). A soft map, so class borders blend as the segmentation does;
+    ``m = 1`` everywhere gives ``model_out`` back (up to rounding)."""
+    probs = jax.nn.softmax(seg_logits.astype(jnp.float32), axis=-1)
+    m = jnp.einsum("bhwk,k->bhw", probs, cond.class_scale)[..., None]
+    x_t = x_t.astype(jnp.float32)
+    x0 = c.x0_from_x * x_t + c.x0_from_out * model_out.astype(jnp.float32)
+    x0 = cond.z_lq + m * (x0 - cond.z_lq)
+    return ((x0 - c.x0_from_x * x_t) / c.x0_from_out).astype(model_out.dtype)
+
+
 def reverse_step(
     model: SegSR, plan: SamplingPlan, cond: Conditions, carry: Carry, s: samplers.Schedule
 ) -> Carry:
@@ -142,6 +159,8 @@ def reverse_step(
     model_out, seg_logits = _denoise_tiles(
         model, plan, carry.sr.x, carry.s_t, s.timestep, s.seg.time, cond
     )
+    if plan.class_scale:  # by the segmentation the step started from (SegDM's latest map)
+        model_out = scale_by_class(model_out, carry.sr.x, carry.seg_logits, cond, s.sr)
     key, k_noise = jax.random.split(carry.key)
     noise = jax.random.normal(k_noise, carry.sr.x.shape, carry.sr.x.dtype)
     sr = samplers.sr_step(s.sr, carry.sr, model_out, noise)
@@ -152,10 +171,9 @@ def reverse_step(
     return Carry(sr=sr, s_t=s_next, key=key, seg_logits=seg_logits)
 
 
-def _prepare(
-    model: SegSR, plan: SamplingPlan, lq, context, uncond_context, guidance_scale, key
-) -> tuple[Conditions, Carry, jax.Array]:
-    """LQ conditions and the start carry."""
+def lq_conditions(model: SegSR, plan: SamplingPlan, lq) -> tuple[jax.Array, ...]:
+    """``(z_lq, f_lq, lq_logits)``: the LQ latent, the segmentation encoder's features and the
+    LQ segmenter's logits at latent resolution (window by window on a tiled plan)."""
     if tuple(lq.shape[1:3]) != plan.image_shape:
         raise ValueError(f"LQ batch {lq.shape} does not match the plan's {plan.image_shape}")
     if plan.vae_tile is None:
@@ -165,12 +183,41 @@ def _prepare(
         mean, _ = vae_tiling.tiled_encode(model.vae, lq, plan.vae_tile[0], plan.vae_overlap[0])
         z_lq = model.vae.scale_latent(mean)
         f_lq, lq_logits = _tiled_lq_features(model, plan, lq)
+    return z_lq, f_lq, lq_logits
+
+
+def make_lq_labels_fn(graphdef: nnx.GraphDef, plan: SamplingPlan):
+    """``fn(state, lq) -> [B, h, w]`` int32, the LQ segmenter's labels the sampler would see
+    (jitted; the seg-tag prompts are made from them before sampling)."""
+
+    def fn(state, lq):
+        _, _, logits = lq_conditions(nnx.merge(graphdef, state), plan, lq)
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+    return jax.jit(fn)
+
+
+def _prepare(
+    model: SegSR,
+    plan: SamplingPlan,
+    lq,
+    context,
+    uncond_context,
+    guidance_scale,
+    key,
+    class_scale=None,
+) -> tuple[Conditions, Carry, jax.Array]:
+    """LQ conditions and the start carry."""
+    z_lq, f_lq, lq_logits = lq_conditions(model, plan, lq)
+    if plan.class_scale != (class_scale is not None):
+        raise ValueError("a plan with class_scale takes a class_scale array, and only it")
     cond = Conditions(
         z_lq=z_lq,
         f_lq=f_lq,
         context=context,
         uncond_context=uncond_context if plan.guidance else None,
         guidance_scale=jnp.asarray(guidance_scale, jnp.float32),
+        class_scale=None if class_scale is None else jnp.asarray(class_scale, jnp.float32),
     )
     k_z, k_s, k_loop = jax.random.split(key, 3)
     noise = NoiseConfig(prediction_type=model.config.prediction_type)
@@ -183,7 +230,8 @@ def _prepare(
         if plan.t_start < noise.num_train_timesteps - 1:  # strength < 1: from the LQ's map too
             alpha, sigma = seg_alpha_sigma(seg_time(plan.t_start, noise.num_train_timesteps))
             s_start = float(alpha) * model.segdm.embed_labels(lq_labels) + float(sigma) * s_start
-        logits0 = jnp.zeros((b, h, w, model.config.segdm.num_classes), jnp.float32)
+        # The map before SegDM's first step (what a per-class scale reads at that step).
+        logits0 = lq_logits.astype(jnp.float32)
     else:  # the fixed segmenter's map, embedded like a clean SegDM map, for every step
         s_start = model.segdm.embed_labels(lq_labels)
         logits0 = lq_logits
@@ -243,6 +291,7 @@ def sample(
     guidance_scale,
     schedule: samplers.Schedule,
     key: jax.Array,
+    class_scale: jax.Array | None = None,
 ) -> SampleOutput:
     """The whole reverse process for a batch (traceable; :func:`make_sample_fn` jits it).
 
@@ -255,11 +304,15 @@ def sample(
       schedule: per-step coefficients from :func:`samplers.make_schedule`; its length is the
         number of steps.
       key: PRNG key for the start noise and stochastic samplers.
+      class_scale: ``[K]`` float32 per-class scale of the generated offset (only with
+        ``plan.class_scale``; :func:`scale_by_class`).
     """
     # Weights in each layer's compute dtype once, so the scan carries bf16 weights and the
     # casts are not repeated at every step (XLA does not hoist them out of the loop).
     model = layers.with_compute_dtype_weights(model)
-    cond, carry, lq_labels = _prepare(model, plan, lq, context, uncond_context, guidance_scale, key)
+    cond, carry, lq_labels = _prepare(
+        model, plan, lq, context, uncond_context, guidance_scale, key, class_scale
+    )
 
     def body(c, s):
         c = reverse_step(model, plan, cond, c, s)
@@ -278,7 +331,8 @@ def make_sample_fn(
     state_shardings=None,
     batch_sharding=None,
 ):
-    """``fn(state, lq, context, uncond_context, guidance_scale, schedule, key)`` jitted.
+    """``fn(state, lq, context, uncond_context, guidance_scale, schedule, key)`` jitted
+    (``plan.class_scale``: and a last argument, the ``[K]`` class scale, replicated).
 
     With a mesh, the batch axis of the images, contexts and outputs is split by
     ``batch_sharding`` (default: over ``'data'``; the batch must then be a multiple of the
@@ -290,9 +344,11 @@ def make_sample_fn(
     (plan, batch, step count, shardings).
     """
 
-    def fn(state, lq, context, uncond_context, guidance_scale, schedule, key):
+    def fn(state, lq, context, uncond_context, guidance_scale, schedule, key, class_scale=None):
         model = nnx.merge(graphdef, state)
-        return sample(model, plan, lq, context, uncond_context, guidance_scale, schedule, key)
+        return sample(
+            model, plan, lq, context, uncond_context, guidance_scale, schedule, key, class_scale
+        )
 
     if mesh is None:
         return jax.jit(fn)
@@ -306,7 +362,10 @@ def make_sample_fn(
         latent=batch,
         trajectory=batch if plan.record_labels else None,
     )
-    return jax.jit(fn, in_shardings=(params, batch, batch, batch, rep, rep, rep), out_shardings=out)
+    extra = (rep,) if plan.class_scale else ()
+    return jax.jit(
+        fn, in_shardings=(params, batch, batch, batch, rep, rep, rep, *extra), out_shardings=out
+    )
 
 
 def shardings_of(tree):
@@ -324,16 +383,16 @@ def sample_loop(
     guidance_scale,
     schedule: samplers.Schedule,
     key,
+    class_scale=None,
 ) -> SampleOutput:
     """Debug driver: the same step body as :func:`sample`, one jitted step per Python
     iteration (inspect or print the carry between steps)."""
     graphdef, state = nnx.split(layers.with_compute_dtype_weights(model))
 
     @partial(jax.jit, static_argnums=0)
-    def prepare(plan, state, lq, context, uncond_context, guidance_scale, key):
-        return _prepare(
-            nnx.merge(graphdef, state), plan, lq, context, uncond_context, guidance_scale, key
-        )
+    def prepare(plan, state, lq, context, uncond_context, guidance_scale, key, class_scale):
+        model = nnx.merge(graphdef, state)
+        return _prepare(model, plan, lq, context, uncond_context, guidance_scale, key, class_scale)
 
     @partial(jax.jit, static_argnums=0)
     def step(plan, state, cond, carry, s):
@@ -343,7 +402,9 @@ def sample_loop(
     def finish(plan, state, lq, carry, lq_labels, traj):
         return _finish(nnx.merge(graphdef, state), plan, lq, carry, lq_labels, traj)
 
-    cond, carry, lq_labels = prepare(plan, state, lq, context, uncond_context, guidance_scale, key)
+    cond, carry, lq_labels = prepare(
+        plan, state, lq, context, uncond_context, guidance_scale, key, class_scale
+    )
     traj = []
     for i in range(len(schedule)):
         carry = step(plan, state, cond, carry, jax.tree.map(lambda a, i=i: a[i], schedule))

@@ -42,7 +42,8 @@ class Call:
 
     Attributes:
       fn: the jitted sampler (:func:`sampling.make_sample_fn`) for this plan and placement.
-      args: ``(state, lq, context, uncond_context, guidance_scale, schedule, key)``.
+      args: ``(state, lq, context, uncond_context, guidance_scale, schedule, key)`` (and the
+        ``[K]`` class scale with ``plan.class_scale``).
       plan: its static plan.
       key: what the compiled program depends on (plan, batch, sampler, steps, placement).
     """
@@ -75,6 +76,20 @@ def _encode(graphdef, state, ids, n: int, sharding):
     prompt for every image, so it is encoded once), constrained to ``sharding``."""
     ctx = jnp.tile(nnx.merge(graphdef, state).encode_prompts(ids), (n, 1, 1))
     return ctx if sharding is None else jax.lax.with_sharding_constraint(ctx, sharding)
+
+
+def _encode_each(graphdef, state, ids, sharding):
+    """One prompt per image: contexts ``[n, L, D]`` of ids ``[n, L]`` (jitted)."""
+    ctx = nnx.merge(graphdef, state).encode_prompts(ids)
+    return ctx if sharding is None else jax.lax.with_sharding_constraint(ctx, sharding)
+
+
+def tag_prompt(labels: np.ndarray, class_names, max_tags: int, prompt: str) -> str:
+    """The seg-tag prompt of one image: the classes in ``labels`` largest first (as training's
+    :func:`segsr_jax.training.prompts.seg_tags`), then ``prompt`` when it is not empty."""
+    from segsr_jax.training.prompts import seg_tags
+
+    return ", ".join(x for x in (seg_tags(labels, class_names, max_tags), prompt) if x)
 
 
 class SamplingSession:
@@ -110,6 +125,8 @@ class SamplingSession:
         self._schedules: dict = {}
         self._replicas: dict = {}
         self._encode = jax.jit(partial(_encode, graphdef), static_argnums=(2, 3))
+        self._encode_each = jax.jit(partial(_encode_each, graphdef), static_argnums=2)
+        self._lq_label_fns: dict = {}
         self._noise = NoiseConfig(prediction_type=config.prediction_type)
 
     def plan(
@@ -131,6 +148,7 @@ class SamplingSession:
             color_fix=options.color_fix,
             seg_prior=options.seg_prior,
             record_labels=record_labels,
+            class_scale=bool(options.class_scale),
             t_start=samplers.start_timestep(
                 self.schedule(options), self._noise.num_train_timesteps, options.strength
             ),
@@ -192,6 +210,48 @@ class SamplingSession:
             self._contexts[key] = ctx
         return ctx
 
+    def class_scale(self, options: SampleOptions) -> np.ndarray:
+        """The options' per-class scales as a ``[K]`` float32 vector (1 where not named).
+
+        Raises:
+          ValueError: a name that is not one of the model's classes (the message lists them).
+        """
+        names = list(self.config.class_names)
+        out = np.ones(self.config.segdm.num_classes, np.float32)
+        for name, scale in options.class_scale:
+            if name not in names:
+                known = ", ".join(names) if names else "none: the model names no classes"
+                raise ValueError(f"class scale: no class {name!r} in this model (classes: {known})")
+            out[names.index(name)] = scale
+        return out
+
+    def tag_prompts(self, state, lq, plan: plans.SamplingPlan, options: SampleOptions, sharding):
+        """Every image's seg-tag prompt (:func:`tag_prompt`) from the LQ segmenter's labels on
+        ``lq`` (placed as the sampler's batch), the labels the sampler itself starts from."""
+        if not self.config.class_names:
+            raise ValueError("prompt mode 'tags' needs a model whose config names its classes")
+        if plan not in self._lq_label_fns:
+            self._lq_label_fns[plan] = sampling.make_lq_labels_fn(self.graphdef, plan)
+        labels = self._lq_label_fns[plan](state, lq)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            labels = multihost_utils.process_allgather(labels, tiled=True)
+        names = self.config.class_names
+        return [tag_prompt(y, names, options.max_tags, options.prompt) for y in np.asarray(labels)]
+
+    def prompt_contexts(self, state, prompts: list[str], sharding=None) -> jax.Array:
+        """Contexts ``[n, L, D]``, one prompt per image of the (global) batch."""
+        if self.tokenizer is None:
+            raise ValueError("this sampling session has no tokenizer: pass contexts")
+        ids = np.asarray(self.tokenizer(prompts))
+        if self.mesh is not None:
+            return self._encode_each(
+                state, parallel.global_array(ids, parallel.replicated(self.mesh)), sharding
+            )
+        ctx = self._encode_each(state, jnp.asarray(ids), None)
+        return ctx if sharding is None else jax.device_put(ctx, sharding)
+
     def call(
         self,
         state,
@@ -220,16 +280,21 @@ class SamplingSession:
         mesh, sharding = self.placement(n)
         if mesh is not None and self.mesh is None:
             state = self._replicated(state, mesh)
-        if contexts is None:
-            ctx = self.context(state, options.prompt, n, sharding)
-            uctx = (
-                self.context(state, options.negative_prompt, n, sharding) if plan.guidance else None
-            )
-        else:
-            ctx, uctx = contexts[0], contexts[1] if plan.guidance else None
         lq = (
             jnp.asarray(lq) if sharding is None else parallel.global_array(np.asarray(lq), sharding)
         )
+        if contexts is not None:
+            ctx, uctx = contexts[0], contexts[1] if plan.guidance else None
+        else:
+            if options.prompt_mode == "tags":
+                prompts = self.tag_prompts(state, lq, plan, options, sharding)
+                ctx = self.prompt_contexts(state, prompts, sharding)
+            else:
+                ctx = self.context(state, options.prompt, n, sharding)
+            uctx = (
+                self.context(state, options.negative_prompt, n, sharding) if plan.guidance else None
+            )
+        extra = (jnp.asarray(self.class_scale(options)),) if plan.class_scale else ()
         args = (
             state,
             lq,
@@ -238,6 +303,7 @@ class SamplingSession:
             jnp.float32(options.guidance),
             self.schedule(options),
             jax.random.key(options.seed),
+            *extra,
         )
         # Weights on the session's mesh stay where they are; else they are replicated.
         state_shardings = None if self.mesh is None else sampling.shardings_of(state)

@@ -126,6 +126,18 @@ def pipeline_config(cfg: ConfigDict, stage: str, **overrides) -> PipelineConfig:
     return PipelineConfig(**{**fields, **overrides})
 
 
+def sampling_defaults(cfg: ConfigDict) -> dict:
+    """The sampling options a run validates with and writes into its checkpoints:
+    ``cfg.sample.options``, and for a model trained with seg-tag prompts, tag prompts at
+    sampling too (``prompt_mode`` tags, training's ``max_tags``) unless the options say."""
+    out = cfg.sample.options.to_dict()
+    prompt = cfg.train.get("prompt", None)
+    if prompt is not None and prompt.get("mode", "tags") == "tags":
+        out.setdefault("prompt_mode", "tags")
+        out.setdefault("max_tags", prompt.get("max_tags", 3))
+    return out
+
+
 def sharding_rules(cfg: ConfigDict) -> parallel.ShardingRules:
     """``config.sharding`` as :class:`parallel.ShardingRules` (lists become tuples)."""
     return parallel.ShardingRules(

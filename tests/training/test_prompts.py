@@ -63,3 +63,19 @@ def test_dropout_is_a_pure_function_of_step_and_process(tokenizer):
     assert fixed.prompts(labels[:2], 0) == ["hi", "hi"]
     with pytest.raises(ValueError, match="class_names"):
         prompts.PromptMaker(tokenizer, (), cfg)
+
+
+def test_sampling_defaults_follow_the_training_prompts():
+    """A run trained with seg-tag prompts samples with them (its max_tags); a fixed-prompt run
+    or options that name a prompt mode keep theirs."""
+    from segsr_jax.training.run_setup import sampling_defaults
+    from tests.training.tiny_train_config import get_config
+
+    c = get_config("seg")
+    got = sampling_defaults(c)
+    assert (got["prompt_mode"], got["max_tags"]) == ("tags", c.train.prompt.max_tags)
+    c.train.prompt.mode = "fixed"
+    assert "prompt_mode" not in sampling_defaults(c)
+    c.train.prompt.mode = "tags"
+    c.sample.options.prompt_mode = "fixed"
+    assert sampling_defaults(c)["prompt_mode"] == "fixed"

@@ -172,11 +172,14 @@ def test_checkpoint_carries_the_configs_sampling_defaults(tmp_path, init_checkpo
     c.num_steps = c.checkpoint.every = c.sample.every = 1
     c.sample.options.update(min_side=32, tile=8, tile_overlap=2)
     assert train.train_and_evaluate(c, str(tmp_path)) == 0
-    assert (
-        checkpoint.read_checkpoint_config(tmp_path / "checkpoints")["sampling"]
-        == c.sample.options.to_dict()
-    )
+    # Trained with seg-tag prompts (max 2 tags): it samples with tag prompts too.
+    assert checkpoint.read_checkpoint_config(tmp_path / "checkpoints")["sampling"] == {
+        **c.sample.options.to_dict(),
+        "prompt_mode": "tags",
+        "max_tags": 2,
+    }
     assert _records(tmp_path, "compile_sampler")
     restorer = Restorer.from_checkpoint(tmp_path / "checkpoints")
     options = restorer.options()
     assert (options.min_side, options.tile, options.tile_overlap) == (32, 8, 2)
+    assert (options.prompt_mode, options.max_tags) == ("tags", 2)
