@@ -137,6 +137,7 @@ def jax_programs(
         s_t=x["s"],
         key=jax.random.key(0),
         seg_logits=jnp.zeros((b, h, w, cfg.segdm.num_classes)),
+        seg_probs=jnp.zeros((b, h, w, cfg.segdm.num_classes)),
     )
 
     def segsr_step(state, cond, carry, s):

@@ -66,8 +66,9 @@ STAGES = {
 INFERENCE = dict(min_side=32, tile=32, tile_overlap=8)
 
 
-def model_config() -> SegSRConfig:
-    """The photo architecture: tiny's widths, attention only below full latent resolution."""
+def model_config(class_names: tuple[str, ...] = CLASS_NAMES) -> SegSRConfig:
+    """The photo architecture: tiny's widths, attention only below full latent resolution
+    (``class_names``: the segmentation's classes; configs/aliased.py uses its own)."""
     base = tiny.model_config()
     vae = dataclasses.replace(
         base.vae, block_out_channels=(32, 64, 64), mid_block_add_attention=False
@@ -80,8 +81,9 @@ def model_config() -> SegSRConfig:
     # The ControlNet encoder follows the UNet's; tiny's conditioning settings are kept.
     keep = ("conditioning", "conditioning_channels", "conditioning_embedding_out_channels")
     controlnet = controlnet_config_from_unet(unet, {k: getattr(base.controlnet, k) for k in keep})
-    segformer = dataclasses.replace(base.segformer, num_labels=NUM_CLASSES, id2label=CLASS_NAMES)
-    segdm = dataclasses.replace(base.segdm, num_classes=NUM_CLASSES, attention_blocks=())
+    k = len(class_names)
+    segformer = dataclasses.replace(base.segformer, num_labels=k, id2label=class_names)
+    segdm = dataclasses.replace(base.segdm, num_classes=k, attention_blocks=())
     return SegSRConfig(
         vae=vae,
         text=base.text,
@@ -90,7 +92,7 @@ def model_config() -> SegSRConfig:
         segformer=segformer,
         segdm=segdm,
         bridge=base.bridge,
-        class_names=CLASS_NAMES,
+        class_names=class_names,
     )
 
 

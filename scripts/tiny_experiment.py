@@ -23,6 +23,15 @@ segmentation's mIoU after every step. Each training run's scores are averaged ov
 seeds; the tables give the mean and standard deviation over training runs. Bicubic upsampling
 and the HR images themselves are scored as references. Outputs: ``results.json``,
 ``results.md`` and ``grid.png`` (first training run, first sampling seed) in ``--out``.
+
+``--benchmark aliased`` runs the same experiment on the controlled benchmark
+(``configs/aliased.py``, :mod:`segsr_jax.data.aliased`: textures the x4 degradation averages
+away, told apart in the LQ only by a weak colour cue), into ``docs/experiment/aliased/``, and
+adds the texture accuracy of every output (:mod:`segsr_jax.evaluation.texture`: which period-4
+texture each 8 x 8 window shows, by its Fourier energy, no learned segmenter) and the HR
+images through the VAE as the autoencoder's ceiling::
+
+    python scripts/tiny_experiment.py --benchmark aliased
 """
 
 from __future__ import annotations
@@ -49,15 +58,24 @@ ARMS = {
 SEG_PRIOR = {"sronly": "none", "prior": "fixed", "joint": "diffusion"}
 TEST_SEED = 20_001  # training scenes use source seed 0, the demo images 10_001
 SCALE = 4
+# --benchmark: (runs folder, output folder, classes)
+BENCHMARKS = {
+    "synthetic": ("runs/tiny", "docs/experiment", 8),
+    "aliased": ("runs/aliased", "docs/experiment/aliased", 4),
+}
 
 
-def make_test_set(folder: Path, count: int, size: int, num_classes: int) -> None:
+def make_test_set(
+    folder: Path, count: int, size: int, num_classes: int, benchmark: str = "synthetic"
+) -> None:
     """Held-out scenes: ``hr/``, ``lq/`` (the training degradation, seeded per scene) and
     ``labels/``; written once (an existing complete set is kept)."""
+    from segsr_jax.data.aliased import AliasedConfig, make_aliased_scene
     from segsr_jax.data.degradations import DegradationConfig, degrade
     from segsr_jax.data.synthetic import SceneConfig, make_scene
 
-    stamp = f"{count} scenes of {size} px, {num_classes} classes, seed {TEST_SEED}\n"
+    kind = "" if benchmark == "synthetic" else f"{benchmark} "
+    stamp = f"{count} {kind}scenes of {size} px, {num_classes} classes, seed {TEST_SEED}\n"
     if (folder / "done").exists():
         if (folder / "done").read_text() != stamp:
             raise SystemExit(
@@ -65,9 +83,13 @@ def make_test_set(folder: Path, count: int, size: int, num_classes: int) -> None
                 f"); remove it or pass the same --count/--size/--num-classes"
             )
         return
-    cfg = SceneConfig(height=size, width=size, num_classes=num_classes)
+    if benchmark == "aliased":
+        scene = lambda seed: make_aliased_scene(seed, AliasedConfig(size, size))  # noqa: E731
+    else:
+        cfg = SceneConfig(height=size, width=size, num_classes=num_classes)
+        scene = lambda seed: make_scene(seed, cfg)  # noqa: E731
     for i in range(count):
-        hr, label = make_scene((TEST_SEED, i), cfg)
+        hr, label = scene((TEST_SEED, i))
         rng = np.random.default_rng((TEST_SEED, i, 1))  # a stream apart from the scene's
         lq = degrade(hr, rng, DegradationConfig(scale=SCALE))
         images.write_png(folder / "hr" / f"test{i:03d}_hr.png", hr)
@@ -130,6 +152,39 @@ def trajectory_miou(
     return out
 
 
+def texture_scores(
+    pred: Path, names: list[str], truths: list[np.ndarray], suffix: str = "_sr"
+) -> tuple[float, list[float], list[list[int]]]:
+    """``(texture accuracy, per-class accuracy, confusion)`` of the images
+    ``pred/<name><suffix>.png`` against the true labels (aliased benchmark)."""
+    from segsr_jax.evaluation.texture import texture_accuracy, texture_confusion
+
+    conf = sum(
+        texture_confusion(images.read_image(pred / f"{n}{suffix}.png"), y)
+        for n, y in zip(names, truths, strict=True)
+    )
+    acc, per_class = texture_accuracy(conf)
+    return acc, per_class.tolist(), conf.tolist()
+
+
+def vae_roundtrip(checkpoint: Path, test: Path, names: list[str], out: Path, score) -> dict:
+    """The HR test images through a checkpoint's VAE (encode, decode): the autoencoder's
+    ceiling on every score; written to ``out`` and scored with ``score``."""
+    import jax
+    from flax import nnx
+
+    from segsr_jax.inference import Restorer
+
+    restorer = Restorer.from_checkpoint(checkpoint)
+    model = nnx.merge(restorer.graphdef, restorer.state)
+    roundtrip = jax.jit(lambda x: model.vae.decode_latent(model.vae.encode_latent(x)))
+    for n in names:
+        hr = images.read_image(test / "hr" / f"{n}_hr.png")
+        x = images.to_unit_range(hr[None])
+        images.write_png(out / f"{n}_sr.png", images.from_unit_range(roundtrip(x))[0])
+    return score(out)
+
+
 def mean_std(values: list[float]) -> dict:
     """Mean, sample standard deviation and the values."""
     return {
@@ -170,8 +225,18 @@ def render_table(r: dict) -> str:
     minutes = r["training_minutes"]
     shared = sum(minutes.get(k, 0) for k in ("vae", "sr", "seg"))
     arm_min = ", ".join(f"{a} {minutes[a]:.1f}" for a in ARMS if a in minutes)
+    texture = "texture_accuracy" in r["references"]["bicubic"]
+    tex_head, tex_rule = (" texture accuracy |", " --- |") if texture else ("", "")
+
+    def tex(row, f=None):  # the texture column of a row (empty without the benchmark)
+        if not texture:
+            return ""
+        v = row["texture_accuracy"]
+        return f" {pm(v, '.3f') if f else format(v, '.3f')} |"
+
     lines = [
-        f"Held-out test set: {r['test_set']['count']} synthetic scenes, "
+        f"Held-out test set: {r['test_set']['count']} "
+        f"{r.get('benchmark', 'synthetic')} scenes, "
         f"{r['test_set']['size']} px HR, x{SCALE} LQ through the training degradation; "
         f"DDIM {r['steps']} steps, no CFG. Each arm was trained {len(r['train_seeds'])} "
         f"times (training seeds {r['train_seeds']}); each run's scores are means over "
@@ -179,18 +244,21 @@ def render_table(r: dict) -> str:
         f"Training minutes on {r['machine']}: shared stages {shared:.1f} (vae, sr, seg), "
         f"per arm run {arm_min}, evaluation segmenter {minutes.get('segmenter', 0):.1f}.",
         "",
-        "| arm | PSNR (Y) | SSIM (Y) | semantic mIoU | own segmentation mIoU |",
-        "| --- | --- | --- | --- | --- |",
+        "| arm | PSNR (Y) | SSIM (Y) | semantic mIoU | own segmentation mIoU |" + tex_head,
+        "| --- | --- | --- | --- | --- |" + tex_rule,
     ]
-    for ref in ("bicubic", "hr"):
+    for ref in ("bicubic", "vae", "hr"):
+        if ref not in r["references"]:
+            continue
         row = r["references"][ref]
         psnr = "∞" if ref == "hr" else f"{row['psnr']:.2f}"
         ssim = "1" if ref == "hr" else f"{row['ssim']:.4f}"
         label = {
             "bicubic": "bicubic upsampling (reference)",
+            "vae": "HR through the VAE (the autoencoder's ceiling)",
             "hr": "HR ground truth (segmenter's ceiling)",
         }[ref]
-        lines.append(f"| {label} | {psnr} | {ssim} | {row['semantic_miou']:.3f} | – |")
+        lines.append(f"| {label} | {psnr} | {ssim} | {row['semantic_miou']:.3f} | – |" + tex(row))
     for arm, title in ARMS.items():
         a = r["arms"][arm]
         own = {
@@ -199,7 +267,7 @@ def render_table(r: dict) -> str:
         }.get(arm, "–")
         lines.append(
             f"| {title} | {pm(a['psnr'], '.2f')} | {pm(a['ssim'], '.4f')} | "
-            f"{pm(a['semantic_miou'], '.3f')} | {own} |"
+            f"{pm(a['semantic_miou'], '.3f')} | {own} |" + tex(a, True)
         )
     traj = r["arms"]["joint"]["trajectory_miou"]["mean"]
     picks = sorted({0, len(traj) // 4, len(traj) // 2, 3 * len(traj) // 4, len(traj) - 1})
@@ -261,7 +329,7 @@ def run(args) -> dict:
 
     runs, out = Path(args.runs), Path(args.out)
     test = runs / "testset"
-    make_test_set(test, args.count, args.size, args.num_classes)
+    make_test_set(test, args.count, args.size, args.num_classes, args.benchmark)
     names = sorted(p.stem for p in (test / "lq").glob("*.png"))
     lqs = [images.read_image(test / "lq" / f"{n}.png") for n in names]
     truths = [np.asarray(images.Image.open(test / "labels" / f"{n}_label.png")) for n in names]
@@ -280,7 +348,9 @@ def run(args) -> dict:
             use_pyiqa=False,
             progress=False,
         )
-        return ev.mean
+        if args.benchmark != "aliased":
+            return ev.mean
+        return {**ev.mean, "texture_accuracy": texture_scores(pred, names, truths)[0]}
 
     refs = {}
     for n, lq in zip(names, lqs, strict=True):
@@ -297,6 +367,9 @@ def run(args) -> dict:
         for n, y in zip(names, truths, strict=True)
     )
     refs["hr"] = {"semantic_miou": metrics.miou(conf)[0]}
+    if args.benchmark == "aliased":
+        refs["hr"]["texture_accuracy"] = texture_scores(test / "hr", names, truths, "_hr")[0]
+        refs["vae"] = vae_roundtrip(runs / "seg" / "checkpoints", test, names, work / "vae", score)
     arms = {}
     for arm in ARMS:
         per_run, trajs, secs = [], [], []
@@ -324,6 +397,7 @@ def run(args) -> dict:
         }
         arms[arm]["sampling_seconds"] = secs
     results = {
+        "benchmark": args.benchmark,
         "date": time.strftime("%Y-%m-%d"),
         "command": " ".join(sys.argv),
         "machine": f"{os.cpu_count()} CPU cores",
@@ -346,11 +420,12 @@ def run(args) -> dict:
 def main(argv=None) -> int:
     """Run the experiment (or only render its tables)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--runs", default="runs/tiny", help="the tiny training runs' parent folder")
-    p.add_argument("--out", default="docs/experiment", help="results.json, results.md, grid.png")
+    p.add_argument("--benchmark", default="synthetic", choices=tuple(BENCHMARKS))
+    p.add_argument("--runs", default=None, help="the training runs' parent folder")
+    p.add_argument("--out", default=None, help="results.json, results.md, grid.png")
     p.add_argument("--count", type=int, default=32, help="test scenes")
     p.add_argument("--size", type=int, default=96, help="HR side of the test scenes")
-    p.add_argument("--num-classes", type=int, default=8)
+    p.add_argument("--num-classes", type=int, default=None)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--seeds", type=int, default=3, help="sampling seeds per training run")
     p.add_argument(
@@ -364,6 +439,9 @@ def main(argv=None) -> int:
         "--render-only", action="store_true", help="print the tables of an existing results.json"
     )
     args = p.parse_args(argv)
+    runs, out, k = BENCHMARKS[args.benchmark]
+    args.runs, args.out = args.runs or runs, args.out or out
+    args.num_classes = args.num_classes or k
     if args.render_only:
         print(render_table(json.loads((Path(args.out) / "results.json").read_text())))
         return 0

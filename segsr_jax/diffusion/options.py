@@ -20,6 +20,7 @@ SEG_PRIORS = ("diffusion", "fixed", "none")
 
 CLEANERS = ("none", "realesrgan")
 PROMPT_MODES = ("fixed", "tags")
+SEG_REEMBEDS = ("soft", "hard")
 
 
 def parse_class_scale(text: str) -> tuple[tuple[str, float], ...]:
@@ -119,6 +120,9 @@ class SampleOptions:
         ``max_tags``), then ``prompt`` -- the prompts a model trained with seg-tag prompts
         saw (SeeSR's tag prompts, with our segmenter as the tagger).
       max_tags: at most this many class names in a ``tags`` prompt.
+      seg_reembed: how SegDM's clean-map prediction re-enters its next state: ``soft`` (the
+        expected class embedding under the predicted probabilities) or ``hard`` (the
+        embedding of the predicted class: the one-hot maps SegDM saw in training).
       class_scale: per-class generative strength, ``((class name, scale), ...)``: at every
         step the model's clean-latent estimate is moved from the LQ latent by ``scale`` times
         its own offset, pixel by pixel weighted by the segmentation's current soft map
@@ -145,6 +149,7 @@ class SampleOptions:
     cleaner: str = "none"
     prompt_mode: str = "fixed"
     max_tags: int = 3
+    seg_reembed: str = "soft"
     class_scale: tuple[tuple[str, float], ...] = ()
 
     def __post_init__(self):
@@ -159,6 +164,10 @@ class SampleOptions:
         if self.prompt_mode not in PROMPT_MODES:
             raise ValueError(
                 f"prompt mode {self.prompt_mode!r}: choose one of {', '.join(PROMPT_MODES)}"
+            )
+        if self.seg_reembed not in SEG_REEMBEDS:
+            raise ValueError(
+                f"seg_reembed {self.seg_reembed!r}: choose one of {', '.join(SEG_REEMBEDS)}"
             )
         if self.max_tags < 1:
             raise ValueError(f"max_tags must be >= 1, not {self.max_tags}")

@@ -37,6 +37,8 @@ class SamplingPlan:
       class_scale: whether the sampler takes a per-class scale of the generated offset
         (:attr:`segsr_jax.diffusion.options.SampleOptions.class_scale`); without it the
         program is the same as before the option existed.
+      seg_reembed: ``soft`` | ``hard``, how SegDM's prediction is re-embedded
+        (:attr:`segsr_jax.diffusion.options.SampleOptions.seg_reembed`).
     """
 
     image_shape: tuple[int, int]
@@ -50,6 +52,7 @@ class SamplingPlan:
     seg_prior: SegPrior = SegPrior()
     record_labels: bool = False
     class_scale: bool = False
+    seg_reembed: str = "soft"
 
 
 def make_plan(
@@ -67,6 +70,7 @@ def make_plan(
     record_labels: bool = False,
     t_start: int = 999,
     class_scale: bool = False,
+    seg_reembed: str = "soft",
 ) -> SamplingPlan:
     """A :class:`SamplingPlan` for an LQ input of ``image_hw`` (already upscaled and padded).
 
@@ -94,4 +98,5 @@ def make_plan(
         record_labels=record_labels,
         t_start=t_start,
         class_scale=class_scale,
+        seg_reembed=seg_reembed,
     )

@@ -149,6 +149,7 @@ class SamplingSession:
             seg_prior=options.seg_prior,
             record_labels=record_labels,
             class_scale=bool(options.class_scale),
+            seg_reembed=options.seg_reembed,
             t_start=samplers.start_timestep(
                 self.schedule(options), self._noise.num_train_timesteps, options.strength
             ),

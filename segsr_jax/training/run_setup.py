@@ -19,6 +19,7 @@ from jax.experimental import multihost_utils
 from ml_collections import ConfigDict
 
 from segsr_jax import checkpoint, parallel
+from segsr_jax.data.aliased import AliasedConfig, AliasedSource
 from segsr_jax.data.degradations import DegradationConfig
 from segsr_jax.data.pipeline import PipelineConfig
 from segsr_jax.data.sources import ArrayRecordSource, ImageFolderSource
@@ -100,15 +101,21 @@ def stop_signals(enabled: bool):
 
 
 def make_source(cfg: ConfigDict, num_classes: int):
-    """The config's example source: ``synthetic``, ``folder`` or ``array_record``."""
+    """The config's example source: ``synthetic``, ``aliased`` (the controlled benchmark,
+    :mod:`segsr_jax.data.aliased`), ``folder`` or ``array_record``."""
     if cfg.source == "synthetic":
         scene = SceneConfig(cfg.scene_size, cfg.scene_size, num_classes=num_classes)
         return SyntheticSource(cfg.num_examples, scene, seed=cfg.source_seed)
+    if cfg.source == "aliased":
+        size = cfg.scene_size
+        return AliasedSource(cfg.num_examples, AliasedConfig(size, size), seed=cfg.source_seed)
     if cfg.source == "folder":
         return ImageFolderSource(cfg.path, cfg.labels or None)
     if cfg.source == "array_record":
         return ArrayRecordSource(cfg.path)
-    raise ValueError(f"data.source {cfg.source!r}: choose synthetic, folder or array_record")
+    raise ValueError(
+        f"data.source {cfg.source!r}: choose synthetic, aliased, folder or array_record"
+    )
 
 
 def pipeline_config(cfg: ConfigDict, stage: str, **overrides) -> PipelineConfig:

@@ -174,7 +174,8 @@ def test_tiled_agrees_with_untiled_and_has_no_seams(coupled):
 
 def test_seg_prior_modes_and_label_trajectory(coupled):
     """``none`` ignores the bridge and SegDM, ``fixed`` feeds the LQ segmenter's map and keeps
-    it, ``diffusion`` records SegDM's argmax after every step (the last one is ``labels``)."""
+    it, ``diffusion`` records SegDM's argmax after every step and returns the argmax of its
+    class probabilities averaged over the steps."""
     sched = samplers.make_schedule("ddim", 3)
     lq, ctx, _ = _inputs(coupled, hw=(16, 16))
     key = jax.random.key(7)
@@ -192,7 +193,16 @@ def test_seg_prior_modes_and_label_trajectory(coupled):
 
     full = run(st, "diffusion")
     assert full.trajectory.shape == (1, 3, 8, 8) and full.trajectory.dtype == jnp.uint8
-    np.testing.assert_array_equal(full.trajectory[:, -1], full.labels)
+    plan = plans.make_plan((16, 16), 2, tile=96, guidance=False)
+    step = jax.jit(lambda c, s: sampling.reverse_step(coupled, plan, cond, c, s))
+    cond, carry, _ = jax.jit(lambda: sampling._prepare(coupled, plan, lq, ctx, None, 1.0, key))()
+    probs = []
+    for i in range(len(sched)):
+        carry = step(carry, jax.tree.map(lambda a, i=i: a[i], sched))
+        probs.append(jax.nn.softmax(carry.seg_logits, -1))
+        np.testing.assert_array_equal(full.trajectory[:, i], jnp.argmax(carry.seg_logits, -1))
+    np.testing.assert_array_equal(full.labels, jnp.argmax(sum(probs), -1))
+    assert not np.array_equal(full.labels, full.trajectory[:, -1])  # the mean is not the last
     assert plans.make_plan((16, 16), 2).record_labels is False
 
     fixed = run(st, "fixed")
