@@ -60,4 +60,6 @@ def test_bundled_default_is_the_photo_architecture_with_its_chosen_sampling():
     assert SegSRConfig.from_dict(cfg["model"]) == photo.model_config()
     options = SampleOptions.from_dict(cfg["sampling"])
     assert (options.cleaner, options.strength, options.denoising_steps) == ("realesrgan", 0.05, 1)
+    assert (options.color_fix, options.prompt_mode) == ("wavelet", "tags")  # trained with tags
+    assert cfg["source"] == "runs/photo/decoder/checkpoints"  # the LPIPS-fine-tuned decoder
     assert sorted(p.name for p in demo.glob("*.png")) == ["astronaut.png", "rocket.png"]

@@ -8,7 +8,7 @@ both diagonals; the share of the window's high-pass power each one holds decides
 
     share along y > 0.3        horizontal stripes (a 2/2 square wave keeps 1/2 of its power
     share along x > 0.3        vertical stripes    in its fundamental)
-    share on the diagonals > 0.3   checker
+    share on the diagonals > 0.3   diagonal stripes
     none, power above the floor    grain (random 2 x 2 blocks spread their power)
     power below the floor          flat (no texture: bicubic's output, a blurred SR)
 
