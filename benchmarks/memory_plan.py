@@ -47,7 +47,6 @@ import importlib.util
 import json
 import math
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -238,6 +237,8 @@ def sample_case(px: int, batch: int, fsdp: int) -> dict:
 
 
 def run_one(case: str) -> dict:
+    from segsr_jax.evaluation import tables
+
     kind, *rest = case.split(":")
     if kind == "train":
         stage, batch, policy, fsdp = rest
@@ -257,19 +258,9 @@ def run_one(case: str) -> dict:
         "devices": jax.device_count(),
         "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
         "jax": jax.__version__,
-        "cpu": cpu_model(),
+        "cpu": tables.cpu_model(),
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
     }
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def mesh_devices(case: str) -> int:

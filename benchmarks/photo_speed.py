@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import platform
 import shutil
 import subprocess
 import sys
@@ -26,13 +25,6 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
 
 
 def main(argv=None) -> None:
@@ -46,6 +38,7 @@ def main(argv=None) -> None:
     from flax import nnx
 
     from segsr_jax import checkpoint
+    from segsr_jax.evaluation import tables
     from segsr_jax.images import write_png
     from segsr_jax.models.segsr import SegSR, SegSRConfig
 
@@ -69,7 +62,7 @@ def main(argv=None) -> None:
     params = sum(int(x.size) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
     rng = np.random.default_rng(0)
     write_png(work / "in" / "photo.png", rng.integers(0, 256, (96, 128, 3), dtype=np.uint8))
-    print(f"{name}: {params:,} params; {cpu_model()}; jax {jax.__version__}")
+    print(f"{name}: {params:,} params; {tables.cpu_model()}; jax {jax.__version__}")
     for run in (1, 2):
         out = subprocess.run(
             [

@@ -11,12 +11,25 @@ import csv
 import io
 import json
 import os
+import platform
 from pathlib import Path
 
 from segsr_jax import images
 from segsr_jax.evaluation.measures import header
 from segsr_jax.evaluation.scoring import Evaluation
 from segsr_jax.evaluation.segmentation import finite_or_none
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), for the machine line of every measured figure:
+    the same run differs by host."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
 
 
 def format_table(evaluations: list[Evaluation], per_image: bool = False) -> str:
