@@ -125,6 +125,35 @@ def trajectory(restorer, lqs, hrs, truths, hw, options, num_classes: int, varian
     return out
 
 
+VARIANTS = {
+    "default/soft": "as sampled (soft re-embedding)",
+    "default/hard": "hard re-embedding (`seg_reembed hard`)",
+    "no_i_t/soft": "SegDM without the bridge's message I_t",
+    "oracle_z/soft": "I_t from the noised HR latent (what training showed SegDM)",
+}
+
+
+def render(results: list[dict]) -> str:
+    """The README's table (markdown) from one or more trajectory JSON files."""
+    steps = results[0]["steps"]
+    picks = sorted({0, steps // 4, steps // 2, 3 * steps // 4, steps - 1})
+    lines = [
+        "| benchmark | variant | LQ segmenter | "
+        + " | ".join(f"step {i + 1}" for i in picks)
+        + " | best step | mean over steps |",
+        "| --- | --- | --- |" + " --- |" * (len(picks) + 2),
+    ]
+    for r in results:
+        for key, title in VARIANTS.items():
+            m = r["modes"][key]
+            lines.append(
+                f"| {r['benchmark']} | {title} | {m['lq_segmenter_miou']:.3f} | "
+                + " | ".join(f"{m['miou'][i]:.3f}" for i in picks)
+                + f" | {max(m['miou']):.3f} | **{m['mean_miou'][-1]:.3f}** |"
+            )
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     """Measure and write the trajectories."""
     import dataclasses
@@ -135,14 +164,22 @@ def main(argv=None) -> int:
     from segsr_jax.inference import Restorer
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--checkpoint")
     p.add_argument("--benchmark", default="synthetic", choices=tuple(BENCHMARKS))
     p.add_argument("--count", type=int, default=32)
     p.add_argument("--size", type=int, default=96)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--seeds", type=int, default=2)
-    p.add_argument("--out", required=True, help="a .json file")
+    p.add_argument("--out", help="a .json file")
+    p.add_argument(
+        "--render", nargs="+", metavar="JSON", help="only print the table of these results"
+    )
     args = p.parse_args(argv)
+    if args.render:
+        print(render([json.loads(Path(f).read_text()) for f in args.render]))
+        return 0
+    if not (args.out and args.checkpoint):
+        p.error("--checkpoint and --out are required (or --render)")
     runs, _, k = BENCHMARKS[args.benchmark]
     test = Path(runs) / "testset"
     make_test_set(test, args.count, args.size, k, args.benchmark)

@@ -49,6 +49,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from segsr_jax import images  # noqa: E402
+from segsr_jax.evaluation.tables import cpu_model  # noqa: E402
 
 ARMS = {
     "sronly": "SRDM only",
@@ -112,17 +113,22 @@ def sample_arm(
     seed: int,
     steps: int,
     hw: tuple[int, int],
+    **overrides,
 ) -> tuple[list[np.ndarray], float]:
     """Sample one arm for one seed: writes ``sr/<name>_sr.png`` and
     ``seg/<name>_seg_labels.png``; returns the per-step label trajectories (upsampled to ``hw``)
-    and the sampling seconds (the first call of a restorer also compiles)."""
+    and the sampling seconds (the first call of a restorer also compiles). ``overrides``:
+    other sampling options (the sampler, a class scale, the prompt mode)."""
     opts = restorer.options(
-        sampler="ddim",
-        steps=steps,
-        guidance=1.0,
-        prompt="",
-        negative_prompt="",
-        seg_prior=seg_prior,
+        **{
+            "sampler": "ddim",
+            "steps": steps,
+            "guidance": 1.0,
+            "prompt": "",
+            "negative_prompt": "",
+            "seg_prior": seg_prior,
+            **overrides,
+        }
     )
     t0 = time.perf_counter()
     results, _ = restorer.restore_batch(lqs, hw, opts, seed=seed, record_labels=True)
@@ -183,6 +189,108 @@ def vae_roundtrip(checkpoint: Path, test: Path, names: list[str], out: Path, sco
         x = images.to_unit_range(hr[None])
         images.write_png(out / f"{n}_sr.png", images.from_unit_range(roundtrip(x))[0])
     return score(out)
+
+
+# The quality-against-steps sweep: (sampler, steps) of the samplers we ship.
+SWEEP = (
+    ("ddpm", 50),
+    ("ddim", 4),
+    ("ddim", 8),
+    ("ddim", 20),
+    ("dpmpp_2m", 4),
+    ("dpmpp_2m", 8),
+    ("dpmpp_2m", 20),
+)
+# The per-class control's settings: (label, class scale), on the aliased benchmark.
+CLASS_SCALES = (
+    ("as trained", ()),
+    ("horizontal stripes x0", (("horizontal stripes", 0.0),)),
+    ("horizontal stripes x2", (("horizontal stripes", 2.0),)),
+)
+
+
+def steps_sweep(restorer, lqs, names, truths, hw, work: Path, score, seed: int = 0) -> dict:
+    """Every (sampler, steps) of :data:`SWEEP` on one checkpoint, sampling seed ``seed``:
+    the scores, SegDM's mIoU and the sampling seconds (compile excluded: a warm-up run)."""
+    out = {}
+    k = restorer.num_classes
+    for sampler, steps in SWEEP:
+        d = work / f"{sampler}_{steps}"
+        sample_arm(restorer, "diffusion", lqs, names, d, seed, steps, hw, sampler=sampler)
+        traj, seconds = sample_arm(
+            restorer, "diffusion", lqs, names, d, seed, steps, hw, sampler=sampler
+        )
+        row = score(d / "sr", d / "seg")
+        row["seconds"] = seconds
+        row["segdm_last_step_miou"] = trajectory_miou(traj, truths, k)[-1]
+        out[f"{sampler} {steps}"] = row
+        print(f"sweep {sampler} {steps}: " + ", ".join(f"{a} {b:.4f}" for a, b in row.items()))
+    return out
+
+
+def fastest_within(sweep: dict, reference: str = "ddpm 50") -> str:
+    """The fastest setting within 0.2 dB PSNR and 0.01 semantic and SegDM mIoU of
+    ``reference`` (ties: fewer steps first, as listed)."""
+    ref = sweep[reference]
+    ok = [
+        name
+        for name, row in sweep.items()
+        if row["psnr"] >= ref["psnr"] - 0.2
+        and row.get("semantic_miou", 0) >= ref.get("semantic_miou", 0) - 0.01
+        and row["seg_miou"] >= ref["seg_miou"] - 0.01
+    ]
+    return min(ok, key=lambda name: sweep[name]["seconds"])
+
+
+def class_scale_effect(restorer, lqs, names, truths, hw, work: Path, score, seeds: int) -> dict:
+    """The per-class control on the joint arm: for each of :data:`CLASS_SCALES`, the scores,
+    and the mean absolute change of the output's luma against the unscaled output of the same
+    seed inside the scaled class's true regions and outside them, next to the change between
+    two sampling seeds of the unscaled output (the noise floor)."""
+    from segsr_jax.metrics import rgb_to_y
+
+    def luma(folder, n):
+        return rgb_to_y(images.read_image(folder / f"{n}_sr.png")).astype(np.float64)
+
+    def change(a: Path, b: Path) -> tuple[float, float]:
+        inside, outside = [], []
+        for n, y in zip(names, truths, strict=True):
+            d = np.abs(luma(a, n) - luma(b, n))
+            inside.append(d[y == 0])
+            outside.append(d[y != 0])
+        return float(np.concatenate(inside).mean()), float(np.concatenate(outside).mean())
+
+    out = {}
+    for label, scale in CLASS_SCALES:
+        per_seed = []
+        for seed in range(seeds):
+            d = work / label.replace(" ", "_") / f"seed{seed}"
+            sample_arm(restorer, "diffusion", lqs, names, d, seed, 20, hw, class_scale=scale)
+            row = score(d / "sr", d / "seg")
+            if scale:
+                plain = work / CLASS_SCALES[0][0].replace(" ", "_") / f"seed{seed}" / "sr"
+                row["change_in_class"], row["change_elsewhere"] = change(d / "sr", plain)
+            per_seed.append(row)
+        out[label] = {k: statistics.fmean(r[k] for r in per_seed) for k in per_seed[0]}
+        out[label]["class_scale"] = [list(x) for x in scale]
+    plain = [work / CLASS_SCALES[0][0].replace(" ", "_") / f"seed{s}" / "sr" for s in (0, 1)]
+    inside, outside = change(*plain)
+    out["seed noise"] = {"change_in_class": inside, "change_elsewhere": outside}
+    return out
+
+
+def prompt_modes(restorer, lqs, names, hw, work: Path, score, seeds: int) -> dict:
+    """The joint arm sampled with seg-tag prompts (its default) and with the fixed empty
+    prompt: scores averaged over the sampling seeds."""
+    out = {}
+    for mode in ("tags", "fixed"):
+        rows = []
+        for seed in range(seeds):
+            d = work / mode / f"seed{seed}"
+            sample_arm(restorer, "diffusion", lqs, names, d, seed, 20, hw, prompt_mode=mode)
+            rows.append(score(d / "sr", d / "seg"))
+        out[mode] = {k: statistics.fmean(r[k] for r in rows) for k in rows[0]}
+    return out
 
 
 def mean_std(values: list[float]) -> dict:
@@ -269,6 +377,8 @@ def render_table(r: dict) -> str:
             f"| {title} | {pm(a['psnr'], '.2f')} | {pm(a['ssim'], '.4f')} | "
             f"{pm(a['semantic_miou'], '.3f')} | {own} |" + tex(a, True)
         )
+    if r.get("variant"):
+        lines[:0] = [f"Design variant: {r['variant']}.", ""]
     traj = r["arms"]["joint"]["trajectory_miou"]["mean"]
     picks = sorted({0, len(traj) // 4, len(traj) // 2, 3 * len(traj) // 4, len(traj) - 1})
     lines += [
@@ -281,12 +391,180 @@ def render_table(r: dict) -> str:
         "| --- |" + " --- |" * len(picks),
         "| mIoU | " + " | ".join(f"{traj[i]:.3f}" for i in picks) + " |",
     ]
+    if texture:
+        lines += render_aliased_extras(r)
     return "\n".join(lines)
+
+
+def render_sweep(sweep: dict, fastest: str, count: int, machine: str = "") -> list[str]:
+    """The quality-against-steps table (columns the sweep has)."""
+    cols = [
+        ("psnr", "PSNR (Y)", ".2f"),
+        ("ssim", "SSIM (Y)", ".4f"),
+        ("semantic_miou", "semantic mIoU", ".3f"),
+        ("seg_miou", "SegDM mIoU", ".3f"),
+        ("texture_accuracy", "texture accuracy", ".3f"),
+        ("seconds", "seconds", ".1f"),
+    ]
+    cols = [c for c in cols if c[0] in next(iter(sweep.values()))]
+    lines = [
+        "",
+        f"Quality against steps (SegSR, sampling seed 0; seconds for the {count} scenes as one "
+        f"batch, compiled{', on ' + machine if machine else ''}):",
+        "",
+        "| sampler, steps | " + " | ".join(c[1] for c in cols) + " |",
+        "| --- |" + " --- |" * len(cols),
+    ]
+    for name, row in sweep.items():
+        lines.append(f"| {name} | " + " | ".join(format(row[k], f) for k, _, f in cols) + " |")
+    return lines + ["", f"Fastest within 0.2 dB PSNR and 0.01 mIoU of DDPM 50: **{fastest}**."]
+
+
+def render_aliased_extras(r: dict) -> list[str]:
+    """The aliased benchmark's further tables: texture accuracy per class, prompt modes, the
+    per-class control and quality against steps (each when ``results.json`` has it)."""
+    from segsr_jax.data.aliased import CLASS_NAMES
+
+    def pm(d):
+        return f"{d['mean']:.3f} ± {d['std']:.3f}"
+
+    lines = [
+        "",
+        "Texture accuracy per class (share of 8 x 8 windows inside a region of that class "
+        "showing its texture):",
+        "",
+        "| | " + " | ".join(CLASS_NAMES) + " |",
+        "| --- |" + " --- |" * len(CLASS_NAMES),
+    ]
+    rows = [(k, r["references"][k], False) for k in ("bicubic", "vae", "hr")]
+    rows += [(ARMS[a], r["arms"][a], True) for a in ARMS]
+    for title, row, spread in rows:
+        if f"texture_class{0}" not in row:
+            continue
+        cells = [
+            pm(row[f"texture_class{i}"]) if spread else f"{row[f'texture_class{i}']:.3f}"
+            for i in range(len(CLASS_NAMES))
+        ]
+        lines.append(f"| {title} | " + " | ".join(cells) + " |")
+    if "prompt_modes" in r:
+        lines += [
+            "",
+            "Prompts at sampling (SegSR, first training run, mean over sampling seeds):",
+            "",
+            "| prompt | PSNR (Y) | SSIM (Y) | semantic mIoU | SegDM mIoU | texture accuracy |",
+            "| --- | --- | --- | --- | --- | --- |",
+        ]
+        for mode, row in r["prompt_modes"].items():
+            title = {"tags": "seg tags (the default)", "fixed": "fixed, empty"}[mode]
+            lines.append(
+                f"| {title} | {row['psnr']:.2f} | {row['ssim']:.4f} | "
+                f"{row['semantic_miou']:.3f} | {row['seg_miou']:.3f} | "
+                f"{row['texture_accuracy']:.3f} |"
+            )
+    if "class_scale" in r:
+        cs = r["class_scale"]
+        lines += [
+            "",
+            "Per-class control (`--class-scale`, SegSR, first training run, mean over sampling "
+            "seeds): mean absolute change of the output's luma against the unscaled output, "
+            "inside the horizontal-stripe regions and elsewhere, and the texture accuracy of "
+            "that class and of the others:",
+            "",
+            "| setting | change in class | change elsewhere | stripes accuracy | "
+            "others' accuracy | PSNR (Y) |",
+            "| --- | --- | --- | --- | --- | --- |",
+        ]
+        for label, _ in CLASS_SCALES:
+            row = cs[label]
+            others = np.mean([row[f"texture_class{i}"] for i in (1, 2, 3)])
+            ch = (
+                f"{row['change_in_class']:.2f} | {row['change_elsewhere']:.2f}"
+                if "change_in_class" in row
+                else "– | –"
+            )
+            lines.append(
+                f"| {label} | {ch} | {row['texture_class0']:.3f} | {others:.3f} | "
+                f"{row['psnr']:.2f} |"
+            )
+        noise = cs["seed noise"]
+        lines.append(
+            f"| another sampling seed, unscaled (the noise floor) | "
+            f"{noise['change_in_class']:.2f} | {noise['change_elsewhere']:.2f} | – | – | – |"
+        )
+    if "steps_sweep" in r:
+        lines += render_sweep(
+            r["steps_sweep"], r["fastest_within"], r["test_set"]["count"], r.get("machine", "")
+        )
+    return lines
+
+
+# Line colours of the steps plot, per sampler (DDPM is one point at 50 steps).
+PLOT_COLOURS = {"ddpm": (0, 0, 0), "ddim": (31, 119, 180), "dpmpp_2m": (214, 39, 40)}
+
+
+def sweep_plot(sweep: dict, panel: tuple[int, int] = (260, 190)) -> np.ndarray:
+    """Quality against steps as a picture: one panel per score the sweep has (PSNR, SSIM,
+    semantic mIoU, SegDM mIoU), steps on a log axis, a line per sampler."""
+    from PIL import ImageDraw
+
+    cols = [
+        (k, t)
+        for k, t in (
+            ("psnr", "PSNR (Y), dB"),
+            ("ssim", "SSIM (Y)"),
+            ("semantic_miou", "semantic mIoU"),
+            ("seg_miou", "SegDM mIoU"),
+            ("texture_accuracy", "texture accuracy"),
+        )
+        if k in next(iter(sweep.values()))
+    ]
+    points: dict[str, list[tuple[int, dict]]] = {}
+    for name, row in sweep.items():
+        sampler, steps = name.split()
+        points.setdefault(sampler, []).append((int(steps), row))
+    all_steps = [n for pts in points.values() for n, _ in pts]
+    lo, hi = np.log(min(all_steps)), np.log(max(all_steps))
+    pw, ph = panel
+    left, right, top, bottom = 44, 10, 22, 26
+    canvas = images.Image.new("RGB", (pw * len(cols), ph + 16), "white")
+    draw = ImageDraw.Draw(canvas)
+    for j, (key, title) in enumerate(cols):
+        x0 = j * pw
+        values = [row[key] for pts in points.values() for _, row in pts]
+        vmin, vmax = min(values), max(values)
+        pad = (vmax - vmin) * 0.1 or abs(vmax) * 0.01 or 0.01
+        vmin, vmax = vmin - pad, vmax + pad
+
+        def xy(n, v, x0=x0, vmin=vmin, vmax=vmax):
+            x = x0 + left + (np.log(n) - lo) / (hi - lo or 1) * (pw - left - right)
+            y = top + (vmax - v) / (vmax - vmin) * (ph - top - bottom)
+            return x, y
+
+        draw.text((x0 + left, 4), title, fill="black")
+        draw.rectangle((x0 + left, top, x0 + pw - right, ph - bottom), outline=(160, 160, 160))
+        for v in (vmin + pad, vmax - pad):
+            draw.text((x0 + 2, xy(1, v)[1] - 5), f"{v:.3g}", fill="black")
+        for n in sorted(set(all_steps)):
+            x, _ = xy(n, vmin)
+            draw.text((x - 6, ph - bottom + 4), str(n), fill="black")
+        for sampler, pts in points.items():
+            colour = PLOT_COLOURS.get(sampler, (0, 128, 0))
+            line = [xy(n, row[key]) for n, row in sorted(pts, key=lambda p: p[0])]
+            if len(line) > 1:
+                draw.line(line, fill=colour, width=2)
+            for x, y in line:
+                draw.ellipse((x - 3, y - 3, x + 3, y + 3), fill=colour)
+    x = 4
+    for sampler in points:
+        colour = PLOT_COLOURS.get(sampler, (0, 128, 0))
+        draw.rectangle((x, ph + 3, x + 10, ph + 13), fill=colour)
+        draw.text((x + 14, ph + 2), f"{sampler} (steps on a log axis)", fill="black")
+        x += 190
+    return np.asarray(canvas)
 
 
 def make_grid(test: Path, out: Path, names: list[str], num_classes: int) -> np.ndarray:
     """Rows: scenes; columns: LQ, bicubic, the three arms, HR, true labels, SegDM's labels."""
-    from PIL import ImageDraw
 
     cols = ["LQ", "bicubic", "SRDM only", "fixed prior", "SegSR", "HR", "labels", "SegDM"]
     rows = []
@@ -311,15 +589,22 @@ def make_grid(test: Path, out: Path, names: list[str], num_classes: int) -> np.n
             )
         )
     w, cell = rows[0].shape[1], rows[0].shape[0]
-    header = images.Image.new("RGB", (w, 16), "white")
-    draw = ImageDraw.Draw(header)
-    for i, c in enumerate(cols):
-        draw.text((i * (cell + 4) + 2, 2), c, fill="black")
     gap = np.full((4, w, 3), 255, np.uint8)
-    parts = [np.asarray(header)]
+    parts = [header_row(cols, w, cell + 4)]
     for row in rows:
         parts += [row, gap]
     return np.concatenate(parts[:-1])
+
+
+def header_row(titles: list[str], width: int, pitch: int) -> np.ndarray:
+    """A white 16 px strip with a title every ``pitch`` pixels (the columns of a picture)."""
+    from PIL import ImageDraw
+
+    header = images.Image.new("RGB", (width, 16), "white")
+    draw = ImageDraw.Draw(header)
+    for i, c in enumerate(titles):
+        draw.text((i * pitch + 2, 2), c, fill="black")
+    return np.asarray(header)
 
 
 def run(args) -> dict:
@@ -350,7 +635,12 @@ def run(args) -> dict:
         )
         if args.benchmark != "aliased":
             return ev.mean
-        return {**ev.mean, "texture_accuracy": texture_scores(pred, names, truths)[0]}
+        acc, per_class, _ = texture_scores(pred, names, truths)
+        return {
+            **ev.mean,
+            "texture_accuracy": acc,
+            **{f"texture_class{i}": v for i, v in enumerate(per_class)},
+        }
 
     refs = {}
     for n, lq in zip(names, lqs, strict=True):
@@ -368,7 +658,9 @@ def run(args) -> dict:
     )
     refs["hr"] = {"semantic_miou": metrics.miou(conf)[0]}
     if args.benchmark == "aliased":
-        refs["hr"]["texture_accuracy"] = texture_scores(test / "hr", names, truths, "_hr")[0]
+        acc, per_class, _ = texture_scores(test / "hr", names, truths, "_hr")
+        refs["hr"]["texture_accuracy"] = acc
+        refs["hr"].update({f"texture_class{i}": v for i, v in enumerate(per_class)})
         refs["vae"] = vae_roundtrip(runs / "seg" / "checkpoints", test, names, work / "vae", score)
     arms = {}
     for arm in ARMS:
@@ -400,7 +692,7 @@ def run(args) -> dict:
         "benchmark": args.benchmark,
         "date": time.strftime("%Y-%m-%d"),
         "command": " ".join(sys.argv),
-        "machine": f"{os.cpu_count()} CPU cores",
+        "machine": f"{os.cpu_count()} CPU cores, {cpu_model()}",
         "steps": args.steps,
         "seeds": list(range(args.seeds)),
         "train_seeds": list(args.train_seeds),
@@ -410,11 +702,86 @@ def run(args) -> dict:
         "arms": arms,
     }
     out.mkdir(parents=True, exist_ok=True)
+    if args.variant:
+        results["variant"] = args.variant
+    if args.benchmark == "aliased" and not args.arms_only:  # issue 15's options, joint arm
+        joint = Restorer.from_checkpoint(runs / "joint" / "checkpoints")
+        extra = work / "extras"
+        results["prompt_modes"] = prompt_modes(
+            joint, lqs, names, hw, extra / "prompt", score, args.seeds
+        )
+        results["class_scale"] = class_scale_effect(
+            joint, lqs, names, truths, hw, extra / "class_scale", score, args.seeds
+        )
+        results["steps_sweep"] = steps_sweep(joint, lqs, names, truths, hw, extra / "sweep", score)
+        results["fastest_within"] = fastest_within(results["steps_sweep"])
+        images.write_png(out / "steps_sweep.png", sweep_plot(results["steps_sweep"]))
+        images.write_png(out / "class_scale.png", class_scale_picture(test, extra, names[0]))
     images.write_atomic(out / "results.json", json.dumps(results, indent=1).encode())
     images.write_atomic(out / "results.md", (render_table(results) + "\n").encode())
     grid = make_grid(test, work, names[: args.grid_rows], args.num_classes)
     images.write_png(out / "grid.png", grid)
     return results
+
+
+def run_sweep_only(args) -> list[str]:
+    """``--sweep-only``: the steps sweep of one checkpoint, written and rendered."""
+    from segsr_jax import evaluate
+    from segsr_jax.inference import Restorer
+
+    runs, out = Path(args.runs), Path(args.out)
+    test = runs / "testset"
+    make_test_set(test, args.count, args.size, args.num_classes, args.benchmark)
+    names = sorted(q.stem for q in (test / "lq").glob("*.png"))
+    lqs = [images.read_image(test / "lq" / f"{n}.png") for n in names]
+    truths = [np.asarray(images.Image.open(test / "labels" / f"{n}_label.png")) for n in names]
+
+    seg_dir = runs / "segmenter" / "checkpoints"  # the semantic mIoU column, when trained
+    segmenter = evaluate.load_segmenter(seg_dir) if seg_dir.is_dir() else None
+
+    def score(pred: Path, seg_pred: Path | None = None) -> dict:
+        ev = evaluate.evaluate_folders(
+            pred, test / "hr", labels=test / "labels", segmenter=segmenter, seg_pred=seg_pred,
+            crop_border=4, use_pyiqa=False, progress=False,
+        )  # fmt: skip
+        return dict(ev.mean)
+
+    restorer = Restorer.from_checkpoint(args.sweep_only)
+    hw = truths[0].shape
+    sweep = steps_sweep(restorer, lqs, names, truths, hw, runs / "sweep", score)
+    result = {
+        "checkpoint": args.sweep_only,
+        "benchmark": args.benchmark,
+        "date": time.strftime("%Y-%m-%d"),
+        "command": " ".join(["python", *sys.argv]),
+        "machine": f"{os.cpu_count()} CPU cores, {cpu_model()}",
+        "test_set": {"count": len(names), "size": int(hw[0]), "seed": TEST_SEED},
+        "steps_sweep": sweep,
+        "fastest_within": fastest_within(sweep),
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    images.write_atomic(out / "steps_sweep.json", json.dumps(result, indent=1).encode())
+    images.write_png(out / "steps_sweep.png", sweep_plot(sweep))
+    return render_sweep(sweep, result["fastest_within"], len(names), result["machine"])
+
+
+def class_scale_picture(test: Path, extra: Path, name: str) -> np.ndarray:
+    """One scene: LQ, the joint arm as trained, horizontal stripes x0 and x2, HR, labels."""
+    hr = images.read_image(test / "hr" / f"{name}_hr.png")
+    lq = images.read_image(test / "lq" / f"{name}.png")
+    label = np.asarray(images.Image.open(test / "labels" / f"{name}_label.png"))
+    folders = [extra / "class_scale" / lab.replace(" ", "_") for lab, _ in CLASS_SCALES]
+    outs = [images.read_image(f / "seed0" / "sr" / f"{name}_sr.png") for f in folders]
+    row = images.side_by_side(
+        images.resize(lq, hr.shape[:2], resample=images.Image.NEAREST),
+        *outs,
+        hr,
+        images.colorize(label, 4),
+        gap=4,
+    )
+    row = images.resize(row, (row.shape[0] * 2, row.shape[1] * 2), resample=images.Image.NEAREST)
+    titles = ["LQ", *(lab for lab, _ in CLASS_SCALES), "HR", "true labels"]
+    return np.concatenate([header_row(titles, row.shape[1], 2 * (hr.shape[1] + 4)), row])
 
 
 def main(argv=None) -> int:
@@ -436,12 +803,30 @@ def main(argv=None) -> int:
     )
     p.add_argument("--grid-rows", type=int, default=4)
     p.add_argument(
+        "--arms-only",
+        action="store_true",
+        help="only the arms and references (a design variant): no prompt, per-class or steps "
+        "measurements",
+    )
+    p.add_argument("--variant", default="", help="what this run changed (kept in results.json)")
+    p.add_argument(
         "--render-only", action="store_true", help="print the tables of an existing results.json"
+    )
+    p.add_argument(
+        "--sweep-only",
+        metavar="CHECKPOINT",
+        default=None,
+        help="only the quality-against-steps sweep of CHECKPOINT on the benchmark's test set "
+        "(semantic mIoU when RUNS/segmenter holds the evaluation segmenter), into "
+        "OUT/steps_sweep.json",
     )
     args = p.parse_args(argv)
     runs, out, k = BENCHMARKS[args.benchmark]
     args.runs, args.out = args.runs or runs, args.out or out
     args.num_classes = args.num_classes or k
+    if args.sweep_only:
+        print("\n".join(run_sweep_only(args)))
+        return 0
     if args.render_only:
         print(render_table(json.loads((Path(args.out) / "results.json").read_text())))
         return 0

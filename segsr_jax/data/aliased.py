@@ -28,8 +28,9 @@ import numpy as np
 from segsr_jax.data.synthetic import SceneConfig, _layout
 
 # A 2 px checker was tried first as the third class: the factor-4 VAE (4 latent channels)
-# reconstructed it as flat grey or stripes (0 of 837 windows right after 1200 steps), so no SR
-# model on it could draw it; diagonal stripes it keeps.
+# trained 1200 steps on these scenes reconstructed it as flat grey or stripes (0 of 837 windows
+# right). Diagonal stripes replaced it and fare no better (0 of 837: flat or horizontal); they
+# stay, as the class no model on this VAE can draw (its row in the results says so).
 CLASS_NAMES = ("horizontal stripes", "vertical stripes", "diagonal stripes", "grain")
 PERIOD = 4  # HR pixels: the degradation's scale, so each pattern averages out in the LQ
 # Chroma shift of each class (RGB, zero-mean per class: brightness carries no cue).
