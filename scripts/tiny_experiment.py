@@ -293,6 +293,114 @@ def prompt_modes(restorer, lqs, names, hw, work: Path, score, seeds: int) -> dic
     return out
 
 
+# The arms whose checkpoints have a bridge, and the S_t it was trained on.
+BRIDGE_PRIOR = {"prior": "fixed", "joint": "diffusion"}
+BRIDGE_SCENES = 16  # test scenes the bridge's C_t is measured on
+
+
+def measure_bridge(run_dir: Path, test: Path, names: list[str], prior: str) -> dict:
+    """The RMS of C_t at t = 900, 500, 100 and of the LQ latent
+    (:mod:`segsr_jax.evaluation.bridge_strength`) of a run's checkpoint, on the first
+    :data:`BRIDGE_SCENES` test scenes."""
+    from flax import nnx
+
+    from segsr_jax.evaluation.bridge_strength import bridge_strength
+    from segsr_jax.inference import Restorer
+
+    restorer = Restorer.from_checkpoint(run_dir / "checkpoints")
+    picked = names[:BRIDGE_SCENES]
+    hr = np.stack([images.read_image(test / "hr" / f"{n}_hr.png") for n in picked])
+    lq = np.stack([images.read_image(test / "lq" / f"{n}.png") for n in picked])
+    labels = np.stack(
+        [np.asarray(images.Image.open(test / "labels" / f"{n}_label.png")) for n in picked]
+    )
+    got = bridge_strength(nnx.merge(restorer.graphdef, restorer.state), hr, lq, labels, prior=prior)
+    return {
+        "lq_latent_rms": got["lq_latent_rms"],
+        "c_t_rms": {str(t): v for t, v in got["c_t_rms"].items()},
+    }
+
+
+# What a design variant's row keeps of each arm.
+VARIANT_KEYS = (
+    "psnr",
+    "ssim",
+    "semantic_miou",
+    "seg_miou",
+    "texture_accuracy",
+    "bridge",
+    "without_c_t",
+)
+
+
+def record_variant(main: Path, results: dict, out: Path) -> dict:
+    """Add (or replace, by name) the design variant ``results`` to the ``variants`` list of the
+    benchmark's main ``results.json`` and re-render its ``results.md``; returns the main
+    results."""
+    if not results.get("variant"):
+        raise ValueError("--record-in needs --variant: the row's name")
+    r = json.loads(main.read_text())
+    entry = {
+        "variant": results["variant"],
+        "results": str(out),
+        "date": results["date"],
+        "command": results["command"],
+        "train_seeds": results["train_seeds"],
+        "training_minutes": {a: results["training_minutes"].get(a) for a in ARMS},
+        "arms": {
+            a: {k: v for k, v in results["arms"][a].items() if k in VARIANT_KEYS} for a in ARMS
+        },
+    }
+    r["variants"] = [v for v in r.get("variants", []) if v["variant"] != entry["variant"]]
+    r["variants"].append(entry)
+    images.write_atomic(main, json.dumps(r, indent=1).encode())
+    images.write_atomic(main.with_name("results.md"), (render_table(r) + "\n").encode())
+    return r
+
+
+def render_variants(r: dict) -> list[str]:
+    """The design variants' table: texture accuracy of each arm, SegSR's lead over SRDM only
+    against twice the main table's spread over training seeds, and the bridge's C_t."""
+    spread = max(r["arms"][a]["texture_accuracy"]["std"] for a in ("sronly", "joint"))
+    lines = [
+        "",
+        "Design variants (each a separate set of training runs, scored on the same test set "
+        "with the same sampling; texture accuracy, mean over training runs and sampling "
+        "seeds; SegSR with C_t zeroed at sampling is its first run with `seg_prior none`; "
+        "C_t's RMS at t = 900 / 500 / 100 on "
+        f"{BRIDGE_SCENES} test scenes, against the LQ latent's). SegSR's lead over SRDM only "
+        f"counts when it is more than twice the main table's spread over training seeds "
+        f"({2 * spread:.3f}):",
+        "",
+        "| variant | runs | SRDM only | fixed prior | SegSR | SegSR - SRDM only | "
+        "SegSR, C_t zeroed | semantic mIoU, SegSR | C_t RMS, fixed prior | C_t RMS, SegSR | "
+        "LQ latent RMS |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+
+    def rms(arm):
+        b = arm.get("bridge")
+        return " / ".join(f"{v:.3f}" for v in b["c_t_rms"].values()) if b else "–"
+
+    for v in r.get("variants", []):
+        a = v["arms"]
+        tex = {k: a[k]["texture_accuracy"]["mean"] for k in ARMS}
+        lead = tex["joint"] - tex["sronly"]
+        verdict = "no"
+        if lead > 2 * spread:  # one training run has no spread of its own: not yet a result
+            verdict = "**yes**" if len(v["train_seeds"]) > 1 else "above the bar, 1 run only"
+        lq = a["joint"].get("bridge", {}).get("lq_latent_rms")
+        off = a["joint"].get("without_c_t", {}).get("texture_accuracy")
+        lines.append(
+            f"| {v['variant']} | {len(v['train_seeds'])} | {tex['sronly']:.3f} | "
+            f"{tex['prior']:.3f} | {tex['joint']:.3f} | {lead:+.3f} ({verdict}) | "
+            f"{'–' if off is None else f'{off:.3f}'} | "
+            f"{a['joint']['semantic_miou']['mean']:.3f} | {rms(a['prior'])} | "
+            f"{rms(a['joint'])} | {'–' if lq is None else f'{lq:.3f}'} |"
+        )
+    return lines
+
+
 def mean_std(values: list[float]) -> dict:
     """Mean, sample standard deviation and the values."""
     return {
@@ -491,6 +599,8 @@ def render_aliased_extras(r: dict) -> list[str]:
             f"| another sampling seed, unscaled (the noise floor) | "
             f"{noise['change_in_class']:.2f} | {noise['change_elsewhere']:.2f} | – | – | – |"
         )
+    if r.get("variants"):
+        lines += render_variants(r)
     if "steps_sweep" in r:
         lines += render_sweep(
             r["steps_sweep"], r["fastest_within"], r["test_set"]["count"], r.get("machine", "")
@@ -688,6 +798,18 @@ def run(args) -> dict:
             "per_run_and_seed": trajs,
         }
         arms[arm]["sampling_seconds"] = secs
+        if arm in BRIDGE_PRIOR:
+            arms[arm]["bridge"] = measure_bridge(runs / arm, test, names, BRIDGE_PRIOR[arm])
+    if args.benchmark == "aliased":  # does SRDM read C_t? The first joint run sampled without
+        joint = Restorer.from_checkpoint(runs / "joint" / "checkpoints")
+        per_seed = []
+        for seed in range(args.seeds):
+            d = work / "joint_without_c_t" / f"seed{seed}"
+            sample_arm(joint, "none", lqs, names, d, seed, args.steps, hw)
+            per_seed.append(score(d / "sr"))
+        arms["joint"]["without_c_t"] = {
+            k: statistics.fmean(m[k] for m in per_seed) for k in per_seed[0]
+        }
     results = {
         "benchmark": args.benchmark,
         "date": time.strftime("%Y-%m-%d"),
@@ -719,6 +841,8 @@ def run(args) -> dict:
         images.write_png(out / "class_scale.png", class_scale_picture(test, extra, names[0]))
     images.write_atomic(out / "results.json", json.dumps(results, indent=1).encode())
     images.write_atomic(out / "results.md", (render_table(results) + "\n").encode())
+    if args.record_in:
+        record_variant(Path(args.record_in), results, out)
     grid = make_grid(test, work, names[: args.grid_rows], args.num_classes)
     images.write_png(out / "grid.png", grid)
     return results
@@ -809,6 +933,12 @@ def main(argv=None) -> int:
         "measurements",
     )
     p.add_argument("--variant", default="", help="what this run changed (kept in results.json)")
+    p.add_argument(
+        "--record-in",
+        metavar="RESULTS_JSON",
+        default=None,
+        help="also add this --variant's arms as a row of that (main) results.json's variants",
+    )
     p.add_argument(
         "--render-only", action="store_true", help="print the tables of an existing results.json"
     )

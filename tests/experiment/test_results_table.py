@@ -118,3 +118,70 @@ def test_sweep_plot_draws_a_panel_per_score_and_a_line_per_sampler():
         # every sampler is drawn inside both panels' frames (titles, ticks and legend are not)
         assert hits[23:123, 45:189].any() and hits[23:123, 245:389].any(), sampler
     assert (ROOT / "docs/experiment/steps_sweep.png").is_file()
+
+
+def _arm(tex: float, std: float = 0.001, bridge: dict | None = None) -> dict:
+    row = {
+        k: {"mean": v, "std": std, "values": [v, v]}
+        for k, v in (("psnr", 15.0), ("ssim", 0.04), ("semantic_miou", 0.25), ("seg_miou", 0.7))
+    }
+    row["texture_accuracy"] = {"mean": tex, "std": std, "values": [tex - std, tex + std]}
+    if bridge:
+        row["bridge"] = bridge
+    return row
+
+
+def test_record_variant_adds_replaces_and_renders_the_verdict(tmp_path):
+    """A design variant's arms become a row of the main results' variants table, replaced when
+    rerun under the same name; SegSR's lead counts only beyond twice the seeds' spread."""
+    ex = _script()
+    main = json.loads((ROOT / "docs/experiment/aliased/results.json").read_text())
+    main.pop("variants", None)
+    for a in ex.ARMS:  # spread 0.01 over training seeds: the bar is 0.02
+        main["arms"][a]["texture_accuracy"] = {"mean": 0.25, "std": 0.01, "values": [0.24, 0.26]}
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(main))
+    bridge = {"lq_latent_rms": 0.148, "c_t_rms": {"900": 0.8, "500": 0.2, "100": 0.1}}
+
+    def variant(name, joint_tex):
+        return {
+            "variant": name,
+            "date": "2026-12-04",
+            "command": "x",
+            "train_seeds": [0],
+            "training_minutes": {"sronly": 9.0, "prior": 9.5, "joint": 9.8},
+            "arms": {
+                "sronly": _arm(0.25),
+                "prior": _arm(0.26, bridge=bridge),
+                "joint": {
+                    **_arm(joint_tex, bridge=bridge),
+                    "trajectory_miou": [0.7],
+                    "without_c_t": {"texture_accuracy": 0.251},
+                },
+            },
+        }
+
+    ex.record_variant(path, variant("small lead", 0.265), tmp_path / "a")
+    got = ex.record_variant(path, variant("big lead", 0.30), tmp_path / "b")
+    assert [v["variant"] for v in got["variants"]] == ["small lead", "big lead"]
+    assert "trajectory_miou" not in got["variants"][1]["arms"]["joint"]
+    got = ex.record_variant(path, variant("small lead", 0.262), tmp_path / "a")  # rerun
+    assert [v["variant"] for v in got["variants"]] == ["big lead", "small lead"]
+    table = ex.render_table(json.loads(path.read_text()))
+    assert (tmp_path / "results.md").read_text() == table + "\n"
+    rows = {line.split(" | ")[0][2:]: line for line in table.splitlines() if " lead | " in line}
+    assert set(rows) == {"small lead", "big lead"}
+    assert "| +0.012 (no) | 0.251 |" in rows["small lead"]
+    assert "| +0.050 (above the bar, 1 run only) |" in rows["big lead"]
+    two = variant("two runs", 0.30)
+    two["train_seeds"] = [0, 1]
+    table = ex.render_table(ex.record_variant(path, two, tmp_path / "d"))
+    assert "| two runs | 2 |" in table and "| +0.050 (**yes**) |" in table
+    assert "0.800 / 0.200 / 0.100" in rows["big lead"] and "| 0.148 |" in rows["big lead"]
+    unnamed = variant("", 0.3)
+    try:
+        ex.record_variant(path, unnamed, tmp_path / "c")
+    except ValueError as e:
+        assert "--variant" in str(e)
+    else:
+        raise AssertionError("a variant without a name was recorded")
