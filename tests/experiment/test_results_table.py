@@ -171,12 +171,18 @@ def test_record_variant_adds_replaces_and_renders_the_verdict(tmp_path):
     assert (tmp_path / "results.md").read_text() == table + "\n"
     rows = {line.split(" | ")[0][2:]: line for line in table.splitlines() if " lead | " in line}
     assert set(rows) == {"small lead", "big lead"}
-    assert "| +0.012 (no) | 0.251 |" in rows["small lead"]
-    assert "| +0.050 (above the bar, 1 run only) |" in rows["big lead"]
+    assert "| +0.012 (no) | 0.020 | 0.251 |" in rows["small lead"]
+    assert "| +0.050 (above the bar, 1 run only) | 0.020 |" in rows["big lead"]
     two = variant("two runs", 0.30)
     two["train_seeds"] = [0, 1]
     table = ex.render_table(ex.record_variant(path, two, tmp_path / "d"))
-    assert "| two runs | 2 |" in table and "| +0.050 (**yes**) |" in table
+    assert "| two runs | 2 |" in table and "| +0.050 (**yes**) | 0.020 |" in table
+    # two runs whose own spread is wider than the main table's: that is the bar
+    noisy = variant("noisy runs", 0.30)
+    noisy["train_seeds"] = [0, 1]
+    noisy["arms"]["joint"]["texture_accuracy"]["std"] = 0.03
+    table = ex.render_table(ex.record_variant(path, noisy, tmp_path / "e"))
+    assert "| noisy runs | 2 |" in table and "| +0.050 (no) | 0.060 |" in table
     assert "0.800 / 0.200 / 0.100" in rows["big lead"] and "| 0.148 |" in rows["big lead"]
     unnamed = variant("", 0.3)
     try:
