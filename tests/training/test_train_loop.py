@@ -111,6 +111,7 @@ def test_experiment_stages_train_only_their_modules(stage, tmp_path, init_checkp
     c.init_from = str(init_checkpoint)
     c.num_steps = 3
     c.checkpoint.every = 3
+    c.sample.every = 0  # validation sampling: test_fsdp_training.py, the overfit run here
     assert train.train_and_evaluate(c, str(tmp_path)) == 0
     metrics = _records(tmp_path)[-1]
     assert np.isfinite(metrics["loss"])
