@@ -21,6 +21,19 @@ import functools
 import numpy as np
 from scipy import ndimage, special
 
+# LPIPS-VGG is a Flax model (``segsr_jax.lpips``); it is reachable from here too, imported
+# only when asked for, so that these numpy metrics do not start JAX.
+_LPIPS_NAMES = ("LPIPS", "load_lpips", "lpips_from_params")
+
+
+def __getattr__(name: str):
+    if name in _LPIPS_NAMES:
+        from segsr_jax import lpips
+
+        return getattr(lpips, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 # ITU-R BT.601 luma for R, G, B in [0, 1], scaled to the "studio" range [16, 235]: MATLAB's
 # rgb2ycbcr, which BasicSR's rgb2ycbcr(y_only=True) reproduces (``img @ [65.481, 128.553,
 # 24.966] + 16`` on [0, 1] input; its bgr2ycbcr reverses the order for OpenCV's BGR).

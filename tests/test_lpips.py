@@ -157,3 +157,19 @@ def test_real_weights_sanity(np_rng):
     np.testing.assert_allclose(same, 0, atol=1e-6)
     assert np.all(d_noise < d_blur) and np.all(d_blur < d_more) and np.all(d_more < d_other)
     np.testing.assert_allclose(np.asarray(score(metric, blurred, imgs)), d_blur, rtol=1e-5)
+
+
+def test_reachable_from_metrics_without_starting_jax_there():
+    """``segsr_jax.metrics.LPIPS`` is this model; importing the numpy metrics alone does not
+    import the Flax module."""
+    import subprocess
+    import sys
+
+    from segsr_jax import metrics
+
+    assert metrics.LPIPS is LPIPS and metrics.load_lpips is load_lpips
+    with pytest.raises(AttributeError, match="no attribute"):
+        metrics.not_a_metric  # noqa: B018
+    code = "import sys, segsr_jax.metrics; print('segsr_jax.lpips' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
