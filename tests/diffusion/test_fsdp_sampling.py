@@ -32,7 +32,7 @@ def _fsdp_state(state, mesh):
     return jax.tree.map(lambda x, s: jax.device_put(x, s), state, shardings)
 
 
-@pytest.mark.parametrize("fsdp", [4])  # training tests cover fsdp 2 and 4
+@pytest.mark.parametrize("fsdp", [4])  # float32 here; the training test: fsdp 2, bf16
 def test_fsdp_sharded_params_sample_like_replicated_and_compile_once(coupled, fsdp):
     mesh = parallel.make_mesh(-1, fsdp)
     g, st = nnx.split(coupled)

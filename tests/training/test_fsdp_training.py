@@ -16,6 +16,8 @@ from segsr_jax import train
 from segsr_jax.training import checkpointer
 from tests.training.tiny_train_config import get_config
 
+FSDP = 2  # data 4 x fsdp 2 on the 8-device mesh
+
 
 def _events(workdir, event):
     lines = (workdir / "metrics.jsonl").read_text().splitlines()
@@ -38,14 +40,13 @@ def _grids(workdir):
 
 
 def test_fsdp_training_validates_every_step_and_resumes(tmp_path, init_checkpoint, capsys):
-    fsdp = 2
-    assert train.train_and_evaluate(_config(init_checkpoint, fsdp, 1), str(tmp_path)) == 0
-    assert f"'fsdp': {fsdp}}}" in capsys.readouterr().out  # the mesh really is FSDP
+    assert train.train_and_evaluate(_config(init_checkpoint, FSDP, 1), str(tmp_path)) == 0
+    assert f"'fsdp': {FSDP}}}" in capsys.readouterr().out  # the mesh really is FSDP
     assert _events(tmp_path, "compile_sampler")
     assert len(_grids(tmp_path)) == 1
     # The saved parameters are sharded over 'fsdp' in the run (the checkpoint restores into
     # the same layout); a rerun with more steps resumes at step 1 and validates again.
-    assert train.train_and_evaluate(_config(init_checkpoint, fsdp, 2), str(tmp_path)) == 0
+    assert train.train_and_evaluate(_config(init_checkpoint, FSDP, 2), str(tmp_path)) == 0
     assert [r["step"] for r in _events(tmp_path, "resume")] == [1]
     assert [r["step"] for r in _events(tmp_path, "train")] == [1, 2]
     grids = _grids(tmp_path)
