@@ -12,16 +12,22 @@ latent resolution: faster on a CPU) and 4 classes::
         --workdir runs/aliased/segmenter
 
 ARM is ``sronly``, ``prior`` or ``joint``; a second training run of an arm adds
-``--config.seed=1 --config.data.seed=1`` and writes ``runs/aliased/ARM_s1``.
+``--config.seed=1 --config.data.seed=1`` and writes ``runs/aliased/ARM_s1``. ``prior+levels``
+and ``joint+levels`` are the design variant in which the bridge's segmentation stream also
+enters every UNet level (``BridgeConfig.level_channels``; its heads start at zero on top of
+the ``seg`` checkpoint).
 ``scripts/tiny_experiment.py --benchmark aliased`` samples and scores them
 (``docs/experiment/aliased/``). Built to need semantics: it tests the mechanism, it is not
 evidence on real photos.
 """
 
+import dataclasses
+
 from ml_collections import ConfigDict
 
 from configs import photo, tiny
 from segsr_jax.data.aliased import CLASS_NAMES
+from segsr_jax.models.controlnet import residual_channels
 
 RUNS = "runs/aliased"
 # Steps per run (tiny's learning rates, batch and schedule otherwise).
@@ -29,10 +35,22 @@ STEPS = {"vae": 1200, "sr": 2000, "seg": 1000, "joint": 800, "sronly": 800, "pri
 
 
 def get_config(name: str = "vae") -> ConfigDict:
-    """The run ``name``: ``vae``, ``sr``, ``seg``, an arm (``sronly``, ``prior``, ``joint``)
+    """The run ``name``: ``vae``, ``sr``, ``seg``, an arm (``sronly``, ``prior``, ``joint``),
+    ``prior+levels`` / ``joint+levels`` (the arm with the segmentation at every UNet level)
     or the evaluation ``segmenter``."""
+    name, plus, variant = name.partition("+")
+    if plus and (variant != "levels" or name not in ("prior", "joint")):
+        raise ValueError(
+            f"unknown aliased run {name}+{variant}; variants: prior+levels, joint+levels"
+        )
     c = tiny.get_config(name)
-    c.model = photo.model_config(CLASS_NAMES).to_dict()
+    model = photo.model_config(CLASS_NAMES)
+    if variant:
+        bridge = dataclasses.replace(
+            model.bridge, level_channels=residual_channels(model.controlnet)
+        )
+        model = dataclasses.replace(model, bridge=bridge)
+    c.model = model.to_dict()
     if c.init_from:
         c.init_from = c.init_from.replace("runs/tiny/", f"{RUNS}/")
     if name in STEPS:

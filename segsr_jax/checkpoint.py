@@ -30,6 +30,7 @@ from pathlib import Path
 
 import grain
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from etils import epath
 from flax import nnx
@@ -181,10 +182,11 @@ def _flat_shapes(tree) -> dict[str, tuple]:
     }
 
 
-def check_tree_matches(saved, target, where: str) -> None:
-    """Compare names and shapes before restoring, so a mismatch names the tensor."""
+def check_tree_matches(saved, target, where: str, may_lack=None) -> None:
+    """Compare names and shapes before restoring, so a mismatch names the tensor.
+    ``may_lack``: ``path -> bool``, the model's parameters the saved tree need not hold."""
     have, want = _flat_shapes(saved), _flat_shapes(target)
-    missing = sorted(set(want) - set(have))
+    missing = sorted(k for k in set(want) - set(have) if not (may_lack and may_lack(k)))
     extra = sorted(set(have) - set(want))
     wrong = [
         f"{k}: saved {have[k]}, model {want[k]}"
@@ -214,6 +216,17 @@ def _subtree(tree, keep: dict):
     }
 
 
+def _fill_zeros(target, restored):
+    """``target``'s tree with ``restored``'s leaves where it has them and zeros (of the
+    target's shape, dtype and sharding) elsewhere."""
+    if not isinstance(target, Mapping):
+        if restored is not None:
+            return restored
+        return jnp.zeros(target.shape, target.dtype, device=getattr(target, "sharding", None))
+    by_name = {str(k): v for k, v in (restored or {}).items()}
+    return {k: _fill_zeros(v, by_name.get(str(k))) for k, v in target.items()}
+
+
 def _overlay(base: dict, top: dict) -> dict:
     """``base`` with the leaves of ``top`` (a sub-tree of it) put in their place."""
     return {
@@ -229,6 +242,7 @@ def restore_model(
     step: int | None = None,
     prefer_ema: bool = True,
     shardings: Callable[[nnx.State], object] | None = None,
+    may_lack: Callable[[str], bool] | None = None,
 ) -> tuple[nnx.Module, dict]:
     """Rebuild a model from a checkpoint folder.
 
@@ -240,6 +254,9 @@ def restore_model(
         trainable sub-tree) over its ``params``.
       shardings: optional ``abstract_state -> sharding pytree`` to restore straight into
         sharded arrays.
+      may_lack: ``"part/module/.../kernel" -> bool``: parameters of the built model the
+        checkpoint may not hold (a later stage's new zero-initialised heads, e.g. the
+        bridge's ``level_out``); they start at zero. Any other difference is an error.
 
     Returns:
       ``(model, config_dict)``.
@@ -258,8 +275,9 @@ def restore_model(
     try:
         metadata = mgr.item_metadata(step)
         params_meta = metadata_tree(metadata["params"])
-        check_tree_matches(params_meta, target, f"{directory}/{step}/params")
-        items = {"params": ocp.args.StandardRestore(target)}
+        check_tree_matches(params_meta, target, f"{directory}/{step}/params", may_lack)
+        saved_target = target if may_lack is None else _subtree(target, params_meta)
+        items = {"params": ocp.args.StandardRestore(saved_target)}
         ema_meta = metadata_tree(metadata.get("ema_params")) if prefer_ema else None
         if ema_meta is not None:
             ema_target = _subtree(target, ema_meta)
@@ -269,6 +287,8 @@ def restore_model(
     finally:
         mgr.close()
     params = restored["params"]
+    if may_lack is not None:
+        params = _fill_zeros(target, params)
     if ema_meta is not None:
         params = _overlay(params, restored["ema_params"])
     nnx.replace_by_pure_dict(state, params)

@@ -10,6 +10,12 @@ modalities. Two zero-initialised heads read them out:
 
 Zero heads mean an untrained bridge outputs exact zeros, so adding it leaves SRDM and SegDM
 unchanged (ControlNet's trick, applied to the coupling).
+
+With ``BridgeConfig.level_channels`` the segmentation stream also reaches SRDM at every level:
+one more zero-initialised 1x1 head per UNet residual (each encoder skip and the mid block)
+reads the stream's features, resized to that residual's resolution, and its output is added to
+the ControlNet's residual there (:meth:`Bridge.levels`). As designed (empty) the semantics
+reach SRDM only through ``C_t`` in the ControlNet's input.
 """
 
 from __future__ import annotations
@@ -35,6 +41,8 @@ class BridgeConfig:
       c_channels: channels of ``C_t`` (SRDM's segmentation condition).
       i_channels: channels of ``I_t`` (SegDM's image condition).
       norm_groups: GroupNorm groups.
+      level_channels: widths of the UNet residuals the segmentation stream is added to
+        (:func:`segsr_jax.models.controlnet.residual_channels`), or empty: ``C_t`` only.
     """
 
     latent_channels: int = 4
@@ -44,6 +52,7 @@ class BridgeConfig:
     c_channels: int = 4
     i_channels: int = 64
     norm_groups: int = 32
+    level_channels: tuple[int, ...] = ()
 
 
 def _zero_conv(cin: int, cout: int, *, dtype, rngs: nnx.Rngs) -> nnx.Conv:
@@ -98,8 +107,19 @@ class Bridge(nnx.Module):
         self.seg_norm = layers.group_norm(hid, c.norm_groups, 1e-6, dtype=dtype, rngs=rngs)
         self.i_out = _zero_conv(hid, c.i_channels, dtype=dtype, rngs=rngs)
         self.c_out = _zero_conv(hid, c.c_channels, dtype=dtype, rngs=rngs)
+        if c.level_channels:
+            self.level_out = nnx.List(
+                [_zero_conv(hid, ch, dtype=dtype, rngs=rngs) for ch in c.level_channels]
+            )
 
     def __call__(self, z_t: jax.Array, s_t: jax.Array, t: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """``(i_t, c_t)``: :meth:`encode` without the segmentation stream's features."""
+        i_t, c_t, _ = self.encode(z_t, s_t, t)
+        return i_t, c_t
+
+    def encode(
+        self, z_t: jax.Array, s_t: jax.Array, t: jax.Array
+    ) -> tuple[jax.Array, jax.Array, jax.Array]:
         """Encode the current pair into the two conditions.
 
         Args:
@@ -108,7 +128,9 @@ class Bridge(nnx.Module):
           t: ``[B]`` or scalar SR timestep (0..999).
 
         Returns:
-          ``(i_t [B, h, w, i_channels], c_t [B, h, w, c_channels])`` in float32.
+          ``(i_t [B, h, w, i_channels], c_t [B, h, w, c_channels])`` in float32, and the
+          segmentation stream's features ``[B, h, w, hidden_channels]`` (what ``C_t``'s head
+          reads; :meth:`levels` takes them) in the compute dtype.
         """
         b = z_t.shape[0]
         t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (b,))
@@ -123,5 +145,31 @@ class Bridge(nnx.Module):
         ):
             hz, hs = zb(hz + s2z(hs), temb), sb(hs + z2s(hz), temb)
         i_t = self.i_out(jax.nn.silu(self.image_norm(hz)))
-        c_t = self.c_out(jax.nn.silu(self.seg_norm(hs)))
-        return i_t.astype(jnp.float32), c_t.astype(jnp.float32)
+        feats = jax.nn.silu(self.seg_norm(hs))
+        c_t = self.c_out(feats)
+        return i_t.astype(jnp.float32), c_t.astype(jnp.float32), feats
+
+    def levels(self, feats: jax.Array, shapes) -> tuple[jax.Array, ...]:
+        """The segmentation stream's residual for each UNet level.
+
+        Args:
+          feats: :meth:`encode`'s features ``[B, h, w, hidden_channels]``.
+          shapes: the shapes of the ControlNet's residuals (encoder skips, then mid), one per
+            ``config.level_channels`` entry; only their spatial sizes are read.
+
+        Returns:
+          One ``[B, h_i, w_i, level_channels[i]]`` per residual, in the compute dtype: the
+          features resized (area-averaged when smaller) and through that level's zero head.
+        """
+        if len(shapes) != len(self.config.level_channels):
+            raise ValueError(
+                f"{len(shapes)} residual shapes for {len(self.config.level_channels)} levels"
+            )
+        b, _, _, ch = feats.shape
+        out = []
+        for head, shape in zip(self.level_out, shapes, strict=True):
+            f = feats
+            if tuple(f.shape[1:3]) != tuple(shape[1:3]):
+                f = jax.image.resize(f, (b, shape[1], shape[2], ch), "linear", antialias=True)
+            out.append(head(f.astype(self.dtype)))
+        return tuple(out)

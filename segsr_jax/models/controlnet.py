@@ -224,6 +224,12 @@ def _skip_channels(cfg) -> list[int]:
     return chans
 
 
+def residual_channels(cfg) -> tuple[int, ...]:
+    """Width of every residual a ControlNet of ``cfg`` hands the UNet: each encoder skip, then
+    the mid block's."""
+    return (*_skip_channels(cfg), cfg.block_out_channels[-1])
+
+
 def controlnet_config_from_unet(unet_config: UNetConfig, overrides=None) -> ControlNetConfig:
     """The ControlNet config whose encoder equals ``unet_config``'s (every shared field
     copied), with ``overrides`` (a dict of :class:`ControlNetConfig` fields) applied."""

@@ -23,7 +23,12 @@ from flax import nnx
 
 from segsr_jax.models import guidance
 from segsr_jax.models.bridge import Bridge, BridgeConfig
-from segsr_jax.models.controlnet import ControlNet, ControlNetConfig, controlnet_config_from_unet
+from segsr_jax.models.controlnet import (
+    ControlNet,
+    ControlNetConfig,
+    controlnet_config_from_unet,
+    residual_channels,
+)
 from segsr_jax.models.seg_encoder import SegFormer, SegFormerConfig, normalize_images
 from segsr_jax.models.segdm import SegDM, SegDMConfig
 from segsr_jax.models.text_encoder import CLIPTextConfig, CLIPTextEncoder
@@ -63,6 +68,12 @@ class SegSRConfig:
             problems.append(
                 f"controlnet.conditioning_channels must be latent_channels + "
                 f"bridge.c_channels = {lat + self.bridge.c_channels}"
+            )
+        levels = tuple(self.bridge.level_channels)
+        if levels and levels != residual_channels(self.controlnet):
+            problems.append(
+                f"bridge.level_channels {levels} must be empty or the ControlNet's residual "
+                f"widths {residual_channels(self.controlnet)}"
             )
         if self.bridge.latent_channels != lat:
             problems.append(f"bridge.latent_channels must be {lat}")
@@ -267,22 +278,32 @@ class SegSR(nnx.Module):
           ``(model_out [B, h, w, 4], seg_logits [B, h, w, K])`` float32; ``model_out`` is
           epsilon or v as ``config.prediction_type`` says.
         """
-        i_t, c_t = self.bridge(z_t, s_t, t)
+        i_t, c_t, seg_feats = self.bridge.encode(z_t, s_t, t)
         c_t = c_t if use_bridge[0] else jnp.zeros_like(c_t)
         i_t = i_t if use_bridge[1] else jnp.zeros_like(i_t)
         cond = jnp.concatenate([z_lq, c_t], axis=-1)
         b = z_t.shape[0]
         t_b = jnp.broadcast_to(jnp.asarray(t), (b,))
-        if uncond_context is None:
-            down, mid = self.controlnet(z_t, t_b, context, cond)
-            out = self.unet(z_t, t_b, context, down_residuals=down, mid_residual=mid)
-        else:
+        cfg = uncond_context is not None
+        if cfg:
             # Batch-doubled CFG: [uncond; cond] through ControlNet and UNet together.
-            z2, t2, cond2 = guidance.double_batch((z_t, t_b, cond))
-            ctx2 = jnp.concatenate([uncond_context, context], axis=0)
-            down, mid = self.controlnet(z2, t2, ctx2, cond2)
-            out2 = self.unet(z2, t2, ctx2, down_residuals=down, mid_residual=mid)
-            out_u, out_c = guidance.split_batch(out2)
+            z_in, t_in, cond_in = guidance.double_batch((z_t, t_b, cond))
+            ctx_in = jnp.concatenate([uncond_context, context], axis=0)
+        else:
+            z_in, t_in, cond_in, ctx_in = z_t, t_b, cond, context
+        down, mid = self.controlnet(z_in, t_in, ctx_in, cond_in)
+        if use_bridge[0] and self.config.bridge.level_channels:
+            # The segmentation stream at every level (BridgeConfig.level_channels); shared by
+            # both halves of CFG like C_t.
+            shapes = [(b, *r.shape[1:]) for r in (*down, mid)]
+            levels = self.bridge.levels(seg_feats, shapes)
+            if cfg:
+                levels = guidance.double_batch(levels)
+            down = tuple(r + lv.astype(r.dtype) for r, lv in zip(down, levels[:-1], strict=True))
+            mid = mid + levels[-1].astype(mid.dtype)
+        out = self.unet(z_in, t_in, ctx_in, down_residuals=down, mid_residual=mid)
+        if cfg:
+            out_u, out_c = guidance.split_batch(out)
             out = guidance.cfg_combine(out_u, out_c, guidance_scale)
         seg_logits = self.segdm(s_t, t_seg, f_lq, i_t)
         return out.astype(jnp.float32), seg_logits

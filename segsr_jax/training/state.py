@@ -262,6 +262,11 @@ def abstract_model(model_config: SegSRConfig, dtype) -> SegSR:
     return nnx.eval_shape(lambda: SegSR(model_config, dtype=dtype, rngs=ShapeOnlyRngs()))
 
 
+# Zero-initialised heads a run may add to its init_from checkpoint's model (they start at zero,
+# as they would from scratch): the bridge's per-level heads (BridgeConfig.level_channels).
+NEW_ZERO_HEADS = ("bridge/level_out/",)
+
+
 def initial_params(
     model_config: SegSRConfig,
     dtype,
@@ -275,7 +280,8 @@ def initial_params(
 
     With ``init_from`` (a checkpoint folder: a converted model or a previous stage's run)
     the params are restored from it, EMA put over params, straight into the sharded layout
-    (a paper-scale model never exists unsharded on one device). Otherwise (from-scratch
+    (a paper-scale model never exists unsharded on one device); heads the checkpoint lacks
+    that start at zero anyway (:data:`NEW_ZERO_HEADS`) are zeros. Otherwise (from-scratch
     configs, small models) they are initialised eagerly from ``seed`` -- every process gets
     the same values -- and placed: jitting the initialisers would cost a long compile.
     """
@@ -287,6 +293,7 @@ def initial_params(
             init_from,
             lambda _: SegSR(model_config, dtype=dtype, rngs=ShapeOnlyRngs()),
             shardings=lambda target: take_like(full, target),
+            may_lack=lambda path: path.startswith(NEW_ZERO_HEADS),
         )
         _, params, frozen = split_model(model, stage, also_train)
         return params, frozen
