@@ -16,6 +16,12 @@ one more zero-initialised 1x1 head per UNet residual (each encoder skip and the 
 reads the stream's features, resized to that residual's resolution, and its output is added to
 the ControlNet's residual there (:meth:`Bridge.levels`). As designed (empty) the semantics
 reach SRDM only through ``C_t`` in the ControlNet's input.
+
+``BridgeConfig.seg_source = "estimate"`` changes what the segmentation stream reads when
+SegDM is coupled: SegDM's clean estimate of the current step (its soft map, re-embedded)
+instead of the noisy state ``S_t`` (see :meth:`segsr_jax.models.segsr.SegSR.denoise`). Why:
+the label embedding is small (SegDM's ``bit_scale``, 0.01), so ``S_t`` holds almost no class
+signal until the last few percent of the process, while SRDM needs the class at high noise.
 """
 
 from __future__ import annotations
@@ -43,6 +49,8 @@ class BridgeConfig:
       norm_groups: GroupNorm groups.
       level_channels: widths of the UNet residuals the segmentation stream is added to
         (:func:`segsr_jax.models.controlnet.residual_channels`), or empty: ``C_t`` only.
+      seg_source: what the segmentation stream reads when SegDM runs: ``"state"`` (``S_t``,
+        as designed) or ``"estimate"`` (SegDM's soft estimate of the clean map this step).
     """
 
     latent_channels: int = 4
@@ -53,6 +61,7 @@ class BridgeConfig:
     i_channels: int = 64
     norm_groups: int = 32
     level_channels: tuple[int, ...] = ()
+    seg_source: str = "state"
 
 
 def _zero_conv(cin: int, cout: int, *, dtype, rngs: nnx.Rngs) -> nnx.Conv:

@@ -75,6 +75,8 @@ class SegSRConfig:
                 f"bridge.level_channels {levels} must be empty or the ControlNet's residual "
                 f"widths {residual_channels(self.controlnet)}"
             )
+        if self.bridge.seg_source not in ("state", "estimate"):
+            problems.append(f"bridge.seg_source {self.bridge.seg_source!r}: 'state' or 'estimate'")
         if self.bridge.latent_channels != lat:
             problems.append(f"bridge.latent_channels must be {lat}")
         if self.bridge.seg_channels != self.segdm.embed_dim:
@@ -279,8 +281,15 @@ class SegSR(nnx.Module):
           epsilon or v as ``config.prediction_type`` says.
         """
         i_t, c_t, seg_feats = self.bridge.encode(z_t, s_t, t)
-        c_t = c_t if use_bridge[0] else jnp.zeros_like(c_t)
         i_t = i_t if use_bridge[1] else jnp.zeros_like(i_t)
+        seg_logits = None
+        if self.config.bridge.seg_source == "estimate" and all(use_bridge):
+            # The segmentation stream reads SegDM's clean estimate of this step rather than
+            # the noisy S_t (BridgeConfig.seg_source); SegDM learns from its own loss only.
+            seg_logits = self.segdm(s_t, t_seg, f_lq, i_t)
+            probs = jax.nn.softmax(jax.lax.stop_gradient(seg_logits), axis=-1)
+            _, c_t, seg_feats = self.bridge.encode(z_t, self.segdm.embed_probs(probs), t)
+        c_t = c_t if use_bridge[0] else jnp.zeros_like(c_t)
         cond = jnp.concatenate([z_lq, c_t], axis=-1)
         b = z_t.shape[0]
         t_b = jnp.broadcast_to(jnp.asarray(t), (b,))
@@ -305,7 +314,8 @@ class SegSR(nnx.Module):
         if cfg:
             out_u, out_c = guidance.split_batch(out)
             out = guidance.cfg_combine(out_u, out_c, guidance_scale)
-        seg_logits = self.segdm(s_t, t_seg, f_lq, i_t)
+        if seg_logits is None:
+            seg_logits = self.segdm(s_t, t_seg, f_lq, i_t)
         return out.astype(jnp.float32), seg_logits
 
 

@@ -1,7 +1,7 @@
-"""The design variant in which the bridge's segmentation stream enters every UNet level
-(``BridgeConfig.level_channels``): zero at the start, wired into every residual and both CFG
-halves, off when C_t is off, checked against the ControlNet, and grown onto a checkpoint that
-lacks it."""
+"""The design variants in which the bridge's segmentation stream enters every UNet level
+(``BridgeConfig.level_channels``: zero at the start, wired into every residual and both CFG
+halves, off when C_t is off, checked against the ControlNet, grown onto a checkpoint that
+lacks it) and reads SegDM's clean estimate (``BridgeConfig.seg_source``)."""
 
 import dataclasses
 
@@ -148,5 +148,42 @@ def test_aliased_levels_configs():
     assert not SegSRConfig.from_dict(
         aliased.get_config("joint").model.to_dict()
     ).bridge.level_channels
-    with pytest.raises(ValueError, match="variants"):
-        aliased.get_config("sronly+levels")
+    est = SegSRConfig.from_dict(aliased.get_config("joint+estimate").model.to_dict())
+    assert est.bridge.seg_source == "estimate" and est.bridge.level_channels
+    for bad in ("sronly+levels", "prior+estimate"):
+        with pytest.raises(ValueError, match="variants"):
+            aliased.get_config(bad)
+
+
+def test_seg_stream_reads_segdms_estimate():
+    """``seg_source="estimate"``: SRDM's output is the "state" model's given SegDM's
+    re-embedded soft estimate as the state; SegDM itself still reads the noisy state."""
+    state_model = _levels_model(tiny_model(0))
+    _open_heads(state_model)
+    c_out = state_model.bridge.c_out
+    c_out.kernel[...] = jax.random.normal(jax.random.key(2), c_out.kernel.shape) * 0.5
+    cfg = state_model.config
+    est_cfg = dataclasses.replace(
+        cfg, bridge=dataclasses.replace(cfg.bridge, seg_source="estimate")
+    )
+    est = SegSR(est_cfg, rngs=nnx.Rngs(jax.random.key(1, impl="rbg")))
+    nnx.update(est, nnx.state(state_model))
+    z_t, s_t, z_lq, f_lq, ctx, _ = _inputs()
+    t, t_seg = jnp.array(500), jnp.array(0.5)
+    i_t, _, _ = state_model.bridge.encode(z_t, s_t, t)
+    logits = state_model.segdm(s_t, t_seg, f_lq, i_t)
+    s_hat = state_model.segdm.embed_probs(jax.nn.softmax(logits, axis=-1))
+    out, seg = est.denoise(z_t, s_t, t, t_seg, z_lq, f_lq, ctx)
+    want, _ = state_model.denoise(z_t, s_hat, t, t_seg, z_lq, f_lq, ctx)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(want), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(seg), np.asarray(logits), atol=1e-5)
+    plain_out, _ = state_model.denoise(z_t, s_t, t, t_seg, z_lq, f_lq, ctx)
+    assert np.abs(np.asarray(out) - np.asarray(plain_out)).max() > 1e-5
+    # The fixed prior (no SegDM coupling) reads its map as before.
+    fixed = dict(use_bridge=(True, False))
+    np.testing.assert_array_equal(
+        np.asarray(est.denoise(z_t, s_t, t, t_seg, z_lq, f_lq, ctx, **fixed)[0]),
+        np.asarray(state_model.denoise(z_t, s_t, t, t_seg, z_lq, f_lq, ctx, **fixed)[0]),
+    )
+    with pytest.raises(ValueError, match="seg_source"):
+        dataclasses.replace(cfg, bridge=dataclasses.replace(cfg.bridge, seg_source="clean"))
