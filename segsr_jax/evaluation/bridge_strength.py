@@ -5,7 +5,9 @@
 ``Z_lq``'s scale hands SRDM little of the segmentation, whatever SegDM knows. Measured as
 training sees the pair: ``Z_t`` is the HR latent noised at SR step ``t``, ``S_t`` the true
 labels' embedding noised with the seg schedule at ``t / T`` (or, for a checkpoint trained with
-the fixed prior, the embedding of the LQ segmenter's map at every ``t``).
+the fixed prior, the embedding of the LQ segmenter's map at every ``t``); a checkpoint whose
+bridge reads SegDM's estimate (``BridgeConfig.seg_source``) gets ``C_t`` from that estimate,
+as SRDM does.
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ def bridge_strength(
     lq_f = upsample_lq(to_unit_range(jnp.asarray(lq)), hr_f.shape[1:3])
     z0 = model.vae.encode_latent(hr_f)
     z_lq = model.vae.encode_latent(lq_f)
-    _, lq_logits = model.lq_features(lq_f, z0.shape[1:3])
+    f_lq, lq_logits = model.lq_features(lq_f, z0.shape[1:3])
     s0 = model.segdm.embed_labels(labels_at(jnp.asarray(labels), model.config.latent_factor))
     fixed = model.segdm.embed_labels(jnp.argmax(lq_logits, axis=-1))
     ac = jnp.asarray(alphas_cumprod(loss_cfg.noise_config(model.config.prediction_type)))
@@ -58,10 +60,13 @@ def bridge_strength(
     for t in timesteps:
         key, k_z, k_s = jax.random.split(key, 3)
         z_t = jnp.sqrt(ac[t]) * z0 + jnp.sqrt(1.0 - ac[t]) * jax.random.normal(k_z, z0.shape)
-        alpha, sigma = seg_alpha_sigma(jnp.minimum(t / loss_cfg.num_train_timesteps, SEG_T_MAX))
+        t_seg = jnp.minimum(t / loss_cfg.num_train_timesteps, SEG_T_MAX)
+        alpha, sigma = seg_alpha_sigma(t_seg)
         s_t = (
             alpha * s0 + sigma * jax.random.normal(k_s, s0.shape) if prior == "diffusion" else fixed
         )
-        _, c_t = model.bridge(z_t, s_t, jnp.full((z0.shape[0],), t))
+        use = (True, prior == "diffusion")
+        t_b = jnp.full((z0.shape[0],), t)
+        _, c_t, _, _ = model.bridge_messages(z_t, s_t, t_b, t_seg, f_lq, use_bridge=use)
         out["c_t_rms"][int(t)] = rms(c_t)
     return out

@@ -248,6 +248,36 @@ class SegSR(nnx.Module):
         )
         return f_lq, lq_logits
 
+    def bridge_messages(
+        self,
+        z_t: jax.Array,
+        s_t: jax.Array,
+        t: jax.Array,
+        t_seg: jax.Array,
+        f_lq: jax.Array,
+        *,
+        use_bridge: tuple[bool, bool] = (True, True),
+    ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array | None]:
+        """The bridge's messages for one step, as :meth:`denoise` uses them.
+
+        Returns:
+          ``(i_t, c_t, seg_feats, seg_logits)``: ``I_t`` for SegDM and ``C_t`` for SRDM
+          (zeros where ``use_bridge`` switches them off), the segmentation stream's features
+          (:meth:`Bridge.levels` reads them), and SegDM's logits when they were needed here
+          (``BridgeConfig.seg_source = "estimate"`` with SegDM coupled: the stream then reads
+          SegDM's re-embedded soft estimate instead of the noisy ``S_t``), else None.
+        """
+        i_t, c_t, seg_feats = self.bridge.encode(z_t, s_t, t)
+        i_t = i_t if use_bridge[1] else jnp.zeros_like(i_t)
+        seg_logits = None
+        if self.config.bridge.seg_source == "estimate" and all(use_bridge):
+            # SegDM learns from its own loss only: no gradient through its estimate here.
+            seg_logits = self.segdm(s_t, t_seg, f_lq, i_t)
+            probs = jax.nn.softmax(jax.lax.stop_gradient(seg_logits), axis=-1)
+            _, c_t, seg_feats = self.bridge.encode(z_t, self.segdm.embed_probs(probs), t)
+        c_t = c_t if use_bridge[0] else jnp.zeros_like(c_t)
+        return i_t, c_t, seg_feats, seg_logits
+
     def denoise(
         self,
         z_t: jax.Array,
@@ -280,16 +310,9 @@ class SegSR(nnx.Module):
           ``(model_out [B, h, w, 4], seg_logits [B, h, w, K])`` float32; ``model_out`` is
           epsilon or v as ``config.prediction_type`` says.
         """
-        i_t, c_t, seg_feats = self.bridge.encode(z_t, s_t, t)
-        i_t = i_t if use_bridge[1] else jnp.zeros_like(i_t)
-        seg_logits = None
-        if self.config.bridge.seg_source == "estimate" and all(use_bridge):
-            # The segmentation stream reads SegDM's clean estimate of this step rather than
-            # the noisy S_t (BridgeConfig.seg_source); SegDM learns from its own loss only.
-            seg_logits = self.segdm(s_t, t_seg, f_lq, i_t)
-            probs = jax.nn.softmax(jax.lax.stop_gradient(seg_logits), axis=-1)
-            _, c_t, seg_feats = self.bridge.encode(z_t, self.segdm.embed_probs(probs), t)
-        c_t = c_t if use_bridge[0] else jnp.zeros_like(c_t)
+        i_t, c_t, seg_feats, seg_logits = self.bridge_messages(
+            z_t, s_t, t, t_seg, f_lq, use_bridge=use_bridge
+        )
         cond = jnp.concatenate([z_lq, c_t], axis=-1)
         b = z_t.shape[0]
         t_b = jnp.broadcast_to(jnp.asarray(t), (b,))

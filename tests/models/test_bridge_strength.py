@@ -1,5 +1,7 @@
 """segsr_jax.evaluation.bridge_strength: the RMS of C_t against the LQ latent's."""
 
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
@@ -33,6 +35,24 @@ def test_shut_bridge_measures_zero_and_an_opened_one_does_not():
     # Labels matter at low noise (S_t close to their embedding).
     other = bridge_strength(model, hr, lq, (labels + 1) % K, timesteps=(100,))
     assert other["c_t_rms"][100] != pytest.approx(opened["c_t_rms"][100], rel=1e-3)
+    # A bridge that reads SegDM's estimate is measured on that estimate, not on S_t.
+    est = _with_seg_source(model, "estimate")
+    on_est = bridge_strength(est, hr, lq, labels, timesteps=(900,))
+    assert on_est["c_t_rms"][900] != pytest.approx(opened["c_t_rms"][900], rel=1e-3)
+    est_fixed = bridge_strength(est, hr, lq, labels, timesteps=(900, 100), prior="fixed")
+    assert est_fixed["c_t_rms"] == pytest.approx(fixed["c_t_rms"])  # no SegDM: the map itself
+
+
+def _with_seg_source(model, source):
+    from flax import nnx
+
+    from segsr_jax.models.segsr import SegSR
+
+    cfg = model.config
+    cfg = dataclasses.replace(cfg, bridge=dataclasses.replace(cfg.bridge, seg_source=source))
+    out = SegSR(cfg, rngs=nnx.Rngs(0))
+    nnx.update(out, nnx.state(model))
+    return out
 
 
 def test_unknown_prior_is_refused():
