@@ -170,13 +170,16 @@ def test_record_variant_adds_replaces_and_renders_the_verdict(tmp_path):
     table = ex.render_table(json.loads(path.read_text()))
     assert (tmp_path / "results.md").read_text() == table + "\n"
     rows = {line.split(" | ")[0][2:]: line for line in table.splitlines() if " lead | " in line}
+    assert "| fixed prior - SRDM only | SegSR - SRDM only | bar |" in table
     assert set(rows) == {"small lead", "big lead"}
-    assert "| +0.012 (no) | 0.020 | 0.251 |" in rows["small lead"]
+    assert "| +0.010 (no) | +0.012 (no) | 0.020 | 0.251 |" in rows["small lead"]
     assert "| +0.050 (above the bar, 1 run only) | 0.020 |" in rows["big lead"]
     two = variant("two runs", 0.30)
     two["train_seeds"] = [0, 1]
+    two["arms"]["prior"] = _arm(0.29, bridge=bridge)  # the fixed prior's lead is judged too
     table = ex.render_table(ex.record_variant(path, two, tmp_path / "d"))
-    assert "| two runs | 2 |" in table and "| +0.050 (**yes**) | 0.020 |" in table
+    assert "| two runs | 2 |" in table
+    assert "| +0.040 (**yes**) | +0.050 (**yes**) | 0.020 |" in table
     # two runs whose own spread is wider than the main table's: that is the bar
     noisy = variant("noisy runs", 0.30)
     noisy["train_seeds"] = [0, 1]
