@@ -18,8 +18,9 @@ the ControlNet's residual there (:meth:`Bridge.levels`). As designed (empty) the
 reach SRDM only through ``C_t`` in the ControlNet's input.
 
 ``BridgeConfig.seg_source = "estimate"`` changes what the segmentation stream reads when
-SegDM is coupled: SegDM's clean estimate of the current step (its soft map, re-embedded)
-instead of the noisy state ``S_t`` (see :meth:`segsr_jax.models.segsr.SegSR.denoise`). Why:
+SegDM is coupled: SegDM's clean estimate of the current step (its soft map, re-embedded and
+divided by the embedding's scale, so it is as large as the noise the same input conv sees in
+``S_t``) instead of the noisy state ``S_t`` (see :meth:`segsr_jax.models.segsr.SegSR.denoise`). Why:
 the label embedding is small (SegDM's ``bit_scale``, 0.01), so ``S_t`` holds almost no class
 signal until the last few percent of the process, while SRDM needs the class at high noise.
 """

@@ -265,16 +265,21 @@ class SegSR(nnx.Module):
           (zeros where ``use_bridge`` switches them off), the segmentation stream's features
           (:meth:`Bridge.levels` reads them), and SegDM's logits when they were needed here
           (``BridgeConfig.seg_source = "estimate"`` with SegDM coupled: the stream then reads
-          SegDM's re-embedded soft estimate instead of the noisy ``S_t``), else None.
+          SegDM's re-embedded soft estimate, at unit scale, instead of the noisy ``S_t``),
+          else None.
         """
         i_t, c_t, seg_feats = self.bridge.encode(z_t, s_t, t)
         i_t = i_t if use_bridge[1] else jnp.zeros_like(i_t)
         seg_logits = None
         if self.config.bridge.seg_source == "estimate" and all(use_bridge):
-            # SegDM learns from its own loss only: no gradient through its estimate here.
+            # SegDM learns from its own loss only: no gradient through its estimate here. The
+            # estimate is divided by the embedding's scale (bit_scale): the stream's input conv
+            # is shared with the noisy S_t, whose noise is O(1); at 0.01 the class would be
+            # lost beside the image stream's features (measured: issue 15's README section).
             seg_logits = self.segdm(s_t, t_seg, f_lq, i_t)
             probs = jax.nn.softmax(jax.lax.stop_gradient(seg_logits), axis=-1)
-            _, c_t, seg_feats = self.bridge.encode(z_t, self.segdm.embed_probs(probs), t)
+            s_hat = self.segdm.embed_probs(probs) / self.config.segdm.bit_scale
+            _, c_t, seg_feats = self.bridge.encode(z_t, s_hat, t)
         c_t = c_t if use_bridge[0] else jnp.zeros_like(c_t)
         return i_t, c_t, seg_feats, seg_logits
 

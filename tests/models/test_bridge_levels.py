@@ -157,7 +157,8 @@ def test_aliased_levels_configs():
 
 def test_seg_stream_reads_segdms_estimate():
     """``seg_source="estimate"``: SRDM's output is the "state" model's given SegDM's
-    re-embedded soft estimate as the state; SegDM itself still reads the noisy state."""
+    re-embedded soft estimate (divided by the embedding's scale) as the state; SegDM itself
+    still reads the noisy state."""
     state_model = _levels_model(tiny_model(0))
     _open_heads(state_model)
     c_out = state_model.bridge.c_out
@@ -173,6 +174,7 @@ def test_seg_stream_reads_segdms_estimate():
     i_t, _, _ = state_model.bridge.encode(z_t, s_t, t)
     logits = state_model.segdm(s_t, t_seg, f_lq, i_t)
     s_hat = state_model.segdm.embed_probs(jax.nn.softmax(logits, axis=-1))
+    s_hat = s_hat / cfg.segdm.bit_scale  # at unit scale, like S_t's noise
     out, seg = est.denoise(z_t, s_t, t, t_seg, z_lq, f_lq, ctx)
     want, _ = state_model.denoise(z_t, s_hat, t, t_seg, z_lq, f_lq, ctx)
     np.testing.assert_allclose(np.asarray(out), np.asarray(want), atol=1e-5)
