@@ -7,9 +7,13 @@ distance of their embeddings; the signal-to-noise ratio of that difference, per 
 is ``(alpha d / 2)^2 / sigma^2`` (``d`` the smallest distance between two classes'
 embeddings), and averaging a region of ``n`` latent pixels multiplies it by ``n``. Prints and
 writes the SNR per seg time (SR timestep / 1000, as the joint stage and the sampler couple
-them) and the time below which it exceeds 1::
+them) and the time below which it exceeds 1. ``--bridge-input RUN ...`` adds, per checkpoint,
+how loud a clean class map is where it enters the bridge: the norm of the segmentation
+stream's input conv and the RMS between classes of its response to a uniform region of each
+class's embedding (what the stream gets to tell classes apart)::
 
     python scripts/seg_state_snr.py --checkpoint runs/aliased/joint/checkpoints \\
+        --bridge-input runs/aliased/seg runs/aliased_levels/prior runs/aliased_levels/joint \\
         --out docs/experiment/aliased/seg_state_snr.json
 """
 
@@ -62,17 +66,37 @@ def snr_table(table: np.ndarray, times=TIMES, region: int = REGION) -> dict:
     }
 
 
+def bridge_input(model) -> dict:
+    """The segmentation stream's input conv of ``model``'s bridge: its norm and the RMS
+    between classes of its response to a uniform region of each class's embedding."""
+    k = model.config.segdm.num_classes
+    table = np.asarray(model.segdm.embedding_table())[:k]
+    w = np.asarray(model.bridge.seg_in.kernel[...])
+    resp = table @ w.sum((0, 1))  # a uniform region: every 3x3 tap sees the same embedding
+    return {
+        "seg_in_norm": float(np.linalg.norm(w)),
+        "between_class_rms": float(np.sqrt(np.mean((resp - resp.mean(0)) ** 2))),
+    }
+
+
+def _model(checkpoint: str):
+    from flax import nnx
+
+    from segsr_jax.inference import Restorer
+
+    restorer = Restorer.from_checkpoint(checkpoint)
+    return nnx.merge(restorer.graphdef, restorer.state)
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True, help="a SegSR checkpoint folder")
     p.add_argument("--out", default=None, help="write the table as JSON here")
+    p.add_argument(
+        "--bridge-input", nargs="*", default=[], help="training runs whose bridge input to measure"
+    )
     args = p.parse_args(argv)
-    from segsr_jax.inference import Restorer
-
-    restorer = Restorer.from_checkpoint(args.checkpoint)
-    from flax import nnx
-
-    model = nnx.merge(restorer.graphdef, restorer.state)
+    model = _model(args.checkpoint)
     k = model.config.segdm.num_classes
     table = np.asarray(model.segdm.embedding_table())[:k]
     result = {"checkpoint": args.checkpoint, **snr_table(table)}
@@ -83,6 +107,14 @@ def main(argv=None) -> dict:
             f"{r['t']:<6} {r['alpha']:.3f}  {r['sigma']:.3f}  {r['pixel']:.2e}   {r['region']:.2e}"
         )
     print("SNR >= 1 up to t =", result["snr_above_1_up_to_t"])
+    result["bridge_input"] = {}
+    for run in args.bridge_input:
+        m = bridge_input(_model(f"{run}/checkpoints"))
+        result["bridge_input"][run] = m
+        print(
+            f"{run}: |seg_in| {m['seg_in_norm']:.2f}, "
+            f"between-class RMS {m['between_class_rms']:.4f}"
+        )
     if args.out:
         from segsr_jax import images
 

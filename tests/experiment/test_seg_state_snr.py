@@ -40,3 +40,16 @@ def test_committed_table_says_what_the_readme_says():
         "S_t holds class signal above its noise only for t <= 0.02"
         in (ROOT / "README.md").read_text()
     )
+
+
+def test_bridge_input_response():
+    from tests.tiny_segsr import tiny_model
+
+    model = tiny_model(0)
+    before = _script().bridge_input(model)
+    assert before["between_class_rms"] > 0
+    k = model.bridge.seg_in.kernel
+    k[...] = k[...] * 5.0  # a conv grown 5x answers 5x louder
+    after = _script().bridge_input(model)
+    assert np.isclose(after["seg_in_norm"], 5 * before["seg_in_norm"], rtol=1e-5)
+    assert np.isclose(after["between_class_rms"], 5 * before["between_class_rms"], rtol=1e-5)
