@@ -183,6 +183,7 @@ def get_config(name: str = "vae") -> ConfigDict:
             lambda_lq_seg=1.0 if stage == "seg" else 0.0,
             kl_weight=1e-6,
             perceptual_weight=1.0,
+            seg_rollout_steps=0,
             num_train_timesteps=1000,
             beta_schedule="scaled_linear",
             beta_start=0.00085,

@@ -145,7 +145,11 @@ def render(results: list[dict]) -> str:
     ]
     for r in results:
         for key, title in VARIANTS.items():
+            if key not in r["modes"]:
+                continue
             m = r["modes"][key]
+            if r.get("label"):
+                title = f"{r['label']}: {title}"
             lines.append(
                 f"| {r['benchmark']} | {title} | {m['lq_segmenter_miou']:.3f} | "
                 + " | ".join(f"{m['miou'][i]:.3f}" for i in picks)
@@ -172,6 +176,12 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=int, default=2)
     p.add_argument("--out", help="a .json file")
     p.add_argument(
+        "--variants",
+        default=",".join(VARIANTS),
+        help="comma-separated, from: " + ", ".join(VARIANTS),
+    )
+    p.add_argument("--label", default="", help="what the checkpoint is, for the table")
+    p.add_argument(
         "--render", nargs="+", metavar="JSON", help="only print the table of these results"
     )
     args = p.parse_args(argv)
@@ -180,6 +190,10 @@ def main(argv=None) -> int:
         return 0
     if not (args.out and args.checkpoint):
         p.error("--checkpoint and --out are required (or --render)")
+    variants = [tuple(v.split("/")) for v in args.variants.split(",")]
+    unknown = [v for v in variants if "/".join(v) not in VARIANTS]
+    if unknown:
+        p.error(f"--variants: unknown {unknown}; choose from {', '.join(VARIANTS)}")
     runs, _, k = BENCHMARKS[args.benchmark]
     test = Path(runs) / "testset"
     make_test_set(test, args.count, args.size, k, args.benchmark)
@@ -197,9 +211,9 @@ def main(argv=None) -> int:
         "seeds": list(range(args.seeds)),
         "date": time.strftime("%Y-%m-%d"),
         "command": " ".join(["python", *sys.argv]),
+        "label": args.label,
         "modes": {},
     }
-    variants = [("default", "soft"), ("default", "hard"), ("no_i_t", "soft"), ("oracle_z", "soft")]
     for variant, mode in variants:
         runs_ = [
             trajectory(

@@ -42,7 +42,13 @@ from pathlib import Path
 import numpy as np
 
 # JAX-free, so --help stays instant: JAX is imported only after the arguments are parsed.
-from segsr_jax.diffusion.options import CLEANERS, PROMPT_MODES, SampleOptions, parse_class_scale
+from segsr_jax.diffusion.options import (
+    CLEANERS,
+    PROMPT_MODES,
+    SEG_MAPS,
+    SampleOptions,
+    parse_class_scale,
+)
 from segsr_jax.images import output_names, outputs_of, write_outputs
 
 
@@ -156,6 +162,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="tags: each image's prompt is the classes the LQ segmenter finds in it (what a "
         "model trained with seg-tag prompts saw), then --prompt; fixed: --prompt alone "
         "(default: the checkpoint's, else fixed)",
+    )
+    p.add_argument(
+        "--seg-map",
+        default=None,
+        choices=SEG_MAPS,
+        help="which segmentation NAME_seg.png holds: mean (SegDM's class probabilities "
+        "averaged over the steps) or last (its last step; what a SegDM trained on the "
+        "sampler's state should return) (default: the checkpoint's, else mean)",
     )
     p.add_argument(
         "--class-scale",
@@ -380,6 +394,7 @@ def run(args: argparse.Namespace, progress: Progress) -> int:
             strength=args.strength,
             cleaner=args.cleaner,
             prompt_mode=args.prompt_mode,
+            seg_map=args.seg_map,
             class_scale=args.class_scale,
         )
         restorer.session.class_scale(options)  # names the model's classes when one is unknown

@@ -21,6 +21,7 @@ SEG_PRIORS = ("diffusion", "fixed", "none")
 CLEANERS = ("none", "realesrgan")
 PROMPT_MODES = ("fixed", "tags")
 SEG_REEMBEDS = ("soft", "hard")
+SEG_MAPS = ("mean", "last")
 
 
 def parse_class_scale(text: str) -> tuple[tuple[str, float], ...]:
@@ -123,6 +124,11 @@ class SampleOptions:
       seg_reembed: how SegDM's clean-map prediction re-enters its next state: ``soft`` (the
         expected class embedding under the predicted probabilities) or ``hard`` (the
         embedding of the predicted class: the one-hot maps SegDM saw in training).
+      seg_map: which of SegDM's maps a run returns: ``mean`` (the argmax of its class
+        probabilities averaged over every step: for a SegDM trained on the HR forward process,
+        whose last steps follow SRDM's own texture) or ``last`` (its last step: for a SegDM
+        trained on the sampler's state, ``LossConfig.seg_rollout_steps``, whose checkpoints
+        default to it). README, "SegDM's trajectory".
       class_scale: per-class generative strength, ``((class name, scale), ...)``: at every
         step the model's clean-latent estimate is moved from the LQ latent by ``scale`` times
         its own offset, pixel by pixel weighted by the segmentation's current soft map
@@ -150,6 +156,7 @@ class SampleOptions:
     prompt_mode: str = "fixed"
     max_tags: int = 3
     seg_reembed: str = "soft"
+    seg_map: str = "mean"
     class_scale: tuple[tuple[str, float], ...] = ()
 
     def __post_init__(self):
@@ -169,6 +176,8 @@ class SampleOptions:
             raise ValueError(
                 f"seg_reembed {self.seg_reembed!r}: choose one of {', '.join(SEG_REEMBEDS)}"
             )
+        if self.seg_map not in SEG_MAPS:
+            raise ValueError(f"seg_map {self.seg_map!r}: choose one of {', '.join(SEG_MAPS)}")
         if self.max_tags < 1:
             raise ValueError(f"max_tags must be >= 1, not {self.max_tags}")
         if self.steps < 1:

@@ -39,6 +39,8 @@ class SamplingPlan:
         program is the same as before the option existed.
       seg_reembed: ``soft`` | ``hard``, how SegDM's prediction is re-embedded
         (:attr:`segsr_jax.diffusion.options.SampleOptions.seg_reembed`).
+      seg_map: ``mean`` | ``last``, which SegDM map a run returns
+        (:attr:`segsr_jax.diffusion.options.SampleOptions.seg_map`).
     """
 
     image_shape: tuple[int, int]
@@ -53,6 +55,7 @@ class SamplingPlan:
     record_labels: bool = False
     class_scale: bool = False
     seg_reembed: str = "soft"
+    seg_map: str = "mean"
 
 
 def make_plan(
@@ -71,6 +74,7 @@ def make_plan(
     t_start: int = 999,
     class_scale: bool = False,
     seg_reembed: str = "soft",
+    seg_map: str = "mean",
 ) -> SamplingPlan:
     """A :class:`SamplingPlan` for an LQ input of ``image_hw`` (already upscaled and padded).
 
@@ -99,4 +103,5 @@ def make_plan(
         t_start=t_start,
         class_scale=class_scale,
         seg_reembed=seg_reembed,
+        seg_map=seg_map,
     )

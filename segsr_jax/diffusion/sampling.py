@@ -277,11 +277,13 @@ def _finish(
     model: SegSR, plan: SamplingPlan, lq, carry: Carry, lq_labels, trajectory=None
 ) -> SampleOutput:
     """Decode ``Z_0``, colour-fix against the LQ, and take the segmentation's argmax: with
-    SegDM refining, of its class probabilities averaged over every step. Its last step alone
-    is worse: at low noise SegDM reads the class from ``Z_t`` through the bridge, learnt on
-    noised HR latents, and SRDM's own latent misleads it where it drew the wrong texture (the
-    tiny model: 0.670 mIoU at its best step, 0.640 at the last, 0.669 for the mean;
-    ``docs/experiment/segdm_trajectory.json``)."""
+    SegDM refining and ``plan.seg_map`` ``mean``, of its class probabilities averaged over
+    every step; with ``last``, of its last step's. For a SegDM trained on the HR forward
+    process the last step alone is worse: at low noise it reads the class from ``Z_t``
+    through the bridge, learnt on noised HR latents, and SRDM's own latent misleads it where
+    it drew the wrong texture (the tiny model: 0.670 mIoU at its best step, 0.640 at the
+    last, 0.669 for the mean; ``docs/experiment/segdm_trajectory.json``). Trained on the
+    sampler's state (``LossConfig.seg_rollout_steps``) its last step is its best."""
     z0 = carry.sr.x
     if plan.vae_tile is None:
         image = model.vae.decode_latent(z0)
@@ -290,7 +292,8 @@ def _finish(
             model.vae, model.vae.unscale_latent(z0), plan.vae_tile[1], plan.vae_overlap[1]
         )
     image = jnp.clip(color_fix(plan.color_fix, image, lq), -1.0, 1.0)
-    final = carry.seg_probs if plan.seg_prior.refined else carry.seg_logits
+    mean = plan.seg_prior.refined and plan.seg_map == "mean"
+    final = carry.seg_probs if mean else carry.seg_logits
     labels = jnp.argmax(final, axis=-1).astype(jnp.int32)
     return SampleOutput(
         image=image, labels=labels, lq_labels=lq_labels, latent=z0, trajectory=trajectory
@@ -330,6 +333,27 @@ def sample(
     # Weights in each layer's compute dtype once, so the scan carries bf16 weights and the
     # casts are not repeated at every step (XLA does not hoist them out of the loop).
     model = layers.with_compute_dtype_weights(model)
+    carry, lq_labels, traj = reverse_process(
+        model, plan, lq, context, uncond_context, guidance_scale, schedule, key, class_scale
+    )
+    return _finish(model, plan, lq, carry, lq_labels, traj)
+
+
+def reverse_process(
+    model: SegSR,
+    plan: SamplingPlan,
+    lq: jax.Array,
+    context: jax.Array,
+    uncond_context: jax.Array | None,
+    guidance_scale,
+    schedule: samplers.Schedule,
+    key: jax.Array,
+    class_scale: jax.Array | None = None,
+) -> tuple[Carry, jax.Array, jax.Array | None]:
+    """The scan of :func:`sample` without the VAE decode: ``(carry after the last step, the
+    LQ segmenter's labels, the trajectory or None)``; ``carry.sr.x`` is the final latent.
+    Training reuses it to show SegDM what the sampler hands it
+    (:attr:`segsr_jax.training.losses.LossConfig.seg_rollout_steps`)."""
     cond, carry, lq_labels = _prepare(
         model, plan, lq, context, uncond_context, guidance_scale, key, class_scale
     )
@@ -341,7 +365,7 @@ def sample(
     carry, traj = jax.lax.scan(body, carry, schedule)
     if traj is not None:
         traj = jnp.swapaxes(traj, 0, 1)  # [steps, B, ...] -> [B, steps, ...]
-    return _finish(model, plan, lq, carry, lq_labels, traj)
+    return carry, lq_labels, traj
 
 
 def make_sample_fn(

@@ -150,6 +150,7 @@ class SamplingSession:
             record_labels=record_labels,
             class_scale=bool(options.class_scale),
             seg_reembed=options.seg_reembed,
+            seg_map=options.seg_map,
             t_start=samplers.start_timestep(
                 self.schedule(options), self._noise.num_train_timesteps, options.strength
             ),

@@ -25,6 +25,16 @@ schedule and ``S_0 = embed(y)`` with the seg schedule at ``t / T``, run
            "fixed segmentation prior" ablation (bridge + ControlNet learn to use a fixed
            segmenter's map; SegDM's output unused; sample with ``seg_prior="fixed"``)
 
+With ``seg_rollout_steps = k > 0`` (stage ``joint``), SegDM's CE is scored on the inputs the
+sampler hands it rather than on the forward process of the HR scene: the model's own sampler
+(:func:`segsr_jax.diffusion.sampling.reverse_process`, DDIM, k steps, no guidance, no
+gradient) restores the batch's LQ, and SegDM sees ``I_t`` from that restoration's latent and
+``S_t`` from its own segmentation of it, each noised to the drawn time with the same noise as
+the HR path. SRDM's loss is unchanged. Why: trained on the HR path, SegDM learns that at low
+noise ``I_t`` shows the true scene and follows it; at sampling ``I_t`` shows SRDM's own
+texture, wrong wherever SRDM guessed, and SegDM's map fell over the last steps (README,
+"SegDM's trajectory").
+
 Stage ``segmenter`` trains the SegFormer alone as a segmenter of clean HR images (CE of its
 logits, bilinearly upsampled to the label size): the evaluation segmenter of the semantic
 fidelity metric (``segsr_jax.evaluate --segmenter``), not a part of SegSR's sampling.
@@ -41,6 +51,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from segsr_jax.diffusion import plans, samplers, sampling
 from segsr_jax.diffusion.options import SegPrior
 from segsr_jax.diffusion.schedules import SEG_T_MAX, NoiseConfig, alphas_cumprod, seg_alpha_sigma
 from segsr_jax.images import to_unit_range
@@ -70,6 +81,9 @@ class LossConfig:
         baseline); only useful when the segmentation encoder is trained (from scratch).
       kl_weight: KL weight of stage ``vae``.
       perceptual_weight: LPIPS weight of stage ``decoder`` (its L1 weight is 1).
+      seg_rollout_steps: stage ``joint``: 0 = SegDM's inputs from the HR forward process (as
+        designed); k > 0 = from a k-step run of the model's own sampler on the LQ (see the
+        module docstring). Costs k forward passes of the whole model per training step.
       num_train_timesteps, beta_*: the SR forward process (SD's by default).
     """
 
@@ -78,6 +92,7 @@ class LossConfig:
     lambda_lq_seg: float = 0.0
     kl_weight: float = 1e-6
     perceptual_weight: float = 1.0
+    seg_rollout_steps: int = 0
     num_train_timesteps: int = 1000
     beta_schedule: str = "scaled_linear"
     beta_start: float = 0.00085
@@ -86,6 +101,13 @@ class LossConfig:
     def __post_init__(self):
         if self.stage not in STAGES:
             raise ValueError(f"stage {self.stage!r} is not one of {STAGES}")
+        if self.seg_rollout_steps < 0:
+            raise ValueError(f"seg_rollout_steps must be >= 0, got {self.seg_rollout_steps}")
+        if self.seg_rollout_steps and self.stage != "joint":
+            raise ValueError(
+                "seg_rollout_steps needs stage 'joint' (SegDM's inputs from the coupled "
+                f"sampler), not {self.stage!r}"
+            )
 
     def noise_config(self, prediction_type: str) -> NoiseConfig:
         """The SR forward process for a model with ``prediction_type``."""
@@ -192,6 +214,17 @@ def diffusion_loss(
         )
         metrics["loss_sr"] = jnp.mean((model_out - target) ** 2)
         loss += metrics["loss_sr"]
+    if score_seg and cfg.seg_rollout_steps:
+        # SegDM on the sampler's own state at t (module docstring); the bridge's I_t path is
+        # trained on it too. z_t and s_t's noises are reused.
+        z_hat, p_hat = sampled_state(
+            model, lq, context, cfg.seg_rollout_steps, noise_cfg, jax.random.fold_in(key, 1)
+        )
+        a = alpha[:, None, None, None]
+        z_t_seg = jnp.sqrt(ac) * z_hat + jnp.sqrt(1.0 - ac) * eps
+        s_t_seg = a * model.segdm.embed_probs(p_hat) + (s_t - a * s0)
+        i_t, _, _ = model.bridge.encode(z_t_seg, s_t_seg, t)
+        seg_logits = model.segdm(s_t_seg, t_seg, f_lq, i_t)
     if score_seg:
         metrics["loss_seg"] = masked_cross_entropy(seg_logits, y)
         loss += cfg.lambda_seg * metrics["loss_seg"]
@@ -200,6 +233,37 @@ def diffusion_loss(
         loss += cfg.lambda_lq_seg * metrics["loss_lq_seg"]
     metrics["loss"] = loss
     return loss, metrics
+
+
+def sampled_state(
+    model: SegSR,
+    lq: jax.Array,
+    context: jax.Array,
+    steps: int,
+    noise_cfg: NoiseConfig,
+    key: jax.Array,
+) -> tuple[jax.Array, jax.Array]:
+    """SegSR's own coupled sampler on a batch (DDIM ``steps``, no guidance), without gradient.
+
+    Args:
+      lq: ``[B, H, W, 3]`` the upsampled LQ in ``[-1, 1]``; context: ``[B, L, D]`` prompts.
+
+    Returns:
+      ``(latent [B, h, w, 4], probs [B, h, w, K])``: the restoration's final latent and
+      SegDM's class probabilities at its last step.
+    """
+    plan = plans.make_plan(
+        tuple(lq.shape[1:3]),
+        model.config.latent_factor,
+        tile=max(lq.shape[1:3]) // model.config.latent_factor,  # one window
+        overlap=0,
+        guidance=False,
+        color_fix="none",
+    )
+    schedule = samplers.make_schedule("ddim", steps, noise_cfg)
+    carry, _, _ = sampling.reverse_process(model, plan, lq, context, None, 1.0, schedule, key)
+    probs = jax.nn.softmax(carry.seg_logits.astype(jnp.float32), axis=-1)
+    return jax.lax.stop_gradient(carry.sr.x), jax.lax.stop_gradient(probs)
 
 
 def segmenter_loss(

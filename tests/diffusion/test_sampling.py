@@ -204,6 +204,11 @@ def test_seg_prior_modes_and_label_trajectory(coupled):
     np.testing.assert_array_equal(full.labels, jnp.argmax(sum(probs), -1))
     assert not np.array_equal(full.labels, full.trajectory[:, -1])  # the mean is not the last
     assert plans.make_plan((16, 16), 2).record_labels is False
+    # seg_map "last": the last step's map, the same run otherwise.
+    last_plan = plans.make_plan((16, 16), 2, tile=96, guidance=False, seg_map="last")
+    last = sampling.make_sample_fn(g, last_plan)(st, lq, ctx, None, 1.0, sched, key)
+    np.testing.assert_array_equal(last.labels, full.trajectory[:, -1])
+    np.testing.assert_array_equal(np.asarray(last.latent), np.asarray(full.latent))
 
     fixed = run(st, "fixed")
     np.testing.assert_array_equal(fixed.labels, fixed.lq_labels)

@@ -127,3 +127,56 @@ def test_stage_decoder_adds_lpips_of_the_reconstruction_to_l1():
         losses.compute_loss(
             model, batch, jax.random.key(0), losses.LossConfig(stage="decoder"), None
         )
+
+
+def test_seg_rollout_shows_segdm_the_samplers_state_not_the_hr_scene():
+    """seg_rollout_steps: SegDM's inputs come from the model's own sampler on the LQ, so its
+    loss no longer depends on the HR crop (it did through I_t), while SRDM's loss is the same
+    as without the option; the bridge still gets a gradient from SegDM's loss."""
+    graphdef, params = random_params()
+    batch = {k: v[:2] for k, v in _batch().items()}
+    other_hr = dict(batch, hr=255 - batch["hr"])
+
+    def terms(p, b, k):
+        cfg = losses.LossConfig(stage="joint", seg_rollout_steps=k)
+        return losses.compute_loss(nnx.merge(graphdef, p), b, jax.random.key(0), cfg)[1]
+
+    run = jax.jit(terms, static_argnums=2)
+    plain, rolled = run(params, batch, 0), run(params, batch, 2)
+    assert float(plain["loss_sr"]) == pytest.approx(float(rolled["loss_sr"]), rel=1e-6)
+    assert float(plain["loss_seg"]) != float(rolled["loss_seg"])
+    assert float(run(params, other_hr, 0)["loss_seg"]) != float(plain["loss_seg"])
+    assert float(run(params, other_hr, 2)["loss_seg"]) == float(rolled["loss_seg"])
+
+    def seg_loss(p):
+        return terms(p, batch, 2)["loss_seg"]
+
+    grads = jax.jit(jax.grad(seg_loss))(params)
+    assert float(optax.tree.norm(grads["bridge"])) > 0
+    assert float(optax.tree.norm(grads["unet"])) == 0.0  # the rollout is not differentiated
+
+
+def test_seg_rollout_is_the_sampler():
+    """sampled_state's latent is what ``sampling.sample`` returns for the same LQ and key."""
+    from segsr_jax.diffusion import plans, samplers, sampling
+    from segsr_jax.diffusion.schedules import NoiseConfig
+
+    graphdef, params = random_params()
+    model = nnx.merge(graphdef, params)
+    lq = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (2, 32, 32, 3)), jnp.float32)
+    ctx = model.encode_prompts(jnp.zeros((2, 8), jnp.int32))
+    noise = NoiseConfig(prediction_type=model.config.prediction_type)
+    key = jax.random.key(3)
+    z, probs = jax.jit(losses.sampled_state, static_argnums=(3, 4))(model, lq, ctx, 3, noise, key)
+    plan = plans.make_plan((32, 32), model.config.latent_factor, guidance=False, color_fix="none")
+    out = sampling.sample(model, plan, lq, ctx, None, 1.0, samplers.make_schedule("ddim", 3), key)
+    np.testing.assert_allclose(z, out.latent, atol=1e-5)
+    np.testing.assert_allclose(probs.sum(-1), 1.0, atol=1e-5)
+    assert probs.shape == (*z.shape[:3], model.config.segdm.num_classes)
+
+
+def test_seg_rollout_needs_the_joint_stage():
+    with pytest.raises(ValueError, match="joint"):
+        losses.LossConfig(stage="sr", seg_rollout_steps=2)
+    with pytest.raises(ValueError, match=">= 0"):
+        losses.LossConfig(stage="joint", seg_rollout_steps=-1)
