@@ -58,6 +58,8 @@ ARMS = {
 }
 SEG_PRIOR = {"sronly": "none", "prior": "fixed", "joint": "diffusion"}
 TEST_SEED = 20_001  # training scenes use source seed 0, the demo images 10_001
+# Validation scenes: for choices made on results (a sampling option's default), never TEST_SEED.
+VAL_SEED = 30_001
 SCALE = 4
 # --benchmark: (runs folder, output folder, classes)
 BENCHMARKS = {
@@ -67,16 +69,22 @@ BENCHMARKS = {
 
 
 def make_test_set(
-    folder: Path, count: int, size: int, num_classes: int, benchmark: str = "synthetic"
+    folder: Path,
+    count: int,
+    size: int,
+    num_classes: int,
+    benchmark: str = "synthetic",
+    seed: int = TEST_SEED,
 ) -> None:
     """Held-out scenes: ``hr/``, ``lq/`` (the training degradation, seeded per scene) and
-    ``labels/``; written once (an existing complete set is kept)."""
+    ``labels/``; written once (an existing complete set is kept). ``seed``: TEST_SEED, or
+    VAL_SEED for a validation set."""
     from segsr_jax.data.aliased import AliasedConfig, make_aliased_scene
     from segsr_jax.data.degradations import DegradationConfig, degrade
     from segsr_jax.data.synthetic import SceneConfig, make_scene
 
     kind = "" if benchmark == "synthetic" else f"{benchmark} "
-    stamp = f"{count} {kind}scenes of {size} px, {num_classes} classes, seed {TEST_SEED}\n"
+    stamp = f"{count} {kind}scenes of {size} px, {num_classes} classes, seed {seed}\n"
     if (folder / "done").exists():
         if (folder / "done").read_text() != stamp:
             raise SystemExit(
@@ -90,8 +98,8 @@ def make_test_set(
         cfg = SceneConfig(height=size, width=size, num_classes=num_classes)
         scene = lambda seed: make_scene(seed, cfg)  # noqa: E731
     for i in range(count):
-        hr, label = scene((TEST_SEED, i))
-        rng = np.random.default_rng((TEST_SEED, i, 1))  # a stream apart from the scene's
+        hr, label = scene((seed, i))
+        rng = np.random.default_rng((seed, i, 1))  # a stream apart from the scene's
         lq = degrade(hr, rng, DegradationConfig(scale=SCALE))
         images.write_png(folder / "hr" / f"test{i:03d}_hr.png", hr)
         images.write_png(folder / "lq" / f"test{i:03d}.png", lq)

@@ -90,6 +90,25 @@ def test_readme_steps_and_trajectory_tables_match_their_results():
         "docs/experiment/aliased/segdm_trajectory.json",
     ]
     assert _block("trajectory") == traj.render([json.loads((ROOT / f).read_text()) for f in files])
+    fix = sorted((ROOT / "docs/experiment/trajectory_fix").glob("*.json"))
+    assert len(fix) >= 4
+    results = [json.loads(f.read_text()) for f in fix]
+    assert _block("trajectory-fix") == traj.render(results)
+    assert _block("trajectory-end") == traj.render_end(results)
+    for r in results:  # every step of every variant measured
+        assert all(len(m["miou"]) == r["steps"] for m in r["modes"].values())
+
+
+def test_validation_scenes_are_not_the_test_scenes(tmp_path):
+    ex = _script()
+    assert ex.VAL_SEED != ex.TEST_SEED
+    ex.make_test_set(tmp_path / "test", 2, 32, 4, "aliased")
+    ex.make_test_set(tmp_path / "val", 2, 32, 4, "aliased", ex.VAL_SEED)
+    for i in range(2):
+        a = (tmp_path / "test" / "hr" / f"test{i:03d}_hr.png").read_bytes()
+        b = (tmp_path / "val" / "hr" / f"test{i:03d}_hr.png").read_bytes()
+        assert a != b
+    assert str(ex.VAL_SEED) in (tmp_path / "val" / "done").read_text()
 
 
 def test_fastest_within_keeps_the_tolerances():
