@@ -209,6 +209,19 @@ def test_restorer_returns_label_trajectories(ckpt):
     assert not (traj[1:] == traj[:1]).all(), "the trajectory does not change over the steps"
 
 
+def test_seg_map_last_returns_the_last_steps_map(ckpt):
+    """``seg_map="last"`` (``--seg-map last``) reaches the sampler: the returned map is the
+    trajectory's last entry."""
+    from segsr_jax.inference import Restorer
+
+    restorer = Restorer.from_checkpoint(ckpt)
+    lq = data.astronaut()[::16, ::16][:24]
+    opts = restorer.options(steps=3, seg_prior="diffusion", seg_map="last")
+    ((_, labels, traj),) = restorer.restore_batch([lq], (24, 32), opts, record_labels=True)[0]
+    np.testing.assert_array_equal(labels, traj[-1])
+    assert sample.parse_args(["--seg-map", "last"]).seg_map == "last"
+
+
 def test_bf16_restorer_holds_weights_in_bf16(ckpt, monkeypatch):
     """A bfloat16 Restorer keeps its conv / dense weights in bfloat16 (half the memory) and
     gives the result of the float32-parameter model computing in bfloat16."""
@@ -376,6 +389,7 @@ def test_output_that_is_a_file_fails_before_loading_the_model(
         ["--class-scale", "sky"],
         ["--class-scale", "sky=-2"],
         ["--prompt-mode", "caption"],
+        ["--seg-map", "best"],
     ],
 )
 def test_bad_numbers_are_refused_by_argparse(flags, capsys):
