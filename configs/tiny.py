@@ -24,6 +24,10 @@ The evaluation segmenter (semantic fidelity) is a SegFormer trained on clean HR 
 ``--config.init_from=...`` when the workdirs live elsewhere.) The model: a VAE with factor 4,
 a two-level UNet 32/64 wide, a two-stage SegFormer, 8 classes, and a character-level
 tokenizer written into the checkpoint. Times are in the README's experiment table.
+
+``--config.loss.seg_rollout_steps=4`` on ``joint`` trains SegDM on the sampler's own state
+instead of the HR forward process (the README's "SegDM's trajectory": its map then no longer
+falls over the last steps); off here, as the bundled model was trained.
 """
 
 from ml_collections import ConfigDict
