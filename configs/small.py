@@ -145,6 +145,9 @@ def get_config(stage: str = "vae") -> ConfigDict:
             lambda_seg=1.0,
             lambda_lq_seg=1.0 if stage == "seg" else 0.0,
             kl_weight=1e-6,
+            # joint: k > 0 trains SegDM on a k-step run of the model's own sampler (README,
+            # "SegDM's trajectory"); k more forward passes of the whole model per step.
+            seg_rollout_steps=0,
             num_train_timesteps=1000,
             beta_schedule="scaled_linear",
             beta_start=0.00085,
