@@ -214,9 +214,11 @@ def _prepare(
     guidance_scale,
     key,
     class_scale=None,
+    lq_conds=None,
 ) -> tuple[Conditions, Carry, jax.Array]:
-    """LQ conditions and the start carry."""
-    z_lq, f_lq, lq_logits = lq_conditions(model, plan, lq)
+    """LQ conditions (``lq_conds``: :func:`lq_conditions`' result when the caller has it) and
+    the start carry."""
+    z_lq, f_lq, lq_logits = lq_conds if lq_conds is not None else lq_conditions(model, plan, lq)
     if plan.class_scale != (class_scale is not None):
         raise ValueError("a plan with class_scale takes a class_scale array, and only it")
     cond = Conditions(
@@ -349,13 +351,15 @@ def reverse_process(
     schedule: samplers.Schedule,
     key: jax.Array,
     class_scale: jax.Array | None = None,
+    lq_conds: tuple[jax.Array, jax.Array, jax.Array] | None = None,
 ) -> tuple[Carry, jax.Array, jax.Array | None]:
     """The scan of :func:`sample` without the VAE decode: ``(carry after the last step, the
     LQ segmenter's labels, the trajectory or None)``; ``carry.sr.x`` is the final latent.
     Training reuses it to show SegDM what the sampler hands it
-    (:attr:`segsr_jax.training.losses.LossConfig.seg_rollout_steps`)."""
+    (:attr:`segsr_jax.training.losses.LossConfig.seg_rollout_steps`), passing the
+    ``(z_lq, f_lq, lq_logits)`` it computed already as ``lq_conds``."""
     cond, carry, lq_labels = _prepare(
-        model, plan, lq, context, uncond_context, guidance_scale, key, class_scale
+        model, plan, lq, context, uncond_context, guidance_scale, key, class_scale, lq_conds
     )
 
     def body(c, s):

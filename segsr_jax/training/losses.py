@@ -218,7 +218,13 @@ def diffusion_loss(
         # SegDM on the sampler's own state at t (module docstring); the bridge's I_t path is
         # trained on it too. z_t and s_t's noises are reused.
         z_hat, p_hat = sampled_state(
-            model, lq, context, cfg.seg_rollout_steps, noise_cfg, jax.random.fold_in(key, 1)
+            model,
+            lq,
+            context,
+            cfg.seg_rollout_steps,
+            noise_cfg,
+            jax.random.fold_in(key, 1),
+            (z_lq, f_lq, lq_logits),
         )
         a = alpha[:, None, None, None]
         z_t_seg = jnp.sqrt(ac) * z_hat + jnp.sqrt(1.0 - ac) * eps
@@ -242,11 +248,14 @@ def sampled_state(
     steps: int,
     noise_cfg: NoiseConfig,
     key: jax.Array,
+    lq_conds: tuple[jax.Array, jax.Array, jax.Array] | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """SegSR's own coupled sampler on a batch (DDIM ``steps``, no guidance), without gradient.
 
     Args:
       lq: ``[B, H, W, 3]`` the upsampled LQ in ``[-1, 1]``; context: ``[B, L, D]`` prompts.
+      lq_conds: ``(z_lq, f_lq, lq_logits)`` of ``lq`` when the caller has them (the loss
+        does: not encoded twice); None: computed here.
 
     Returns:
       ``(latent [B, h, w, 4], probs [B, h, w, K])``: the restoration's final latent and
@@ -261,7 +270,9 @@ def sampled_state(
         color_fix="none",
     )
     schedule = samplers.make_schedule("ddim", steps, noise_cfg)
-    carry, _, _ = sampling.reverse_process(model, plan, lq, context, None, 1.0, schedule, key)
+    carry, _, _ = sampling.reverse_process(
+        model, plan, lq, context, None, 1.0, schedule, key, lq_conds=lq_conds
+    )
     probs = jax.nn.softmax(carry.seg_logits.astype(jnp.float32), axis=-1)
     return jax.lax.stop_gradient(carry.sr.x), jax.lax.stop_gradient(probs)
 

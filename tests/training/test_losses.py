@@ -171,6 +171,11 @@ def test_seg_rollout_is_the_sampler():
     plan = plans.make_plan((32, 32), model.config.latent_factor, guidance=False, color_fix="none")
     out = sampling.sample(model, plan, lq, ctx, None, 1.0, samplers.make_schedule("ddim", 3), key)
     np.testing.assert_allclose(z, out.latent, atol=1e-5)
+    conds = sampling.lq_conditions(model, plan, lq)  # what the loss hands it, computed once
+    z2, _ = jax.jit(losses.sampled_state, static_argnums=(3, 4))(
+        model, lq, ctx, 3, noise, key, conds
+    )
+    np.testing.assert_allclose(z2, out.latent, atol=1e-5)
     np.testing.assert_allclose(probs.sum(-1), 1.0, atol=1e-5)
     assert probs.shape == (*z.shape[:3], model.config.segdm.num_classes)
 
