@@ -50,6 +50,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import optax
+from flax import nnx
 
 from segsr_jax.diffusion import plans, samplers, sampling
 from segsr_jax.diffusion.options import SegPrior
@@ -261,6 +262,14 @@ def sampled_state(
       ``(latent [B, h, w, 4], probs [B, h, w, K])``: the restoration's final latent and
       SegDM's class probabilities at its last step.
     """
+    # Nothing enters the scan with a tangent: under jax.grad a scan whose inputs carry
+    # tangents is differentiated as a whole after it is traced, so a custom-gradient kernel
+    # inside it (cuDNN's fused attention on a GPU, whose backward rejects the 77-token
+    # cross-attention) fails outside the trace-time fallback in ``attention``; and its
+    # residuals would be computed for nothing. The outputs are stop-gradient anyway.
+    graphdef, state = nnx.split(model)
+    model = nnx.merge(graphdef, _no_tangent(state))
+    lq, context, lq_conds = _no_tangent((lq, context, lq_conds))
     plan = plans.make_plan(
         tuple(lq.shape[1:3]),
         model.config.latent_factor,
@@ -275,6 +284,16 @@ def sampled_state(
     )
     probs = jax.nn.softmax(carry.seg_logits.astype(jnp.float32), axis=-1)
     return jax.lax.stop_gradient(carry.sr.x), jax.lax.stop_gradient(probs)
+
+
+def _no_tangent(tree):
+    """``stop_gradient`` on every floating-point leaf of ``tree`` (keys and integers as they are)."""
+    return jax.tree.map(
+        lambda x: jax.lax.stop_gradient(x)
+        if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.inexact)
+        else x,
+        tree,
+    )
 
 
 def segmenter_loss(

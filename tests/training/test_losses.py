@@ -185,3 +185,39 @@ def test_seg_rollout_needs_the_joint_stage():
         losses.LossConfig(stage="sr", seg_rollout_steps=2)
     with pytest.raises(ValueError, match=">= 0"):
         losses.LossConfig(stage="joint", seg_rollout_steps=-1)
+
+
+def _scan_inputs(jaxpr) -> list[int]:
+    """The input count of every ``scan`` in ``jaxpr``, nested programs included."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "scan":
+            found.append(len(eqn.invars))
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (list, tuple)) else [value]:
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    found += _scan_inputs(inner)
+    return found
+
+
+def test_seg_rollout_scan_carries_no_tangents():
+    """Under differentiation the rollout's scan takes exactly the inputs it takes without:
+    no parameter tangent enters it, so it is never differentiated as a whole after tracing
+    (on a GPU that reached cuDNN attention's backward rule, which rejects the 77-token
+    cross-attention: benchmarks/RESULTS.md, the H200 training step)."""
+    graphdef, params = random_params()
+    batch = {k: v[:2] for k, v in _batch().items()}
+    cfg = losses.LossConfig(stage="joint", seg_rollout_steps=2)
+
+    def seg_loss(p):
+        return losses.compute_loss(nnx.merge(graphdef, p), batch, jax.random.key(0), cfg)[1][
+            "loss_seg"
+        ]
+
+    plain = _scan_inputs(jax.make_jaxpr(seg_loss)(params).jaxpr)
+    assert len(plain) == 1  # the rollout
+    jvp = jax.make_jaxpr(lambda p, t: jax.jvp(seg_loss, (p,), (t,)))(params, params).jaxpr
+    grad = jax.make_jaxpr(jax.grad(seg_loss))(params).jaxpr
+    assert _scan_inputs(jvp) == plain
+    assert _scan_inputs(grad) == plain
