@@ -287,11 +287,13 @@ def sampled_state(
 
 
 def _no_tangent(tree):
-    """``stop_gradient`` on every floating-point leaf of ``tree`` (keys and integers as they are)."""
+    """``stop_gradient`` on every floating-point leaf of ``tree`` (keys, integers: as they are)."""
     return jax.tree.map(
-        lambda x: jax.lax.stop_gradient(x)
-        if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.inexact)
-        else x,
+        lambda x: (
+            jax.lax.stop_gradient(x)
+            if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.inexact)
+            else x
+        ),
         tree,
     )
 
