@@ -6,6 +6,8 @@ simulated CPU devices.
     python benchmarks/train_bench.py --config configs/tiny.py:joint
     python benchmarks/train_bench.py --config configs/small.py:joint --batch 4 --steps 3
     python benchmarks/train_bench.py --config configs/tiny.py:joint --devices 1 2 4 8
+    python benchmarks/train_bench.py --one --config configs/segsr_sd2.py:joint --batch 4 \
+        --set loss.seg_rollout_steps=4          # on an accelerator: this process, its devices
 
 The step is the one ``python -m segsr_jax.train`` runs (:mod:`segsr_jax.training.step`: the
 config's stage, optimizer, mesh layout and sharding rules, donated state), on random
@@ -55,6 +57,25 @@ def load_config(spec: str):
     return module.get_config(arg) if arg else module.get_config()
 
 
+def apply_override(config, item: str) -> None:
+    """``KEY.PATH=VALUE`` (``--set``): the config field at the dotted path, with VALUE parsed
+    as the field's current type (a bool from true/false)."""
+    path, sep, value = item.partition("=")
+    if not sep:
+        raise SystemExit(f"--set {item!r}: expected KEY.PATH=VALUE")
+    *parents, leaf = path.split(".")
+    node = config
+    for name in parents:
+        node = node[name]
+    if leaf not in node:
+        raise SystemExit(f"--set {item!r}: the config has no field {path!r}")
+    old = node[leaf]
+    if isinstance(old, bool):
+        node[leaf] = value.lower() in ("1", "true", "yes")
+    else:
+        node[leaf] = type(old)(value) if old is not None else value
+
+
 def random_batch(config, model_cfg, sharding) -> dict:
     """A global batch of the step's shapes with random content, placed by ``sharding``."""
     import jax
@@ -91,6 +112,8 @@ def measure(args) -> dict:
     from segsr_jax.training.losses import LossConfig
 
     config = load_config(args.config)
+    for item in args.set:
+        apply_override(config, item)
     if args.batch:
         config.data.global_batch_size = args.batch
     stage, also_train = config.train.stage, tuple(config.train.also_train)
@@ -137,6 +160,7 @@ def measure(args) -> dict:
         jax.block_until_ready(metrics)
         times.append(time.perf_counter() - t0)
     step_s = statistics.median(times)
+    stats = jax.devices()[0].memory_stats() or {}  # None on CPU
     b = config.data.global_batch_size
     return {
         "config": args.config,
@@ -158,6 +182,8 @@ def measure(args) -> dict:
         "first_step_metrics": first,
         "finite": bool(jnp.isfinite(first["loss"])),
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "device_peak_bytes": stats.get("peak_bytes_in_use"),
+        "overrides": list(args.set),
         "loadavg": os.getloadavg()[0],
         "platform": jax.devices()[0].device_kind,
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
@@ -184,6 +210,7 @@ def run_device_counts(args) -> list[dict]:
             str(args.steps),
             "--one",
         ] + (["--batch", str(args.batch)] if args.batch else [])
+        cmd += [f"--set={item}" for item in args.set]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
         if proc.returncode:
             raise RuntimeError(f"{n} devices failed:\n{proc.stderr[-4000:]}")
@@ -228,16 +255,23 @@ def parse_args(argv=None):
     )
     p.add_argument("--one", action="store_true", help="measure in this process (JSON out)")
     p.add_argument("--json", type=Path, help="append the results as JSON lines here")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY.PATH=VALUE",
+        help="override a config field (repeatable), e.g. loss.seg_rollout_steps=4",
+    )
     return p.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
+    results = [measure(args)] if args.one else run_device_counts(args)
     if args.one:
-        print(json.dumps(measure(args)))
-        return
-    results = run_device_counts(args)
-    print(summary(results))
+        print(json.dumps(results[0]))
+    else:
+        print(summary(results))
     if args.json:
         with args.json.open("a") as f:
             for r in results:
