@@ -98,13 +98,17 @@ def trajectory(restorer, lqs, hrs, truths, hw, options, num_classes: int, varian
     eps = jax.random.normal(jax.random.key(options.seed + 100), z_hr.shape)
     lh, lw = -(-hw[0] // f), -(-hw[1] // f)
 
-    def miou(labels) -> float:
+    def confusions(labels) -> np.ndarray:  # [scenes, K, K]
         labels = np.asarray(labels)[:, :lh, :lw]
-        conf = sum(
-            metrics.confusion(upsample_labels(y, hw), t, num_classes)
-            for y, t in zip(labels, truths, strict=True)
+        return np.stack(
+            [
+                metrics.confusion(upsample_labels(y, hw), t, num_classes)
+                for y, t in zip(labels, truths, strict=True)
+            ]
         )
-        return metrics.miou(conf)[0]
+
+    def miou(labels) -> float:
+        return metrics.miou(confusions(labels).sum(0))[0]
 
     out = {
         "miou": [],
@@ -113,17 +117,74 @@ def trajectory(restorer, lqs, hrs, truths, hw, options, num_classes: int, varian
         "reembed_norm": [],
         "lq_segmenter_miou": miou(lq_labels),
     }
+    per_scene = []  # [steps, scenes, K, K]: for the paired bootstrap (not written to JSON)
     total = 0.0
     for i in range(len(schedule)):
         s = jax.tree.map(lambda a, i=i: a[i], schedule)
         carry, probs, conf, norm = step(restorer.state, cond, carry, s, z_hr, eps)
         total = total + np.asarray(probs)
-        out["miou"].append(miou(probs.argmax(-1)))
+        per_scene.append(confusions(probs.argmax(-1)))
+        out["miou"].append(metrics.miou(per_scene[-1].sum(0))[0])
         out["mean_miou"].append(miou(total.argmax(-1)))
         out["confidence"].append(float(conf))
         out["reembed_norm"].append(float(norm))
+    out["confusions"] = np.stack(per_scene)
     return out
 
+
+def batched_miou(conf: np.ndarray) -> np.ndarray:
+    """:func:`segsr_jax.metrics.miou` over the leading axes of ``conf [..., K, K]``."""
+    conf = np.asarray(conf, np.float64)
+    tp = np.diagonal(conf, axis1=-2, axis2=-1)
+    union = conf.sum(-2) + conf.sum(-1) - tp
+    with np.errstate(invalid="ignore", divide="ignore"):
+        iou = np.where(union > 0, tp / union, np.nan)
+    return np.nanmean(iou, axis=-1)
+
+
+def paired_bootstrap(confusions: np.ndarray, draws: int = 2000, seed: int = 0) -> dict:
+    """The last step against every other step, resampling the scenes (paired: one resample
+    serves every step and sampling seed).
+
+    ``confusions``: ``[seeds, steps, scenes, K, K]`` per-scene confusion matrices. A step's
+    mIoU is that of the confusion summed over the scenes, averaged over the seeds (the
+    trajectory's own statistic). Returns, with 95% percentile intervals over ``draws``
+    resamples: ``step_minus_last`` (``[steps]`` point estimates, lows, highs),
+    ``best_minus_last`` (the best step of each resample against its last step: selection
+    included, so it is biased upward) and ``better_steps``, the 1-based steps whose whole
+    interval lies above the last step.
+    """
+    confusions = np.asarray(confusions)
+    n = confusions.shape[2]
+    point = batched_miou(confusions.sum(2)).mean(0)  # [steps]
+    rng = np.random.default_rng(seed)
+    diffs, bests = [], []
+    for _ in range(draws):
+        idx = rng.integers(0, n, n)
+        m = batched_miou(confusions[:, :, idx].sum(2)).mean(0)
+        diffs.append(m - m[-1])
+        bests.append(m.max() - m[-1])
+    lo, hi = np.percentile(np.stack(diffs), [2.5, 97.5], axis=0)
+    b_lo, b_hi = np.percentile(bests, [2.5, 97.5])
+    return {
+        "draws": draws,
+        "scenes": n,
+        "step_miou": point.tolist(),
+        "step_minus_last": {
+            "point": (point - point[-1]).tolist(),
+            "low": lo.tolist(),
+            "high": hi.tolist(),
+        },
+        "best_minus_last": {
+            "point": float(point.max() - point[-1]),
+            "low": float(b_lo),
+            "high": float(b_hi),
+        },
+        "better_steps": [i + 1 for i in range(len(point)) if lo[i] > 0],
+    }
+
+
+SPLITS = {"test": "testset", "val": "valset", "check": "checkset"}  # folder in the runs dir
 
 VARIANTS = {
     "default/soft": "as sampled (soft re-embedding)",
@@ -190,11 +251,47 @@ def render_end(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def render_check(results: list[dict]) -> str:
+    """The last step against every other step on the confirmation scenes (``--split check``),
+    for each checkpoint measured there (``default/soft``): the best step of the curve and its
+    paired-bootstrap interval against the last, the steps whose whole interval lies above the
+    last step, and, where a validation file of the same checkpoint is among ``results``, the
+    step picked on validation scenes scored here."""
+    key = "default/soft"
+    split = lambda r: r.get("test_set", {}).get("split", "test")  # noqa: E731
+    val = {(r["benchmark"], r["checkpoint"]): r for r in results if split(r) == "val"}
+    lines = [
+        "| benchmark | SegDM trained | scenes | last step | best step | best minus last (95% CI) "
+        "| steps above the last (95%) | step picked on validation | mean over steps |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in results:
+        if split(r) != "check" or key not in r["modes"]:
+            continue
+        m = r["modes"][key]
+        miou, b = m["miou"], m["paired"]["best_minus_last"]
+        best = max(range(len(miou)), key=lambda i: (miou[i], i))
+        v = val.get((r["benchmark"], r["checkpoint"]))
+        picked = "–"
+        if v is not None and key in v["modes"]:
+            mv = v["modes"][key]["miou"]
+            pick = max(range(len(mv)), key=lambda i: (mv[i], i))
+            picked = f"{pick + 1}: {miou[pick]:.3f}"
+        above = ", ".join(str(i) for i in m["paired"]["better_steps"]) or "none"
+        lines.append(
+            f"| {r['benchmark']} | {r.get('label', '')} | {m['paired']['scenes']} | "
+            f"{miou[-1]:.3f} | {best + 1}: {miou[best]:.3f} | "
+            f"{b['point']:+.3f} ({b['low']:+.3f}, {b['high']:+.3f}) | {above} | {picked} | "
+            f"{m['mean_miou'][-1]:.3f} |"
+        )
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     """Measure and write the trajectories."""
     import dataclasses
 
-    from tiny_experiment import BENCHMARKS, TEST_SEED, VAL_SEED, make_test_set
+    from tiny_experiment import BENCHMARKS, CHECK_SEED, TEST_SEED, VAL_SEED, make_test_set
 
     from segsr_jax import images
     from segsr_jax.inference import Restorer
@@ -216,8 +313,13 @@ def main(argv=None) -> int:
     p.add_argument(
         "--split",
         default="test",
-        choices=("test", "val"),
-        help="the held-out test scenes, or validation scenes (another seed) for choices",
+        choices=tuple(SPLITS),
+        help="the held-out test scenes, validation scenes (another seed) for choices, or "
+        "confirmation scenes (a third seed; use a larger --count) for the last step against "
+        "the best, with a paired bootstrap over the scenes",
+    )
+    p.add_argument(
+        "--bootstrap", type=int, default=2000, help="resamples for --split check's intervals"
     )
     p.add_argument(
         "--render", nargs="+", metavar="JSON", help="only print the table of these results"
@@ -225,8 +327,12 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.render:
         results = [json.loads(Path(f).read_text()) for f in args.render]
+        splits = {r.get("test_set", {}).get("split", "test") for r in results}
+        if "check" in splits:
+            print(render_check(results))
+            return 0
         print(render(results))
-        if any(r.get("test_set", {}).get("split") == "val" for r in results):
+        if "val" in splits:
             print("\n" + render_end(results))
         return 0
     if not (args.out and args.checkpoint):
@@ -236,8 +342,8 @@ def main(argv=None) -> int:
     if unknown:
         p.error(f"--variants: unknown {unknown}; choose from {', '.join(VARIANTS)}")
     runs, _, k = BENCHMARKS[args.benchmark]
-    seed = TEST_SEED if args.split == "test" else VAL_SEED
-    test = Path(runs) / ("testset" if args.split == "test" else "valset")
+    seed = {"test": TEST_SEED, "val": VAL_SEED, "check": CHECK_SEED}[args.split]
+    test = Path(runs) / SPLITS[args.split]
     make_test_set(test, args.count, args.size, k, args.benchmark, seed)
     names = sorted(q.stem for q in (test / "lq").glob("*.png"))
     lqs = [images.read_image(test / "lq" / f"{n}.png") for n in names]
@@ -271,10 +377,20 @@ def main(argv=None) -> int:
             for seed in range(args.seeds)
         ]
         name = f"{variant}/{mode}"
+        confusions = np.stack([r.pop("confusions") for r in runs_])
         result["modes"][name] = {
             key: np.mean([r[key] for r in runs_], axis=0).tolist() for key in runs_[0]
         }
         m = result["modes"][name]
+        if args.split == "check":
+            m["paired"] = paired_bootstrap(confusions, args.bootstrap)
+            b = m["paired"]["best_minus_last"]
+            print(
+                f"{name}: best step minus last {b['point']:+.4f} "
+                f"[{b['low']:+.4f}, {b['high']:+.4f}]; steps better than the last: "
+                f"{m['paired']['better_steps'] or 'none'}",
+                flush=True,
+            )
         print(
             f"{name}: LQ segmenter {m['lq_segmenter_miou']:.3f}; mIoU by step "
             + " ".join(f"{v:.3f}" for v in m["miou"])

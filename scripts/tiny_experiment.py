@@ -60,6 +60,9 @@ SEG_PRIOR = {"sronly": "none", "prior": "fixed", "joint": "diffusion"}
 TEST_SEED = 20_001  # training scenes use source seed 0, the demo images 10_001
 # Validation scenes: for choices made on results (a sampling option's default), never TEST_SEED.
 VAL_SEED = 30_001
+# Confirmation scenes: a larger set, measured once, for a claim a 32-scene set is too noisy for
+# (SegDM's last step against its best: scripts/segdm_trajectory.py --split check).
+CHECK_SEED = 40_001
 SCALE = 4
 # --benchmark: (runs folder, output folder, classes)
 BENCHMARKS = {

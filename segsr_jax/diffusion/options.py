@@ -124,11 +124,11 @@ class SampleOptions:
       seg_reembed: how SegDM's clean-map prediction re-enters its next state: ``soft`` (the
         expected class embedding under the predicted probabilities) or ``hard`` (the
         embedding of the predicted class: the one-hot maps SegDM saw in training).
-      seg_map: which of SegDM's maps a run returns: ``mean`` (the argmax of its class
-        probabilities averaged over every step: for a SegDM trained on the HR forward process,
-        whose last steps follow SRDM's own texture) or ``last`` (its last step: for a SegDM
-        trained on the sampler's state, ``LossConfig.seg_rollout_steps``, whose checkpoints
-        default to it). README, "SegDM's trajectory".
+      seg_map: which of SegDM's maps a run returns: ``mean`` (the default: the argmax of its
+        class probabilities averaged over every step, within 0.001 mIoU of the best step for
+        a SegDM trained on the sampler's state, ``LossConfig.seg_rollout_steps``) or ``last``
+        (its last step, which trails the best as designed and after short training on the
+        sampler's state). README, "SegDM's trajectory".
       class_scale: per-class generative strength, ``((class name, scale), ...)``: at every
         step the model's clean-latent estimate is moved from the LQ latent by ``scale`` times
         its own offset, pixel by pixel weighted by the segmentation's current soft map

@@ -136,12 +136,12 @@ def pipeline_config(cfg: ConfigDict, stage: str, **overrides) -> PipelineConfig:
 def sampling_defaults(cfg: ConfigDict) -> dict:
     """The sampling options a run validates with and writes into its checkpoints:
     ``cfg.sample.options``, and for a model trained with seg-tag prompts, tag prompts at
-    sampling too (``prompt_mode`` tags, training's ``max_tags``) unless the options say; for a
-    SegDM trained on the sampler's state (``loss.seg_rollout_steps``), its last step's map
-    (``seg_map`` last)."""
+    sampling too (``prompt_mode`` tags, training's ``max_tags``) unless the options say. The
+    returned map stays the step mean (``seg_map`` mean) also for a SegDM trained on the
+    sampler's state (``loss.seg_rollout_steps``): on 256 validation-type scenes its last step
+    was 0.006 mIoU below its best after 800 such steps and level with the mean after 2400,
+    while the mean was within 0.001 of the best step in both (README, "SegDM's trajectory")."""
     out = cfg.sample.options.to_dict()
-    if cfg.get("loss", {}).get("seg_rollout_steps", 0):
-        out.setdefault("seg_map", "last")
     prompt = cfg.train.get("prompt", None)
     if prompt is not None and prompt.get("mode", "tags") == "tags":
         out.setdefault("prompt_mode", "tags")

@@ -97,6 +97,42 @@ def test_readme_steps_and_trajectory_tables_match_their_results():
     assert _block("trajectory-end") == traj.render_end(results)
     for r in results:  # every step of every variant measured
         assert all(len(m["miou"]) == r["steps"] for m in r["modes"].values())
+    check = [json.loads(f.read_text()) for f in sorted(
+        (ROOT / "docs/experiment/trajectory_check").glob("*.json")
+    )]  # fmt: skip
+    assert check and all(r["test_set"]["split"] == "check" for r in check)
+    assert all(r["test_set"]["count"] >= 256 for r in check)
+    assert _block("trajectory-check") == traj.render_check(check + results)
+
+
+def test_paired_bootstrap_finds_a_worse_last_step_and_only_then():
+    """The interval of each step against the last one: a last step that gets a share of the
+    scenes' pixels wrong is below every other step; identical steps are not."""
+    spec = importlib.util.spec_from_file_location(
+        "segdm_trajectory", ROOT / "scripts" / "segdm_trajectory.py"
+    )
+    traj = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(traj)
+    rng = np.random.default_rng(0)
+    k, scenes, steps = 3, 64, 4
+    conf = np.zeros((1, steps, scenes, k, k), np.int64)
+    for i in range(scenes):
+        right = rng.integers(50, 100, k)
+        conf[0, :, i] = np.diag(right)
+        conf[0, :, i, 0, 1] = rng.integers(0, 10)
+    same = traj.paired_bootstrap(conf, draws=200)
+    assert same["better_steps"] == []
+    assert same["best_minus_last"]["point"] == 0.0
+    worse = conf.copy()
+    worse[0, -1, :, 0, 2] += 30  # the last step mislabels class 0 as 2 in every scene
+    got = traj.paired_bootstrap(worse, draws=200)
+    assert got["better_steps"] == [1, 2, 3]
+    assert got["best_minus_last"]["low"] > 0
+    want = traj.batched_miou(worse[0].sum(1))
+    np.testing.assert_allclose(got["step_miou"], want)
+    from segsr_jax import metrics
+
+    np.testing.assert_allclose(want[-1], metrics.miou(worse[0, -1].sum(0))[0])
 
 
 def test_validation_scenes_are_not_the_test_scenes(tmp_path):

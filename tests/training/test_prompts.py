@@ -81,19 +81,19 @@ def test_sampling_defaults_follow_the_training_prompts():
     assert sampling_defaults(c)["prompt_mode"] == "fixed"
 
 
-def test_sampling_defaults_return_the_last_map_of_a_segdm_trained_on_the_sampler():
-    """loss.seg_rollout_steps > 0: checkpoints default to SegDM's last-step map (its best,
-    trained so); as designed they keep the step-mean map, and options that say keep theirs."""
+def test_sampling_defaults_keep_the_step_mean_map_unless_the_options_say():
+    """Checkpoints default to the step-mean map, also those of a SegDM trained on the sampler's
+    state (its last step was measured below its best); options that name a map keep it."""
     from segsr_jax.diffusion.options import SampleOptions
     from segsr_jax.training.run_setup import sampling_defaults
     from tests.training.tiny_train_config import get_config
 
     c = get_config("joint")
-    assert "seg_map" not in sampling_defaults(c)
+    assert SampleOptions.from_dict(sampling_defaults(c)).seg_map == "mean"
     c.loss.seg_rollout_steps = 2
+    assert SampleOptions.from_dict(sampling_defaults(c)).seg_map == "mean"
+    c.sample.options.seg_map = "last"
     assert sampling_defaults(c)["seg_map"] == "last"
     assert SampleOptions.from_dict(sampling_defaults(c)).seg_map == "last"
-    c.sample.options.seg_map = "mean"
-    assert sampling_defaults(c)["seg_map"] == "mean"
     with pytest.raises(ValueError, match="seg_map"):
         SampleOptions(seg_map="best")
