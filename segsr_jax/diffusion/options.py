@@ -125,7 +125,7 @@ class SampleOptions:
         expected class embedding under the predicted probabilities) or ``hard`` (the
         embedding of the predicted class: the one-hot maps SegDM saw in training).
       seg_map: which of SegDM's maps a run returns: ``mean`` (the default: the argmax of its
-        class probabilities averaged over every step, within 0.001 mIoU of the best step for
+        class probabilities averaged over every step, within 0.002 mIoU of the best step for
         a SegDM trained on the sampler's state, ``LossConfig.seg_rollout_steps``) or ``last``
         (its last step, which trails the best as designed and after short training on the
         sampler's state). README, "SegDM's trajectory".
