@@ -70,6 +70,8 @@ def apply_override(config, item: str) -> None:
     if leaf not in node:
         raise SystemExit(f"--set {item!r}: the config has no field {path!r}")
     old = node[leaf]
+    if not isinstance(old, (bool, int, float, str, type(None))):
+        raise SystemExit(f"--set {item!r}: {path!r} is a {type(old).__name__}, not a scalar")
     if isinstance(old, bool):
         node[leaf] = value.lower() in ("1", "true", "yes")
     else:

@@ -213,8 +213,7 @@ def render(results: list[dict]) -> str:
             if key not in r["modes"]:
                 continue
             m = r["modes"][key]
-            split = r.get("test_set", {}).get("split", "test")
-            bench = r["benchmark"] + (" (validation)" if split == "val" else "")
+            bench = r["benchmark"] + (" (validation)" if _split(r) == "val" else "")
             lines.append(
                 f"| {bench} | "
                 + (f"{r.get('label', '')} | " if labelled else "")
@@ -225,14 +224,28 @@ def render(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _split(result: dict) -> str:
+    """``test``, ``val`` or ``check``: which scenes a trajectory file measured."""
+    return result.get("test_set", {}).get("split", "test")
+
+
+def _validation_files(results: list[dict]) -> dict:
+    """``(benchmark, checkpoint) -> result`` of the validation-scene files among ``results``."""
+    return {(r["benchmark"], r["checkpoint"]): r for r in results if _split(r) == "val"}
+
+
+def _best_step(curve: list[float]) -> int:
+    """The 0-based step of the highest mIoU (ties: the later step)."""
+    return max(range(len(curve)), key=lambda i: (curve[i], i))
+
+
 def render_end(results: list[dict]) -> str:
     """The end of the trajectory against its best step, for each checkpoint measured on both
     the validation and the test scenes (``default/soft``): the best step is picked on the
     validation scenes and scored on the test scenes, beside the step picked on the test
     scenes themselves (the maximum of 20 noisy values, biased upward)."""
     key = "default/soft"
-    split = lambda r: r.get("test_set", {}).get("split", "test")  # noqa: E731
-    val = {(r["benchmark"], r["checkpoint"]): r for r in results if split(r) == "val"}
+    val = _validation_files(results)
     lines = [
         "| benchmark | SegDM trained | step picked on validation | its mIoU on test | last step "
         "| mean over steps | best step picked on test |",
@@ -240,10 +253,10 @@ def render_end(results: list[dict]) -> str:
     ]
     for r in results:
         v = val.get((r["benchmark"], r["checkpoint"]))
-        if split(r) != "test" or v is None or key not in r["modes"]:
+        if _split(r) != "test" or v is None or key not in r["modes"]:
             continue
         m, mv = r["modes"][key], v["modes"][key]["miou"]
-        pick = max(range(len(mv)), key=lambda i: (mv[i], i))  # ties: the later step
+        pick = _best_step(mv)
         lines.append(
             f"| {r['benchmark']} | {r.get('label', '')} | {pick + 1} | {m['miou'][pick]:.3f} | "
             f"{m['miou'][-1]:.3f} | {m['mean_miou'][-1]:.3f} | {max(m['miou']):.3f} |"
@@ -258,24 +271,22 @@ def render_check(results: list[dict]) -> str:
     last step, and, where a validation file of the same checkpoint is among ``results``, the
     step picked on validation scenes scored here."""
     key = "default/soft"
-    split = lambda r: r.get("test_set", {}).get("split", "test")  # noqa: E731
-    val = {(r["benchmark"], r["checkpoint"]): r for r in results if split(r) == "val"}
+    val = _validation_files(results)
     lines = [
         "| benchmark | SegDM trained | scenes | last step | best step | best minus last (95% CI) "
         "| steps above the last (95%) | step picked on validation | mean over steps |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in results:
-        if split(r) != "check" or key not in r["modes"]:
+        if _split(r) != "check" or key not in r["modes"]:
             continue
         m = r["modes"][key]
         miou, b = m["miou"], m["paired"]["best_minus_last"]
-        best = max(range(len(miou)), key=lambda i: (miou[i], i))
+        best = _best_step(miou)
         v = val.get((r["benchmark"], r["checkpoint"]))
         picked = "–"
         if v is not None and key in v["modes"]:
-            mv = v["modes"][key]["miou"]
-            pick = max(range(len(mv)), key=lambda i: (mv[i], i))
+            pick = _best_step(v["modes"][key]["miou"])
             picked = f"{pick + 1}: {miou[pick]:.3f}"
         above = ", ".join(str(i) for i in m["paired"]["better_steps"]) or "none"
         lines.append(
@@ -327,7 +338,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.render:
         results = [json.loads(Path(f).read_text()) for f in args.render]
-        splits = {r.get("test_set", {}).get("split", "test") for r in results}
+        splits = {_split(r) for r in results}
         if "check" in splits:
             print(render_check(results))
             return 0
