@@ -123,6 +123,13 @@ def test_paired_bootstrap_finds_a_worse_last_step_and_only_then():
     same = traj.paired_bootstrap(conf, draws=200)
     assert same["better_steps"] == []
     assert same["best_minus_last"]["point"] == 0.0
+    noisy = conf.copy()  # steps 1 and 4 make errors of the same size in different scenes
+    for step in (0, 3):
+        noisy[0, step, :, 0, 2] += rng.integers(0, 20, scenes)
+    got = traj.paired_bootstrap(noisy, draws=200)
+    assert got["step_minus_last"]["low"][0] < 0 < got["step_minus_last"]["high"][0]
+    assert 1 not in got["better_steps"]
+    assert got["better_steps"] == [2, 3]  # error-free: above the noisy last step
     worse = conf.copy()
     worse[0, -1, :, 0, 2] += 30  # the last step mislabels class 0 as 2 in every scene
     got = traj.paired_bootstrap(worse, draws=200)
