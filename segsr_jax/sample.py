@@ -45,6 +45,7 @@ import numpy as np
 from segsr_jax.diffusion.options import (
     CLEANERS,
     PROMPT_MODES,
+    SEG_GRIDS,
     SEG_MAPS,
     SampleOptions,
     parse_class_scale,
@@ -170,6 +171,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="which segmentation NAME_seg.png holds: mean (SegDM's class probabilities "
         "averaged over the steps) or last (its last step; what a SegDM trained on the "
         "sampler's state should return) (default: the checkpoint's, else mean)",
+    )
+    p.add_argument(
+        "--seg-grid",
+        default=None,
+        choices=SEG_GRIDS,
+        help="the times SegDM is evaluated at: ddp (DDP's sampler grid, the last at 1/N of the "
+        "first) or shared (the SR timesteps' own, the last at t = 0.001, where its map can "
+        "drop; how results before 2026-12-04 were made) (default: the checkpoint's, else ddp)",
     )
     p.add_argument(
         "--class-scale",
@@ -395,6 +404,7 @@ def run(args: argparse.Namespace, progress: Progress) -> int:
             cleaner=args.cleaner,
             prompt_mode=args.prompt_mode,
             seg_map=args.seg_map,
+            seg_grid=args.seg_grid,
             class_scale=args.class_scale,
         )
         restorer.session.class_scale(options)  # names the model's classes when one is unknown

@@ -222,6 +222,29 @@ def test_seg_map_last_returns_the_last_steps_map(ckpt):
     assert sample.parse_args(["--seg-map", "last"]).seg_map == "last"
 
 
+def test_seg_grid_reaches_the_sampler(ckpt):
+    """``seg_grid`` (``--seg-grid``) sets the times SegDM is evaluated at: ``ddp`` (the
+    default) ends at a third of the first time in 3 steps, ``shared`` at SRDM's last
+    timestep; SegDM's outputs differ accordingly, SRDM's timesteps do not."""
+    from segsr_jax.inference import Restorer
+
+    restorer = Restorer.from_checkpoint(ckpt)
+    lq = data.astronaut()[::16, ::16][:24]
+    got = {}
+    for grid in ("ddp", "shared"):
+        opts = restorer.options(steps=3, seg_prior="diffusion", seg_grid=grid)
+        sched = restorer.session.schedule(opts)
+        got[grid] = (sched, restorer.restore_batch([lq], (24, 32), opts, record_labels=True)[0])
+    (ddp, ((_, _, traj_ddp),)), (shared, ((_, _, traj_shared),)) = got["ddp"], got["shared"]
+    assert restorer.options().seg_grid == "ddp"
+    np.testing.assert_array_equal(ddp.timestep, shared.timestep)
+    np.testing.assert_allclose(ddp.seg.time, ddp.seg.time[0] * np.array([3, 2, 1]) / 3, 1e-6)
+    np.testing.assert_allclose(shared.seg.time, shared.timestep / 1000, rtol=1e-6)
+    assert not np.array_equal(traj_ddp[1:], traj_shared[1:])
+    assert sample.parse_args(["--seg-grid", "shared"]).seg_grid == "shared"
+    assert sample.parse_args([]).seg_grid is None  # the checkpoint's, else ddp
+
+
 def test_bf16_restorer_holds_weights_in_bf16(ckpt, monkeypatch):
     """A bfloat16 Restorer keeps its conv / dense weights in bfloat16 (half the memory) and
     gives the result of the float32-parameter model computing in bfloat16."""
@@ -390,6 +413,7 @@ def test_output_that_is_a_file_fails_before_loading_the_model(
         ["--class-scale", "sky=-2"],
         ["--prompt-mode", "caption"],
         ["--seg-map", "best"],
+        ["--seg-grid", "even"],
     ],
 )
 def test_bad_numbers_are_refused_by_argparse(flags, capsys):

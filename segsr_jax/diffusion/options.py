@@ -22,6 +22,7 @@ CLEANERS = ("none", "realesrgan")
 PROMPT_MODES = ("fixed", "tags")
 SEG_REEMBEDS = ("soft", "hard")
 SEG_MAPS = ("mean", "last")
+SEG_GRIDS = ("ddp", "shared")
 
 
 def parse_class_scale(text: str) -> tuple[tuple[str, float], ...]:
@@ -127,8 +128,13 @@ class SampleOptions:
       seg_map: which of SegDM's maps a run returns: ``mean`` (the default: the argmax of its
         class probabilities averaged over every step, within 0.002 mIoU of the best step for
         a SegDM trained on the sampler's state, ``LossConfig.seg_rollout_steps``) or ``last``
-        (its last step, which trails the best as designed and after short training on the
-        sampler's state). README, "SegDM's trajectory".
+        (its last step: level with the best for such a SegDM on the ``ddp`` seg grid, below
+        it as designed). README, "SegDM's trajectory".
+      seg_grid: the times SegDM is evaluated at: ``ddp`` (DDP's sampler grid, evenly spaced
+        from the first step's time, the last evaluation at 1/N of it) or ``shared`` (the SR
+        timesteps' own, ``t / T``; the last evaluation at t = 0.001, the log-SNR cap that
+        training seldom draws, where SegDM's map can drop; every result recorded before
+        2026-12-04 was made with it). :func:`segsr_jax.diffusion.samplers.seg_coeffs`.
       class_scale: per-class generative strength, ``((class name, scale), ...)``: at every
         step the model's clean-latent estimate is moved from the LQ latent by ``scale`` times
         its own offset, pixel by pixel weighted by the segmentation's current soft map
@@ -157,6 +163,7 @@ class SampleOptions:
     max_tags: int = 3
     seg_reembed: str = "soft"
     seg_map: str = "mean"
+    seg_grid: str = "ddp"
     class_scale: tuple[tuple[str, float], ...] = ()
 
     def __post_init__(self):
@@ -178,6 +185,8 @@ class SampleOptions:
             )
         if self.seg_map not in SEG_MAPS:
             raise ValueError(f"seg_map {self.seg_map!r}: choose one of {', '.join(SEG_MAPS)}")
+        if self.seg_grid not in SEG_GRIDS:
+            raise ValueError(f"seg_grid {self.seg_grid!r}: choose one of {', '.join(SEG_GRIDS)}")
         if self.max_tags < 1:
             raise ValueError(f"max_tags must be >= 1, not {self.max_tags}")
         if self.steps < 1:

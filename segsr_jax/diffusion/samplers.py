@@ -41,7 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from segsr_jax.diffusion.options import strength_steps
+from segsr_jax.diffusion.options import SEG_GRIDS, strength_steps
 from segsr_jax.diffusion.schedules import (
     NoiseConfig,
     alphas_cumprod,
@@ -297,15 +297,32 @@ def _sr_coeffs(*arrays) -> SRCoeffs:
     return SRCoeffs(*(np.asarray(a, np.float64).astype(np.float32) for a in arrays))
 
 
-def seg_coeffs(timesteps: np.ndarray, num_train_timesteps: int) -> SegCoeffs:
-    """DDP seg coefficients on the SR step index: this step at ``t_i / T``, the next at
-    ``t_{i+1} / T`` and 0 after the last step.
+def seg_coeffs(timesteps: np.ndarray, num_train_timesteps: int, grid: str = "ddp") -> SegCoeffs:
+    """DDP seg coefficients for the SR steps ``timesteps`` (same step index, same start).
 
-    DDP's log-SNR cap makes times below ~0.0018 identical, so a last step from t = 0.001 (leading
-    spacing) to 0 leaves ``S_t`` unchanged; the segmentation output is that step's logits anyway.
+    ``grid`` (:data:`segsr_jax.diffusion.options.SEG_GRIDS`): where SegDM is evaluated.
+
+    - ``ddp``: DDP's own sampler grid, evenly spaced from the first step's time
+      ``t0 = t_0 / T``: step ``i`` of ``n`` at ``t0 (n - i) / n``, so the last evaluation is
+      at ``t0 / n`` (0.048 for DDIM 20 from t = 951) and the state then goes to 0.
+    - ``shared``: the SR timesteps' own times, ``t_i / T``; the last evaluation is then at
+      ``t_{n-1} / T`` (0.001 for SD's leading spacing), at DDP's log-SNR cap, which training
+      draws for 2 of its 1000 timesteps. SegDM's map there trailed its step before by 0.006
+      mIoU on 256 confirmation scenes in one run (README, "SegDM's trajectory"), which
+      evaluating the same state at the step before's time removed.
+
+    Both give the same first time, the one :func:`segsr_jax.diffusion.sampling` noises the
+    start map to when ``strength < 1``, and the same grid for one step.
     """
-    now = seg_time(timesteps, num_train_timesteps)
-    nxt = np.append(seg_time(timesteps[1:], num_train_timesteps), 0.0)
+    if grid == "ddp":
+        n = len(timesteps)
+        now = seg_time(timesteps[:1], num_train_timesteps)[0] * (n - np.arange(n)) / n
+        nxt = np.append(now[1:], 0.0)
+    elif grid == "shared":
+        now = seg_time(timesteps, num_train_timesteps)
+        nxt = np.append(seg_time(timesteps[1:], num_train_timesteps), 0.0)
+    else:
+        raise ValueError(f"seg grid {grid!r}: choose one of {', '.join(SEG_GRIDS)}")
     alpha, sigma = seg_alpha_sigma(now)
     alpha_next, sigma_next = seg_alpha_sigma(nxt)
     f32 = lambda a: np.asarray(a).astype(np.float32)
@@ -329,6 +346,7 @@ def make_schedule(
     eta: float = 0.0,
     set_alpha_to_one: bool = False,
     strength: float = 1.0,
+    seg_grid: str = "ddp",
 ) -> Schedule:
     """Everything one sampling run needs, as host numpy arrays with leading axis ``num_steps``.
 
@@ -348,6 +366,7 @@ def make_schedule(
         schedule (SeeSR). The coefficients are those of the kept timesteps (a multistep
         sampler starts with its first-order step), and the segmentation diffusion, which
         starts from the LQ segmentation noised to the same time, follows the kept steps.
+      seg_grid: the segmentation diffusion's times (:func:`seg_coeffs`).
 
     Returns:
       A :class:`Schedule` (``timestep`` int32 ``[n]``, ``sr``/``seg`` float32 ``[n]`` arrays,
@@ -393,6 +412,6 @@ def make_schedule(
     return Schedule(
         timestep=ts.astype(np.int32),
         sr=sr,
-        seg=seg_coeffs(ts, big_t),
+        seg=seg_coeffs(ts, big_t, seg_grid),
         stochastic=bool(np.any(sr.noise != 0)),
     )

@@ -285,8 +285,9 @@ def _finish(
     through the bridge, learnt on noised HR latents, and SRDM's own latent misleads it where
     it drew the wrong texture (the tiny model: 0.670 mIoU at its best step, 0.640 at the
     last, 0.669 for the mean; ``docs/experiment/segdm_trajectory.json``). Trained on the
-    sampler's state (``LossConfig.seg_rollout_steps``) the decline is gone, but after short
-    training the last step alone can still trail; the mean is within 0.002 of the best step."""
+    sampler's state (``LossConfig.seg_rollout_steps``) the decline is gone, and on DDP's seg
+    grid (``SampleOptions.seg_grid``, the default) the last step is level with the best; the
+    mean is within 0.002 of the best step either way."""
     z0 = carry.sr.x
     if plan.vae_tile is None:
         image = model.vae.decode_latent(z0)

@@ -158,11 +158,16 @@ class SamplingSession:
         )
 
     def schedule(self, options: SampleOptions) -> samplers.Schedule:
-        """The options' sampler, step count and strength for this model's forward process."""
-        key = (options.sampler, options.steps, options.strength)
+        """The options' sampler, step count, strength and seg grid for this model's forward
+        process."""
+        key = (options.sampler, options.steps, options.strength, options.seg_grid)
         if key not in self._schedules:
             self._schedules[key] = samplers.make_schedule(
-                options.sampler, options.steps, self._noise, strength=options.strength
+                options.sampler,
+                options.steps,
+                self._noise,
+                strength=options.strength,
+                seg_grid=options.seg_grid,
             )
         return self._schedules[key]
 

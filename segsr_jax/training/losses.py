@@ -251,7 +251,8 @@ def sampled_state(
     key: jax.Array,
     lq_conds: tuple[jax.Array, jax.Array, jax.Array] | None = None,
 ) -> tuple[jax.Array, jax.Array]:
-    """SegSR's own coupled sampler on a batch (DDIM ``steps``, no guidance), without gradient.
+    """SegSR's own coupled sampler on a batch (DDIM ``steps``, no guidance, the default seg
+    grid, as sampling runs), without gradient.
 
     Args:
       lq: ``[B, H, W, 3]`` the upsampled LQ in ``[-1, 1]``; context: ``[B, L, D]`` prompts.

@@ -138,10 +138,10 @@ def sampling_defaults(cfg: ConfigDict) -> dict:
     ``cfg.sample.options``, and for a model trained with seg-tag prompts, tag prompts at
     sampling too (``prompt_mode`` tags, training's ``max_tags``) unless the options say. The
     returned map stays the step mean (``seg_map`` mean) also for a SegDM trained on the
-    sampler's state (``loss.seg_rollout_steps``): on 256 confirmation scenes its last step
-    was 0.007 mIoU below its best in one of two 800-step runs (level in the other and after
-    2400 steps), while the mean was within 0.002 of the best step in all three (README,
-    "SegDM's trajectory")."""
+    sampler's state (``loss.seg_rollout_steps``): on 256 confirmation scenes the mean was
+    within 0.002 of the best step in all three such runs on either seg grid, the last step
+    only on DDP's (0.007 below the best in one run on the shared grid; README, "SegDM's
+    trajectory"), and the mean also serves a SegDM trained as designed."""
     out = cfg.sample.options.to_dict()
     prompt = cfg.train.get("prompt", None)
     if prompt is not None and prompt.get("mode", "tags") == "tags":

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from segsr_jax.diffusion import samplers
+from segsr_jax.diffusion import samplers, schedules
 from segsr_jax.diffusion.samplers import init_state, make_schedule, seg_step, sr_step
 from segsr_jax.diffusion.schedules import NoiseConfig, alphas_cumprod
 from segsr_jax.models import guidance
@@ -143,12 +143,12 @@ def test_initial_latent_matches_add_noise(np_rng):
 
 
 def test_seg_step_is_ddp_update(np_rng):
-    sched = make_schedule("ddpm", 50)
+    sched = make_schedule("ddpm", 50, seg_grid="shared")
     s_t = np_rng.standard_normal(SHAPE).astype(np.float32)
     s0 = np_rng.uniform(-0.01, 0.01, SHAPE).astype(np.float32)
     i = 10
     c = jax.tree.map(lambda a: a[i], sched.seg)
-    assert c.time == pytest.approx(sched.timestep[i] / 1000)
+    assert c.time == pytest.approx(sched.timestep[i] / 1000)  # the shared grid
     assert c.alpha_next == sched.seg.alpha[i + 1] and c.sigma_next == sched.seg.sigma[i + 1]
     eps = (s_t - c.alpha * s0) / c.sigma
     want = c.alpha_next * s0 + c.sigma_next * eps
@@ -254,10 +254,42 @@ def test_strength_keeps_the_last_steps_and_restarts_multistep_samplers(sampler):
         got, want = getattr(part.sr, name), getattr(full.sr, name)[-6:]
         np.testing.assert_allclose(got[first:], want[first:], rtol=1e-6, atol=1e-9, err_msg=name)
     assert part.sr.prev_x0[0] == 0  # nothing to look back at in the first step
-    np.testing.assert_allclose(part.seg.alpha, full.seg.alpha[-6:], rtol=1e-6)
+    # The seg process starts where SRDM does; on the shared grid it keeps the tail's times.
+    np.testing.assert_allclose(part.seg.time[0], part.timestep[0] / 1000, rtol=1e-6)
+    shared = make_schedule(sampler, 20, seg_grid="shared")
+    part_shared = make_schedule(sampler, 20, strength=0.3, seg_grid="shared")
+    np.testing.assert_allclose(part_shared.seg.alpha, shared.seg.alpha[-6:], rtol=1e-6)
     assert samplers.start_timestep(part, 1000, 0.3) == int(full.timestep[-6])
     assert samplers.start_timestep(full, 1000, 1.0) == 999  # SeeSR's start
     assert len(make_schedule(sampler, 20, strength=0.01).timestep) == 1
     for bad in (0.0, 1.5, -0.1):
         with pytest.raises(ValueError, match="strength"):
             make_schedule(sampler, 20, strength=bad)
+
+
+@pytest.mark.parametrize("sampler", samplers.SAMPLERS)
+def test_seg_grid_ddp_spaces_segdm_evenly_and_never_evaluates_it_at_the_cap(sampler):
+    """``ddp``: SegDM's times are DDP's sampler grid from the first step's time, ``t0 (n - i)
+    / n``, so its last evaluation is at ``t0 / n``; ``shared`` evaluates it at the SR
+    timesteps' own times, the last at t = 0.001 for DDPM and DDIM."""
+    ddp = make_schedule(sampler, 20)  # the default
+    shared = make_schedule(sampler, 20, seg_grid="shared")
+    np.testing.assert_array_equal(ddp.timestep, shared.timestep)  # SRDM is untouched
+    for name in ("x0_from_x", "x0_from_out", "x", "x0", "prev_x0", "noise"):
+        np.testing.assert_array_equal(getattr(ddp.sr, name), getattr(shared.sr, name))
+    t0 = min(shared.timestep[0] / 1000, 0.999)
+    np.testing.assert_allclose(ddp.seg.time, t0 * (20 - np.arange(20)) / 20, rtol=1e-6)
+    np.testing.assert_allclose(shared.seg.time, np.minimum(shared.timestep / 1000, 0.999), 1e-6)
+    assert ddp.seg.time[-1] >= 0.04
+    # DDPM and DDIM (leading spacing) end at t = 1: the cap; DPM-Solver++'s grid ends at 50.
+    assert shared.seg.time[-1] == (0.05 if sampler == "dpmpp_2m" else 0.001)
+    # Both start at the same time and chain each step's next time into the following step.
+    for g in (ddp.seg, shared.seg):
+        assert g.time[0] == ddp.seg.time[0]
+        np.testing.assert_allclose(g.alpha_next[:-1], g.alpha[1:], rtol=1e-6)
+        np.testing.assert_allclose(g.sigma_next[-1], schedules.seg_alpha_sigma(0.0)[1], 1e-6)
+        np.testing.assert_allclose(g.logsnr, schedules.seg_logsnr(g.time), rtol=1e-5, atol=1e-5)
+    one, one_shared = make_schedule(sampler, 1), make_schedule(sampler, 1, seg_grid="shared")
+    np.testing.assert_array_equal(one.seg.time, one_shared.seg.time)  # one step: one grid
+    with pytest.raises(ValueError, match="seg grid 'even'"):
+        make_schedule(sampler, 20, seg_grid="even")
