@@ -229,9 +229,20 @@ def _split(result: dict) -> str:
     return result.get("test_set", {}).get("split", "test")
 
 
+def _grid(result: dict) -> str:
+    """The seg grid a trajectory file was sampled on (``SampleOptions.seg_grid``; files made
+    before the option existed used ``shared``)."""
+    return result.get("seg_grid", "shared")
+
+
 def _validation_files(results: list[dict]) -> dict:
-    """``(benchmark, checkpoint) -> result`` of the validation-scene files among ``results``."""
-    return {(r["benchmark"], r["checkpoint"]): r for r in results if _split(r) == "val"}
+    """``(benchmark, checkpoint, seg grid) -> result`` of the validation-scene files among
+    ``results``."""
+    return {_key(r): r for r in results if _split(r) == "val"}
+
+
+def _key(result: dict) -> tuple[str, str, str]:
+    return result["benchmark"], result["checkpoint"], _grid(result)
 
 
 def _best_step(curve: list[float]) -> int:
@@ -252,7 +263,7 @@ def render_end(results: list[dict]) -> str:
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in results:
-        v = val.get((r["benchmark"], r["checkpoint"]))
+        v = val.get(_key(r))
         if _split(r) != "test" or v is None or key not in r["modes"]:
             continue
         m, mv = r["modes"][key], v["modes"][key]["miou"]
@@ -268,29 +279,32 @@ def render_check(results: list[dict]) -> str:
     """The last step against every other step on the confirmation scenes (``--split check``),
     for each checkpoint measured there (``default/soft``): the best step of the curve and its
     paired-bootstrap interval against the last, the steps whose whole interval lies above the
-    last step, and, where a validation file of the same checkpoint is among ``results``, the
-    step picked on validation scenes scored here."""
+    last step, and, where a validation file of the same checkpoint and seg grid is among
+    ``results``, the step picked on validation scenes scored here."""
     key = "default/soft"
     val = _validation_files(results)
     lines = [
-        "| benchmark | SegDM trained | scenes | last step | best step | best minus last (95% CI) "
-        "| steps above the last (95%) | step picked on validation | mean over steps |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| benchmark | SegDM trained | seg grid | scenes | last step | best step "
+        "| best minus last (95% CI) | steps above the last (95%) | step picked on validation "
+        "| mean over steps |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for r in results:
-        if _split(r) != "check" or key not in r["modes"]:
-            continue
+    check = [r for r in results if _split(r) == "check" and key in r["modes"]]
+    # One checkpoint's grids side by side, the shared grid (the older results) first.
+    for r in sorted(
+        check, key=lambda r: (r["benchmark"], r.get("label", ""), _grid(r) != "shared")
+    ):
         m = r["modes"][key]
         miou, b = m["miou"], m["paired"]["best_minus_last"]
         best = _best_step(miou)
-        v = val.get((r["benchmark"], r["checkpoint"]))
+        v = val.get(_key(r))
         picked = "–"
         if v is not None and key in v["modes"]:
             pick = _best_step(v["modes"][key]["miou"])
             picked = f"{pick + 1}: {miou[pick]:.3f}"
         above = ", ".join(str(i) for i in m["paired"]["better_steps"]) or "none"
         lines.append(
-            f"| {r['benchmark']} | {r.get('label', '')} | {m['paired']['scenes']} | "
+            f"| {r['benchmark']} | {r.get('label', '')} | {_grid(r)} | {m['paired']['scenes']} | "
             f"{miou[-1]:.3f} | {best + 1}: {miou[best]:.3f} | "
             f"{b['point']:+.3f} ({b['low']:+.3f}, {b['high']:+.3f}) | {above} | {picked} | "
             f"{m['mean_miou'][-1]:.3f} |"
@@ -305,6 +319,7 @@ def main(argv=None) -> int:
     from tiny_experiment import BENCHMARKS, CHECK_SEED, TEST_SEED, VAL_SEED, make_test_set
 
     from segsr_jax import images
+    from segsr_jax.diffusion.options import SEG_GRIDS, SampleOptions
     from segsr_jax.inference import Restorer
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -321,6 +336,13 @@ def main(argv=None) -> int:
         help="comma-separated, from: " + ", ".join(VARIANTS),
     )
     p.add_argument("--label", default="", help="what the checkpoint is, for the table")
+    p.add_argument(
+        "--seg-grid",
+        default=SampleOptions.seg_grid,
+        choices=SEG_GRIDS,
+        help="the times SegDM is evaluated at (SampleOptions.seg_grid; the results recorded "
+        "before 2026-12-04 used shared)",
+    )
     p.add_argument(
         "--split",
         default="test",
@@ -361,7 +383,9 @@ def main(argv=None) -> int:
     hrs = [images.read_image(test / "hr" / f"{n}_hr.png") for n in names]
     truths = [np.asarray(images.Image.open(test / "labels" / f"{n}_label.png")) for n in names]
     restorer = Restorer.from_checkpoint(args.checkpoint)
-    base = restorer.options(sampler="ddim", steps=args.steps, guidance=1.0, prompt="")
+    base = restorer.options(
+        sampler="ddim", steps=args.steps, guidance=1.0, prompt="", seg_grid=args.seg_grid
+    )
     result = {
         "checkpoint": args.checkpoint,
         "benchmark": args.benchmark,
@@ -371,6 +395,7 @@ def main(argv=None) -> int:
         "date": time.strftime("%Y-%m-%d"),
         "command": " ".join(["python", *sys.argv]),
         "label": args.label,
+        "seg_grid": args.seg_grid,
         "modes": {},
     }
     for variant, mode in variants:

@@ -49,6 +49,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from segsr_jax import images  # noqa: E402
+from segsr_jax.diffusion.options import SEG_GRIDS, SampleOptions  # noqa: E402
 from segsr_jax.evaluation.tables import cpu_model  # noqa: E402
 
 ARMS = {
@@ -182,6 +183,16 @@ def texture_scores(
     )
     acc, per_class = texture_accuracy(conf)
     return acc, per_class.tolist(), conf.tolist()
+
+
+def load_restorer(checkpoint: Path, seg_grid: str):
+    """A :class:`Restorer` of ``checkpoint`` sampling SegDM on ``seg_grid``
+    (``SampleOptions.seg_grid``; the results recorded before 2026-12-04 used ``shared``)."""
+    from segsr_jax.inference import Restorer
+
+    restorer = Restorer.from_checkpoint(checkpoint)
+    restorer.defaults["seg_grid"] = seg_grid
+    return restorer
 
 
 def vae_roundtrip(checkpoint: Path, test: Path, names: list[str], out: Path, score) -> dict:
@@ -477,7 +488,9 @@ def render_table(r: dict) -> str:
         f"Held-out test set: {r['test_set']['count']} "
         f"{r.get('benchmark', 'synthetic')} scenes, "
         f"{r['test_set']['size']} px HR, x{SCALE} LQ through the training degradation; "
-        f"DDIM {r['steps']} steps, no CFG. Each arm was trained {len(r['train_seeds'])} "
+        f"DDIM {r['steps']} steps, no CFG"
+        + (f", seg grid {r['seg_grid']}" if "seg_grid" in r else "")
+        + f". Each arm was trained {len(r['train_seeds'])} "
         f"times (training seeds {r['train_seeds']}); each run's scores are means over "
         f"sampling seeds {r['seeds']}; the table gives mean ± std over the training runs. "
         f"Training minutes on {r['machine']}: shared stages {shared:.1f} (vae, sr, seg), "
@@ -743,7 +756,6 @@ def header_row(titles: list[str], width: int, pitch: int) -> np.ndarray:
 def run(args) -> dict:
     """Make the test set, sample and score every arm, write the results; returns them."""
     from segsr_jax import evaluate
-    from segsr_jax.inference import Restorer
 
     runs, out = Path(args.runs), Path(args.out)
     test = runs / "testset"
@@ -800,7 +812,7 @@ def run(args) -> dict:
         per_run, trajs, secs = [], [], []
         for ts in args.train_seeds:
             run_dir = runs / (arm if ts == 0 else f"{arm}_s{ts}")
-            restorer = Restorer.from_checkpoint(run_dir / "checkpoints")
+            restorer = load_restorer(run_dir / "checkpoints", args.seg_grid)
             per_seed = []
             for seed in range(args.seeds):
                 d = work / (arm if ts == 0 else f"{arm}_s{ts}") / f"seed{seed}"
@@ -824,7 +836,7 @@ def run(args) -> dict:
         if arm in BRIDGE_PRIOR:
             arms[arm]["bridge"] = measure_bridge(runs / arm, test, names, BRIDGE_PRIOR[arm])
     if args.benchmark == "aliased":  # does SRDM read C_t? The first joint run sampled without
-        joint = Restorer.from_checkpoint(runs / "joint" / "checkpoints")
+        joint = load_restorer(runs / "joint" / "checkpoints", args.seg_grid)
         per_seed = []
         for seed in range(args.seeds):
             d = work / "joint_without_c_t" / f"seed{seed}"
@@ -839,6 +851,7 @@ def run(args) -> dict:
         "command": " ".join(sys.argv),
         "machine": f"{os.cpu_count()} CPU cores, {cpu_model()}",
         "steps": args.steps,
+        "seg_grid": args.seg_grid,
         "seeds": list(range(args.seeds)),
         "train_seeds": list(args.train_seeds),
         "test_set": {"count": len(names), "size": int(hw[0]), "seed": TEST_SEED},
@@ -850,7 +863,7 @@ def run(args) -> dict:
     if args.variant:
         results["variant"] = args.variant
     if args.benchmark == "aliased" and not args.arms_only:  # issue 15's options, joint arm
-        joint = Restorer.from_checkpoint(runs / "joint" / "checkpoints")
+        joint = load_restorer(runs / "joint" / "checkpoints", args.seg_grid)
         extra = work / "extras"
         results["prompt_modes"] = prompt_modes(
             joint, lqs, names, hw, extra / "prompt", score, args.seeds
@@ -874,7 +887,6 @@ def run(args) -> dict:
 def run_sweep_only(args) -> list[str]:
     """``--sweep-only``: the steps sweep of one checkpoint, written and rendered."""
     from segsr_jax import evaluate
-    from segsr_jax.inference import Restorer
 
     runs, out = Path(args.runs), Path(args.out)
     test = runs / "testset"
@@ -893,7 +905,7 @@ def run_sweep_only(args) -> list[str]:
         )  # fmt: skip
         return dict(ev.mean)
 
-    restorer = Restorer.from_checkpoint(args.sweep_only)
+    restorer = load_restorer(args.sweep_only, args.seg_grid)
     hw = truths[0].shape
     sweep = steps_sweep(restorer, lqs, names, truths, hw, runs / "sweep", score)
     result = {
@@ -903,6 +915,7 @@ def run_sweep_only(args) -> list[str]:
         "command": " ".join(["python", *sys.argv]),
         "machine": f"{os.cpu_count()} CPU cores, {cpu_model()}",
         "test_set": {"count": len(names), "size": int(hw[0]), "seed": TEST_SEED},
+        "seg_grid": args.seg_grid,
         "steps_sweep": sweep,
         "fastest_within": fastest_within(sweep),
     }
@@ -942,6 +955,13 @@ def main(argv=None) -> int:
     p.add_argument("--num-classes", type=int, default=None)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--seeds", type=int, default=3, help="sampling seeds per training run")
+    p.add_argument(
+        "--seg-grid",
+        default=SampleOptions.seg_grid,
+        choices=SEG_GRIDS,
+        help="the times SegDM is evaluated at (SampleOptions.seg_grid); the results recorded "
+        "before 2026-12-04 used shared",
+    )
     p.add_argument(
         "--train-seeds",
         type=lambda v: [int(x) for x in v.split(",")],

@@ -103,6 +103,23 @@ def test_readme_steps_and_trajectory_tables_match_their_results():
     assert check and all(r["test_set"]["split"] == "check" for r in check)
     assert all(r["test_set"]["count"] >= 256 for r in check)
     assert _block("trajectory-check") == traj.render_check(check + results)
+    # Each checkpoint on both seg grids: the files made before the option read as "shared".
+    grids = {}
+    for r in check:
+        grids.setdefault(r["checkpoint"], set()).add(traj._grid(r))
+    assert all(g == {"shared", "ddp"} for g in grids.values()), grids
+    assert "seg_grid" not in json.loads(
+        (ROOT / "docs/experiment/trajectory_check/synthetic_rollout.json").read_text()
+    )
+    spec = importlib.util.spec_from_file_location(
+        "segdm_last_step", ROOT / "scripts" / "segdm_last_step.py"
+    )
+    last_step = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(last_step)
+    inputs = json.loads((ROOT / "docs/experiment/last_step_inputs.json").read_text())
+    assert set(inputs["rows"]) == set(last_step.ROWS)
+    assert inputs["test_set"]["split"] == "check" and inputs["seg_grid"] == "shared"
+    assert _block("last-step-inputs") == last_step.render(inputs)
 
 
 def test_paired_bootstrap_finds_a_worse_last_step_and_only_then():
