@@ -307,9 +307,9 @@ def seg_coeffs(timesteps: np.ndarray, num_train_timesteps: int, grid: str = "ddp
       at ``t0 / n`` (0.048 for DDIM 20 from t = 951) and the state then goes to 0.
     - ``shared``: the SR timesteps' own times, ``t_i / T``; the last evaluation is then at
       ``t_{n-1} / T`` (0.001 for SD's leading spacing), at DDP's log-SNR cap, which training
-      draws for 2 of its 1000 timesteps. SegDM's map there trailed its step before by 0.006
-      mIoU on 256 confirmation scenes in one run (README, "SegDM's trajectory"), which
-      evaluating the same state at the step before's time removed.
+      draws for 2 of its 1000 timesteps. SegDM's map there trailed its step before by 0.007
+      mIoU on 256 confirmation scenes in one run; the same inputs at the step before's seg
+      time gave back 0.005 of it (README, "SegDM's trajectory").
 
     Both give the same first time, the one :func:`segsr_jax.diffusion.sampling` noises the
     start map to when ``strength < 1``, and the same grid for one step.
