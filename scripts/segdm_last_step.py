@@ -59,16 +59,10 @@ def render(result: dict) -> str:
 
 def main(argv=None) -> int:
     """Measure and write the table's JSON (or render one)."""
+    from segdm_trajectory import add_scene_args
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint")
-    p.add_argument("--benchmark", default="synthetic")
-    p.add_argument("--split", default="check", choices=("test", "val", "check"))
-    p.add_argument("--count", type=int, default=256)
-    p.add_argument("--size", type=int, default=96)
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--seeds", type=int, default=2)
-    p.add_argument("--bootstrap", type=int, default=2000)
-    p.add_argument("--out", help="a .json file")
+    add_scene_args(p, count=256, split="check")
     p.add_argument("--render", metavar="JSON", help="only print the table of this result")
     args = p.parse_args(argv)
     if args.render:
@@ -80,27 +74,14 @@ def main(argv=None) -> int:
     import jax
     import jax.numpy as jnp
     from flax import nnx
-    from segdm_trajectory import SPLITS, paired_bootstrap
-    from tiny_experiment import (
-        BENCHMARKS,
-        CHECK_SEED,
-        TEST_SEED,
-        VAL_SEED,
-        make_test_set,
-        upsample_labels,
-    )
+    from segdm_trajectory import load_scenes, paired_bootstrap, scene_confusions
 
-    from segsr_jax import images, metrics
+    from segsr_jax import images
     from segsr_jax.diffusion import geometry, samplers, sampling
     from segsr_jax.inference import Restorer
 
-    runs, _, k = BENCHMARKS[args.benchmark]
-    seed = {"test": TEST_SEED, "val": VAL_SEED, "check": CHECK_SEED}[args.split]
-    folder = Path(runs) / SPLITS[args.split]
-    make_test_set(folder, args.count, args.size, k, args.benchmark, seed)
-    names = sorted(q.stem for q in (folder / "lq").glob("*.png"))
-    lqs = [images.read_image(folder / "lq" / f"{n}.png") for n in names]
-    truths = [np.asarray(images.Image.open(folder / "labels" / f"{n}_label.png")) for n in names]
+    scenes = load_scenes(args.benchmark, args.split, args.count, args.size)
+    lqs, truths, k = scenes["lqs"], scenes["truths"], scenes["num_classes"]
     hw = truths[0].shape
     restorer = Restorer.from_checkpoint(args.checkpoint)
     opts = restorer.options(
@@ -111,7 +92,6 @@ def main(argv=None) -> int:
     plan = session.plan(tuple(batch.shape[1:3]), opts)
     schedule = session.schedule(opts)
     ctx = session.context(restorer.state, opts.prompt, len(lqs))
-    lh, lw = -(-hw[0] // f), -(-hw[1] // f)
 
     @jax.jit
     def prepare(state, lq, c, key):
@@ -138,13 +118,7 @@ def main(argv=None) -> int:
         )
 
     def confusions(logits) -> np.ndarray:  # [scenes, K, K]
-        labels = np.asarray(jnp.argmax(logits, -1))[:, :lh, :lw]
-        return np.stack(
-            [
-                metrics.confusion(upsample_labels(y, hw), t, k)
-                for y, t in zip(labels, truths, strict=True)
-            ]
-        )
+        return scene_confusions(jnp.argmax(logits, -1), truths, k, f)
 
     per_seed = []  # [seeds, rows + 1, scenes, K, K]; the as-sampled last step last
     n = len(schedule)
@@ -182,7 +156,12 @@ def main(argv=None) -> int:
     result = {
         "checkpoint": args.checkpoint,
         "benchmark": args.benchmark,
-        "test_set": {"count": len(names), "size": args.size, "split": args.split, "seed": seed},
+        "test_set": {
+            "count": len(lqs),
+            "size": args.size,
+            "split": args.split,
+            "seed": scenes["seed"],
+        },
         "steps": args.steps,
         "seeds": list(range(args.seeds)),
         "seg_grid": "shared",

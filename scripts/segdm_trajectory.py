@@ -39,7 +39,6 @@ def trajectory(restorer, lqs, hrs, truths, hw, options, num_classes: int, varian
     import jax
     import jax.numpy as jnp
     from flax import nnx
-    from tiny_experiment import upsample_labels
 
     from segsr_jax import metrics
     from segsr_jax.diffusion import geometry, samplers, sampling
@@ -96,16 +95,9 @@ def trajectory(restorer, lqs, hrs, truths, hw, options, num_classes: int, varian
     model = nnx.merge(graphdef, restorer.state)
     z_hr = jax.jit(lambda x: model.vae.encode_latent(x))(hr)
     eps = jax.random.normal(jax.random.key(options.seed + 100), z_hr.shape)
-    lh, lw = -(-hw[0] // f), -(-hw[1] // f)
 
     def confusions(labels) -> np.ndarray:  # [scenes, K, K]
-        labels = np.asarray(labels)[:, :lh, :lw]
-        return np.stack(
-            [
-                metrics.confusion(upsample_labels(y, hw), t, num_classes)
-                for y, t in zip(labels, truths, strict=True)
-            ]
-        )
+        return scene_confusions(labels, truths, num_classes, f)
 
     def miou(labels) -> float:
         return metrics.miou(confusions(labels).sum(0))[0]
@@ -185,6 +177,74 @@ def paired_bootstrap(confusions: np.ndarray, draws: int = 2000, seed: int = 0) -
 
 
 SPLITS = {"test": "testset", "val": "valset", "check": "checkset"}  # folder in the runs dir
+
+
+def add_scene_args(p: argparse.ArgumentParser, *, count: int, split: str) -> None:
+    """The arguments every trajectory measurement takes: the checkpoint, which scenes and how
+    many, the sampler's steps and seeds, the bootstrap and the output file."""
+    from tiny_experiment import BENCHMARKS
+
+    p.add_argument("--checkpoint")
+    p.add_argument("--benchmark", default="synthetic", choices=tuple(BENCHMARKS))
+    p.add_argument("--count", type=int, default=count)
+    p.add_argument("--size", type=int, default=96)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--seeds", type=int, default=2)
+    p.add_argument("--out", help="a .json file")
+    p.add_argument(
+        "--split",
+        default=split,
+        choices=tuple(SPLITS),
+        help="the held-out test scenes, validation scenes (another seed) for choices, or "
+        "confirmation scenes (a third seed; use a larger --count) for the last step against "
+        "the best, with a paired bootstrap over the scenes",
+    )
+    p.add_argument(
+        "--bootstrap", type=int, default=2000, help="resamples for --split check's intervals"
+    )
+
+
+def load_scenes(benchmark: str, split: str, count: int, size: int) -> dict:
+    """A split's scenes (``tiny_experiment.make_test_set``'s, made if missing): ``seed``,
+    ``num_classes``, ``names``, ``lqs``, ``hrs`` and ``truths`` (label maps)."""
+    from tiny_experiment import BENCHMARKS, CHECK_SEED, TEST_SEED, VAL_SEED, make_test_set
+
+    from segsr_jax import images
+
+    runs, _, k = BENCHMARKS[benchmark]
+    seed = {"test": TEST_SEED, "val": VAL_SEED, "check": CHECK_SEED}[split]
+    folder = Path(runs) / SPLITS[split]
+    make_test_set(folder, count, size, k, benchmark, seed)
+    names = sorted(q.stem for q in (folder / "lq").glob("*.png"))
+    return {
+        "seed": seed,
+        "num_classes": k,
+        "names": names,
+        "lqs": [images.read_image(folder / "lq" / f"{n}.png") for n in names],
+        "hrs": [images.read_image(folder / "hr" / f"{n}_hr.png") for n in names],
+        "truths": [
+            np.asarray(images.Image.open(folder / "labels" / f"{n}_label.png")) for n in names
+        ],
+    }
+
+
+def scene_confusions(labels, truths: list, num_classes: int, factor: int) -> np.ndarray:
+    """``[scenes, K, K]`` confusion matrices of latent-resolution ``labels [B, h, w]`` (the
+    sampler's padded batch) upsampled to each true label map."""
+    from tiny_experiment import upsample_labels
+
+    from segsr_jax import metrics
+
+    hw = truths[0].shape
+    lh, lw = -(-hw[0] // factor), -(-hw[1] // factor)
+    labels = np.asarray(labels)[:, :lh, :lw]
+    return np.stack(
+        [
+            metrics.confusion(upsample_labels(y, hw), t, num_classes)
+            for y, t in zip(labels, truths, strict=True)
+        ]
+    )
+
 
 VARIANTS = {
     "default/soft": "as sampled (soft re-embedding)",
@@ -316,20 +376,12 @@ def main(argv=None) -> int:
     """Measure and write the trajectories."""
     import dataclasses
 
-    from tiny_experiment import BENCHMARKS, CHECK_SEED, TEST_SEED, VAL_SEED, make_test_set
-
     from segsr_jax import images
     from segsr_jax.diffusion.options import SEG_GRIDS, SampleOptions
     from segsr_jax.inference import Restorer
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint")
-    p.add_argument("--benchmark", default="synthetic", choices=tuple(BENCHMARKS))
-    p.add_argument("--count", type=int, default=32)
-    p.add_argument("--size", type=int, default=96)
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--seeds", type=int, default=2)
-    p.add_argument("--out", help="a .json file")
+    add_scene_args(p, count=32, split="test")
     p.add_argument(
         "--variants",
         default=",".join(VARIANTS),
@@ -342,17 +394,6 @@ def main(argv=None) -> int:
         choices=SEG_GRIDS,
         help="the times SegDM is evaluated at (SampleOptions.seg_grid; the results recorded "
         "before 2026-12-04 used shared)",
-    )
-    p.add_argument(
-        "--split",
-        default="test",
-        choices=tuple(SPLITS),
-        help="the held-out test scenes, validation scenes (another seed) for choices, or "
-        "confirmation scenes (a third seed; use a larger --count) for the last step against "
-        "the best, with a paired bootstrap over the scenes",
-    )
-    p.add_argument(
-        "--bootstrap", type=int, default=2000, help="resamples for --split check's intervals"
     )
     p.add_argument(
         "--render", nargs="+", metavar="JSON", help="only print the table of these results"
@@ -374,14 +415,9 @@ def main(argv=None) -> int:
     unknown = [v for v in variants if "/".join(v) not in VARIANTS]
     if unknown:
         p.error(f"--variants: unknown {unknown}; choose from {', '.join(VARIANTS)}")
-    runs, _, k = BENCHMARKS[args.benchmark]
-    seed = {"test": TEST_SEED, "val": VAL_SEED, "check": CHECK_SEED}[args.split]
-    test = Path(runs) / SPLITS[args.split]
-    make_test_set(test, args.count, args.size, k, args.benchmark, seed)
-    names = sorted(q.stem for q in (test / "lq").glob("*.png"))
-    lqs = [images.read_image(test / "lq" / f"{n}.png") for n in names]
-    hrs = [images.read_image(test / "hr" / f"{n}_hr.png") for n in names]
-    truths = [np.asarray(images.Image.open(test / "labels" / f"{n}_label.png")) for n in names]
+    scenes = load_scenes(args.benchmark, args.split, args.count, args.size)
+    seed, k, names = scenes["seed"], scenes["num_classes"], scenes["names"]
+    lqs, hrs, truths = scenes["lqs"], scenes["hrs"], scenes["truths"]
     restorer = Restorer.from_checkpoint(args.checkpoint)
     base = restorer.options(
         sampler="ddim", steps=args.steps, guidance=1.0, prompt="", seg_grid=args.seg_grid
